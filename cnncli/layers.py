@@ -1,0 +1,356 @@
+"""The network's layers, one class each, forward and backward side by side.
+
+Notation follows the article (`shared/seed/cnn-forward-backprop-article.md`): the first conv layer maps the
+input X to the pre-activation S¹, ReLU gives A¹, max-pooling P¹, flatten h, the FC layer z, softmax p, and
+δ[·] = ∂L/∂(·). Every array is batched: N is the batch size, images are (N, C, H, W).
+
+Each layer keeps only what its backward pass needs (the im2col matrix for conv, the ReLU mask, the pooling
+arg-max offsets). Computation happens in the dtype of the arrays given: float32 for training, float64 for
+checking; the caller chooses (see `Sequential.astype`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+Shape = tuple[int, ...]
+
+
+class Layer:
+    """Base class: `params` and `grads` hold arrays under the same keys ('W', 'b')."""
+
+    name: str = ""
+    kind: str = ""
+
+    def __init__(self) -> None:
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        """Shape of one example's output for one example's input shape; ValueError if it does not fit."""
+        raise NotImplementedError
+
+    def macs(self, input_shape: Shape) -> int:
+        """Multiply-adds per example in the forward pass."""
+        return 0
+
+    def describe(self) -> str:
+        return self.kind
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class Conv2D(Layer):
+    """2-D convolution (cross-correlation, as the article writes it), article §Forward 2 and §Backprop 6.
+
+    S[n, c, i, j] = Σ_{c', u, v} W[c, c', u, v] · X[n, c', s·i + u − pad, s·j + v − pad] + b[c]
+
+    Parameters: W (C_out, C_in, K, K), b (C_out,). Input X (N, C_in, H, W); output S (N, C_out, H', W') with
+    H' = (H + 2·pad − K) // stride + 1.
+
+    The forward pass is one matrix product over an im2col matrix of shape (C_in·K·K, N·H'·W'), kept for
+    the weight gradient. Set `needs_input_grad = False` on a first layer: δX is then not computed.
+    """
+
+    kind = "conv"
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        name: str = "conv",
+        rng: np.random.Generator | None = None,
+        dtype: type = np.float32,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.needs_input_grad = True
+        rng = rng if rng is not None else np.random.default_rng(0)
+        fan_in = in_channels * kernel_size * kernel_size
+        # He/Kaiming normal: std = sqrt(2 / fan_in), the scale that keeps ReLU activations' variance steady.
+        w = rng.standard_normal((out_channels, in_channels, kernel_size, kernel_size)) * np.sqrt(2.0 / fan_in)
+        self.params = {"W": w.astype(dtype), "b": np.zeros(out_channels, dtype=dtype)}
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self._cols: np.ndarray | None = None
+        self._x_shape: Shape | None = None
+
+    def describe(self) -> str:
+        k, s, p = self.kernel_size, self.stride, self.padding
+        return f"conv {self.out_channels}×{k}×{k}, stride {s}, pad {p}"
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        if len(input_shape) != 3:
+            raise ValueError(f"expects an image input (C, H, W), got shape {tuple(input_shape)}")
+        c, h, w = input_shape
+        if c != self.in_channels:
+            raise ValueError(f"expects {self.in_channels} input channels, got {c}")
+        ho = _conv_out(h, self.kernel_size, self.stride, self.padding)
+        wo = _conv_out(w, self.kernel_size, self.stride, self.padding)
+        if ho < 1 or wo < 1:
+            raise ValueError(
+                f"output would be empty: input {c}×{h}×{w} with kernel {self.kernel_size}, "
+                f"stride {self.stride}, padding {self.padding} gives {self.out_channels}×{ho}×{wo}"
+            )
+        return (self.out_channels, ho, wo)
+
+    def macs(self, input_shape: Shape) -> int:
+        _, ho, wo = self.output_shape(input_shape)
+        return self.out_channels * ho * wo * self.in_channels * self.kernel_size**2
+
+    def _im2col(self, x: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """x (N, C, H, W) -> cols (C·K·K, N·H'·W'), rows ordered (c', u, v), columns (n, i, j)."""
+        k, s, p = self.kernel_size, self.stride, self.padding
+        if p:
+            x = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+        win = sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::s, ::s]  # (N, C, H', W', K, K)
+        n, c, ho, wo = win.shape[:4]
+        cols = win.transpose(1, 4, 5, 0, 2, 3).reshape(c * k * k, n * ho * wo)  # copies once
+        return cols, ho, wo
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """X (N, C_in, H, W) -> S (N, C_out, H', W')."""
+        n = x.shape[0]
+        cols, ho, wo = self._im2col(x)
+        w_mat = self.params["W"].reshape(self.out_channels, -1)  # (C_out, C_in·K·K)
+        out = w_mat @ cols  # (C_out, N·H'·W')
+        out += self.params["b"][:, None]
+        self._cols, self._x_shape = cols, x.shape
+        return out.reshape(self.out_channels, n, ho, wo).transpose(1, 0, 2, 3)
+
+    def backward(self, dout: np.ndarray) -> np.ndarray | None:
+        """δS (N, C_out, H', W') -> δX (N, C_in, H, W); fills grads W (C_out, C_in, K, K), b (C_out,).
+
+        δb[c] = Σ_{n,i,j} δS[n,c,i,j];  δW[c,c',u,v] = Σ_{n,i,j} δS[n,c,i,j] · X[n,c', s·i+u−pad, s·j+v−pad];
+        δX[n,c',x,y] = Σ_{c,u,v} W[c,c',u,v] · δS[n,c,i,j] over the (i, j) with s·i+u−pad = x, s·j+v−pad = y.
+        """
+        assert self._cols is not None and self._x_shape is not None, "backward before forward"
+        n, c_in, h, w = self._x_shape
+        k, s, p = self.kernel_size, self.stride, self.padding
+        c_out, ho, wo = dout.shape[1:]
+        dout_mat = dout.transpose(1, 0, 2, 3).reshape(c_out, -1)  # (C_out, N·H'·W')
+        self.grads["b"] = dout_mat.sum(axis=1)
+        self.grads["W"] = (dout_mat @ self._cols.T).reshape(self.params["W"].shape)
+        if not self.needs_input_grad:
+            return None
+        w_mat = self.params["W"].reshape(c_out, -1)
+        dcols = (w_mat.T @ dout_mat).reshape(c_in, k, k, n, ho, wo)
+        # Scatter each kernel offset (u, v) back into a padded buffer: K·K strided adds, no np.add.at.
+        dxp = np.zeros((n, c_in, h + 2 * p, w + 2 * p), dtype=dout.dtype)
+        for u in range(k):
+            for v in range(k):
+                dxp[:, :, u : u + s * ho : s, v : v + s * wo : s] += dcols[:, u, v].transpose(1, 0, 2, 3)
+        return dxp[:, :, p : p + h, p : p + w] if p else dxp
+
+
+class ReLU(Layer):
+    """A = max(0, S), article §Forward 3; backward δS = δA · 1(S > 0), article §Backprop 5.
+
+    Input and output (N, ...) of any shape; keeps only the boolean mask 1(S > 0).
+    """
+
+    kind = "relu"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._mask: np.ndarray | None = None
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        return tuple(input_shape)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """S (N, ...) -> A (N, ...)."""
+        self._mask = x > 0
+        return x * self._mask
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """δA (N, ...) -> δS (N, ...)."""
+        assert self._mask is not None, "backward before forward"
+        return dout * self._mask
+
+
+class MaxPool2D(Layer):
+    """Max-pooling, article §Forward 4: P[n,c,p,q] = max_{u,v} A[n,c, s·p+u, s·q+v].
+
+    Input (N, C, H, W); output (N, C, H', W') with H' = (H − K) // stride + 1 (rows and columns that no
+    window covers are dropped). Backward (article §Backprop 4) routes each window's gradient to exactly one
+    position, its arg-max; when several entries tie, the first in row-major order (u, then v) takes it.
+    Keeps only the arg-max offset u·K + v of each window (uint8).
+    """
+
+    kind = "maxpool"
+
+    def __init__(self, kernel_size: int = 2, stride: int | None = None) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride if stride is not None else kernel_size
+        self._argmax: np.ndarray | None = None
+        self._x_shape: Shape | None = None
+
+    def describe(self) -> str:
+        return f"maxpool {self.kernel_size}×{self.kernel_size}, stride {self.stride}"
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        if len(input_shape) != 3:
+            raise ValueError(f"expects an image input (C, H, W), got shape {tuple(input_shape)}")
+        c, h, w = input_shape
+        ho = _conv_out(h, self.kernel_size, self.stride, 0)
+        wo = _conv_out(w, self.kernel_size, self.stride, 0)
+        if ho < 1 or wo < 1:
+            raise ValueError(
+                f"output would be empty: input {c}×{h}×{w} with kernel {self.kernel_size}, "
+                f"stride {self.stride} gives {c}×{max(ho, 0)}×{max(wo, 0)}"
+            )
+        return (c, ho, wo)
+
+    def _window(self, a: np.ndarray, u: int, v: int, ho: int, wo: int) -> np.ndarray:
+        s = self.stride
+        return a[:, :, u : u + s * (ho - 1) + 1 : s, v : v + s * (wo - 1) + 1 : s]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """A (N, C, H, W) -> P (N, C, H', W')."""
+        k = self.kernel_size
+        _, ho, wo = self.output_shape(x.shape[1:])
+        out = self._window(x, 0, 0, ho, wo).copy()
+        argmax = np.zeros(out.shape, dtype=np.uint8)
+        for o in range(1, k * k):
+            cand = self._window(x, o // k, o % k, ho, wo)
+            better = cand > out  # strictly greater: the earlier offset keeps a tie
+            np.maximum(out, cand, out=out)
+            argmax[better] = o
+        self._argmax, self._x_shape = argmax, x.shape
+        return out
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """δP (N, C, H', W') -> δA (N, C, H, W), non-zero only at each window's arg-max."""
+        assert self._argmax is not None and self._x_shape is not None, "backward before forward"
+        k = self.kernel_size
+        ho, wo = dout.shape[2:]
+        dx = np.zeros(self._x_shape, dtype=dout.dtype)
+        for o in range(k * k):
+            # `+=` so that overlapping windows (stride < kernel) add their shares.
+            self._window(dx, o // k, o % k, ho, wo)[...] += dout * (self._argmax == o)
+        return dx
+
+
+class Flatten(Layer):
+    """h = flatten(P), article §Forward 5: h[n, k] = P[n, c, i, j] with k = c·H·W + i·W + j (C order).
+
+    Input (N, C, H, W); output (N, C·H·W). Backward (article §Backprop 3) is the inverse reshape.
+    """
+
+    kind = "flatten"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._x_shape: Shape | None = None
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        return (int(np.prod(input_shape)),)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """P (N, C, H, W) -> h (N, C·H·W)."""
+        self._x_shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """δh (N, C·H·W) -> δP (N, C, H, W)."""
+        assert self._x_shape is not None, "backward before forward"
+        return dout.reshape(self._x_shape)
+
+
+class Linear(Layer):
+    """Fully connected layer, article §Forward 6: z[n, i] = Σ_k W[i, k] · h[n, k] + b[i].
+
+    Parameters: W (out, in), b (out,). Input h (N, in); output z (N, out). Backward, article §Backprop 2:
+    δb[i] = Σ_n δz[n,i], δW[i,k] = Σ_n δz[n,i] · h[n,k], δh[n,k] = Σ_i W[i,k] · δz[n,i].
+    """
+
+    kind = "linear"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        name: str = "fc",
+        rng: np.random.Generator | None = None,
+        dtype: type = np.float32,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.in_features, self.out_features = in_features, out_features
+        self.needs_input_grad = True
+        rng = rng if rng is not None else np.random.default_rng(0)
+        # He/Kaiming normal, std = sqrt(2 / fan_in), as for the conv layers.
+        w = rng.standard_normal((out_features, in_features)) * np.sqrt(2.0 / in_features)
+        self.params = {"W": w.astype(dtype), "b": np.zeros(out_features, dtype=dtype)}
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self._x: np.ndarray | None = None
+
+    def describe(self) -> str:
+        return f"linear {self.in_features}→{self.out_features}"
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        if len(input_shape) != 1:
+            raise ValueError(
+                f"expects a flat input (features,), got shape {tuple(input_shape)}: put a flatten layer before it"
+            )
+        if input_shape[0] != self.in_features:
+            raise ValueError(f"expects {self.in_features} input features, got {input_shape[0]}")
+        return (self.out_features,)
+
+    def macs(self, input_shape: Shape) -> int:
+        return self.in_features * self.out_features
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """h (N, in) -> z (N, out)."""
+        self._x = x
+        return x @ self.params["W"].T + self.params["b"]
+
+    def backward(self, dout: np.ndarray) -> np.ndarray | None:
+        """δz (N, out) -> δh (N, in); fills grads W (out, in), b (out,)."""
+        assert self._x is not None, "backward before forward"
+        self.grads["W"] = dout.T @ self._x
+        self.grads["b"] = dout.sum(axis=0)
+        if not self.needs_input_grad:
+            return None
+        return dout @ self.params["W"]
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """p = softmax(z) row by row, article §Forward 7; z (N, K) -> p (N, K). Stable: shifts by the row max."""
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def softmax_cross_entropy(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean cross-entropy of softmax(z) against integer labels, and its gradient.
+
+    L = (1/N) Σ_n −log p[n, y_n] (article §Forward 7, averaged over the batch); δz = (p − onehot(y)) / N
+    (article §Backprop 1, with the 1/N of the mean).
+
+    z (N, K) logits, y (N,) integer labels in [0, K) -> (loss, δz (N, K), p (N, K)).
+    """
+    n = z.shape[0]
+    shifted = z - z.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(shifted).sum(axis=1))  # (N,)
+    rows = np.arange(n)
+    loss = float(np.mean(log_norm - shifted[rows, y]))
+    p = np.exp(shifted - log_norm[:, None])
+    dz = p.copy()
+    dz[rows, y] -= 1.0
+    dz /= n
+    return loss, dz, p
