@@ -306,7 +306,8 @@ class Linear(Layer):
     def output_shape(self, input_shape: Shape) -> Shape:
         if len(input_shape) != 1:
             raise ValueError(
-                f"expects a flat input (features,), got shape {tuple(input_shape)}: put a flatten layer before it"
+                f"expects a flat input (features,), got shape {tuple(input_shape)}: "
+                "put a flatten layer before it"
             )
         if input_shape[0] != self.in_features:
             raise ValueError(f"expects {self.in_features} input features, got {input_shape[0]}")

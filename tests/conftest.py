@@ -1,0 +1,32 @@
+"""Shared fixtures. Tests that need the real CIFAR-10 find it through CNNCLI_DATA or ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+
+def _real_cifar_dir() -> Path | None:
+    candidates = []
+    if os.environ.get("CNNCLI_DATA"):
+        candidates.append(Path(os.environ["CNNCLI_DATA"]))
+    candidates.append(ROOT.parent / "shared" / "data")
+    for c in candidates:
+        for folder in (c, c / "cifar-10-batches-py"):
+            if (folder / "data_batch_1").is_file() and (folder / "test_batch").is_file():
+                return folder
+    return None
+
+
+@pytest.fixture(scope="session")
+def real_cifar_dir() -> Path:
+    """The extracted real `cifar-10-batches-py` folder (read-only); skips only where none exists."""
+    folder = _real_cifar_dir()
+    if folder is None:
+        pytest.skip("real CIFAR-10 not found: set CNNCLI_DATA or place it at ../shared/data")
+    return folder
