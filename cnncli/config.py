@@ -1,0 +1,401 @@
+"""YAML configs -> frozen dataclasses, with errors that name the key path and the value.
+
+A config has four parts: `seed`, `model` (input shape and layer list), `data` and `train`. Every key has a
+default except the model's layers. Unknown keys are errors that suggest the nearest valid key;
+`--set key.path=value` overrides are applied to the raw mapping before validation, so they are checked
+exactly like the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from cnncli.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------- schema
+# `metadata={"min": x}` bounds a number from below (inclusive); "gt" bounds it strictly;
+# "max"/"lt" from above; "choices" lists allowed strings; "len" fixes a list's length.
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    type: str = "conv"
+    name: str | None = None  # default conv1, conv2, ... in order
+    out_channels: int = field(default=16, metadata={"min": 1})
+    kernel_size: int = field(default=3, metadata={"min": 1})
+    stride: int = field(default=1, metadata={"min": 1})
+    padding: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass(frozen=True)
+class ReluSpec:
+    type: str = "relu"
+
+
+@dataclass(frozen=True)
+class MaxPoolSpec:
+    type: str = "maxpool"
+    kernel_size: int = field(default=2, metadata={"min": 1})
+    stride: int | None = field(default=None, metadata={"min": 1})  # default: kernel_size
+
+
+@dataclass(frozen=True)
+class FlattenSpec:
+    type: str = "flatten"
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    type: str = "linear"
+    name: str | None = None  # default fc1, fc2, ... in order
+    out_features: int = field(default=10, metadata={"min": 1})
+
+
+LayerSpec = Union[ConvSpec, ReluSpec, MaxPoolSpec, FlattenSpec, LinearSpec]  # noqa: UP007
+LAYER_TYPES: dict[str, type] = {
+    "conv": ConvSpec,
+    "relu": ReluSpec,
+    "maxpool": MaxPoolSpec,
+    "flatten": FlattenSpec,
+    "linear": LinearSpec,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    input_shape: tuple[int, ...] = field(default=(3, 32, 32), metadata={"min": 1, "len": 3})
+    layers: tuple[LayerSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class NormalizeConfig:
+    # Per-channel mean and std on the [0, 1] scale (CIFAR-10's training-set statistics by default).
+    mean: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
+    std: tuple[float, ...] = field(default=(0.2470, 0.2435, 0.2616), metadata={"gt": 0})
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: bool = True  # random horizontal flip
+    crop_padding: int = field(default=4, metadata={"min": 0})  # random crop after zero padding; 0 = off
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = field(default="cifar10", metadata={"choices": ("cifar10",)})
+    dir: str | None = None  # where CIFAR-10 lives or is downloaded to (after --data-dir and $CNNCLI_DATA)
+    url: str | None = None  # a mirror of the official archive (after $CNNCLI_CIFAR10_URL)
+    val_size: int = field(default=5000, metadata={"min": 0})  # held out from the training images
+    limit: int | None = field(default=None, metadata={"min": 1})  # use only the first N training images
+    normalize: NormalizeConfig = NormalizeConfig()
+    augment: AugmentConfig = AugmentConfig()
+
+
+@dataclass(frozen=True)
+class SGDConfig:
+    type: str = "sgd"
+    lr: float = field(default=0.01, metadata={"gt": 0})
+    momentum: float = field(default=0.9, metadata={"min": 0, "lt": 1})
+    nesterov: bool = True
+    weight_decay: float = field(default=5.0e-4, metadata={"min": 0})
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    type: str = "adam"
+    lr: float = field(default=1.0e-3, metadata={"gt": 0})
+    betas: tuple[float, ...] = field(default=(0.9, 0.999), metadata={"min": 0, "lt": 1, "len": 2})
+    eps: float = field(default=1.0e-8, metadata={"gt": 0})
+    weight_decay: float = field(default=0.0, metadata={"min": 0})  # L2 added to the gradient
+
+
+OptimizerConfig = Union[SGDConfig, AdamConfig]  # noqa: UP007
+OPTIMIZER_TYPES: dict[str, type] = {"sgd": SGDConfig, "adam": AdamConfig}
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    type: str = field(default="cosine", metadata={"choices": ("constant", "step", "cosine")})
+    warmup_epochs: float = field(default=0.0, metadata={"min": 0})  # linear ramp from ~0 to lr, per step
+    step_size: int = field(default=5, metadata={"min": 1})  # step: multiply by gamma every step_size epochs
+    gamma: float = field(default=0.1, metadata={"gt": 0})
+    min_lr: float = field(default=0.0, metadata={"min": 0})  # cosine: floor of the decay
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = field(default=15, metadata={"min": 1})
+    batch_size: int = field(default=128, metadata={"min": 1})
+    eval_batch_size: int = field(default=1000, metadata={"min": 1})
+    optimizer: OptimizerConfig = SGDConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = field(default=0, metadata={"min": 0})
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    name: str = "config"  # the config file's stem: names the run folder
+
+
+TAGGED_UNIONS: dict[Any, tuple[str, dict[str, type]]] = {
+    LayerSpec: ("layer type", LAYER_TYPES),
+    OptimizerConfig: ("optimizer type", OPTIMIZER_TYPES),
+}
+
+# --------------------------------------------------------------------------------------------- builder
+
+
+def _fmt(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def _check_bounds(value: Any, meta: Any, path: str) -> None:
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{path}: must be one of {', '.join(meta['choices'])}, got {_fmt(value)}")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if "min" in meta and value < meta["min"]:
+        kind = "a positive number" if meta["min"] == 1 else f"at least {meta['min']}"
+        raise ConfigError(f"{path}: must be {kind}, got {_fmt(value)}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise ConfigError(f"{path}: must be greater than {meta['gt']}, got {_fmt(value)}")
+    if "lt" in meta and value >= meta["lt"]:
+        raise ConfigError(f"{path}: must be less than {meta['lt']}, got {_fmt(value)}")
+
+
+def _convert(value: Any, tp: Any, meta: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (lists -> tuples, int -> float)."""
+    if tp in TAGGED_UNIONS:
+        what, table = TAGGED_UNIONS[tp]
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping with a 'type' key, got {_fmt(value)}")
+        if "type" not in value:
+            raise ConfigError(f"{path}: missing 'type' (one of {', '.join(table)})")
+        kind = value["type"]
+        if kind not in table:
+            hint = difflib.get_close_matches(str(kind), table, n=1)
+            did = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{path}.type: unknown {what} {_fmt(kind)}{did}; one of {', '.join(table)}")
+        return _build(table[kind], value, path)
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], meta, path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_fmt(value)}")
+        return _build(tp, value, path)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {_fmt(value)}")
+        if "len" in meta and len(value) != meta["len"]:
+            raise ConfigError(f"{path}: expected a list of {meta['len']} values, got {_fmt(list(value))}")
+        item_meta = {k: v for k, v in meta.items() if k != "len"}
+        return tuple(_convert(v, item_tp, item_meta, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {_fmt(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"{path}: expected an integer, got {_fmt(value)}")
+        _check_bounds(value, meta, path)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {_fmt(value)}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{path}: expected a finite number, got {_fmt(value)}")
+        _check_bounds(float(value), meta, path)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {_fmt(value)}")
+        _check_bounds(value, meta, path)
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {path}")  # a bug in the schema, not user input
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _build(cls: type, raw: dict[str, Any], path: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            hint = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            did = f"; did you mean {(path + '.' if path else '') + hint[0]!r}?" if hint else ""
+            valid = ", ".join(fields)
+            raise ConfigError(f"{where}: unknown key{did} (valid keys here: {valid})")
+    hints = _hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            where = f"{path}.{name}" if path else name
+            kwargs[name] = _convert(raw[name], hints[name], f.metadata, where)
+    return cls(**kwargs)
+
+
+def build_config(raw: Any, name: str = "config") -> Config:
+    """Validate a raw mapping (as YAML gives it) into a `Config`; ConfigError names any wrong key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {_fmt(raw)}")
+    raw = dict(raw)
+    raw.setdefault("name", name)
+    model = raw.get("model")
+    if not isinstance(model, dict) or "layers" not in model:
+        raise ConfigError("model.layers: missing; list the network's layers (see configs/seed.yaml)")
+    if not isinstance(model["layers"], list) or not model["layers"]:
+        raise ConfigError(f"model.layers: expected a non-empty list of layers, got {_fmt(model['layers'])}")
+    return _build(Config, raw, "")
+
+
+# ------------------------------------------------------------------------------------------ load & set
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; ConfigError names the file (and the line, for a syntax error)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({e})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+
+
+def _parse_path(key: str) -> list[str | int]:
+    """'model.layers[2].out_channels' -> ['model', 'layers', 2, 'out_channels']."""
+    parts: list[str | int] = []
+    for segment in key.split("."):
+        name, _, rest = segment.partition("[")
+        if not name and not parts:
+            raise ValueError
+        if name:
+            parts.append(name)
+        while rest:
+            index, close, rest = rest.partition("]")
+            if not close or not index.lstrip("-").isdigit():
+                raise ValueError
+            parts.append(int(index))
+            rest = rest.removeprefix("[")
+    if not parts:
+        raise ValueError
+    return parts
+
+
+def apply_overrides(raw: Any, overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` strings (value parsed as YAML) to a raw config mapping, returning a copy."""
+    raw = json.loads(json.dumps(raw if raw is not None else {}))  # deep copy of plain data
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set train.epochs=3")
+        try:
+            parts = _parse_path(key)
+            value = yaml.safe_load(text) if text.strip() else None
+        except ValueError:
+            raise ConfigError(f"--set {item!r}: cannot read the key path {key!r}") from None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: cannot read the value {text!r}") from None
+        node: Any = raw
+        for i, part in enumerate(parts[:-1]):
+            sub = ".".join(str(p) for p in parts[: i + 1])
+            if isinstance(part, int):
+                if not isinstance(node, list) or not -len(node) <= part < len(node):
+                    raise ConfigError(f"--set {key}: {sub} is not an existing list entry")
+                node = node[part]
+            else:
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--set {key}: {sub} is not a mapping")
+                if not isinstance(node.get(part), dict | list):
+                    node[part] = {}
+                node = node[part]
+        last = parts[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list) or not -len(node) <= last < len(node):
+                raise ConfigError(f"--set {key}: not an existing list entry")
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: the parent is not a mapping")
+        node[last] = value
+    return raw
+
+
+def load_config(path: Path | str, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `--set` overrides, validate. The config's name is the file's stem."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if overrides:
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        raw = apply_overrides(raw, overrides)
+    try:
+        return build_config(raw, name=path.stem)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """A plain, JSON/YAML-ready mapping (tuples -> lists) that `build_config` reads back unchanged."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=100)
+
+
+def config_from_json(text: str, source: str) -> Config:
+    """Rebuild a config stored as JSON (in a checkpoint); errors name `source`."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source}: the stored config is not valid JSON ({e})") from None
+    try:
+        return build_config(raw, name=raw.get("name", "config") if isinstance(raw, dict) else "config")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: stored config: {e}") from None
