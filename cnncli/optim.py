@@ -1,0 +1,102 @@
+"""Optimizers (SGD with momentum / Nesterov / weight decay, Adam) and learning-rate schedules.
+
+Optimizers update the model's parameter arrays in place from `model.named_grads()` and keep their buffers
+in a flat dict keyed '<param>.<buffer>' ('conv1.W.momentum'), so a checkpoint stores them as arrays.
+Weight decay (an L2 term λ·θ added to the gradient) applies to weights ('*.W') only, not to biases.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cnncli.config import AdamConfig, OptimizerConfig, ScheduleConfig, SGDConfig
+
+
+def _decays(name: str) -> bool:
+    return name.endswith(".W")
+
+
+class SGD:
+    """v ← μ·v + g;  θ ← θ − lr·(g + μ·v) with Nesterov, θ ← θ − lr·v without (PyTorch's convention).
+
+    g is the gradient plus weight decay λ·θ for weights.
+    """
+
+    def __init__(self, params: dict[str, np.ndarray], cfg: SGDConfig) -> None:
+        self.cfg = cfg
+        self.state: dict[str, np.ndarray] = {}
+        if cfg.momentum > 0:
+            self.state = {f"{k}.momentum": np.zeros_like(v) for k, v in params.items()}
+
+    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float) -> None:
+        mu, wd = self.cfg.momentum, self.cfg.weight_decay
+        for name, theta in params.items():
+            g = grads[name]
+            if wd and _decays(name):
+                g = g + wd * theta
+            if mu > 0:
+                v = self.state[f"{name}.momentum"]
+                v *= mu
+                v += g
+                step = g + mu * v if self.cfg.nesterov else v
+            else:
+                step = g
+            theta -= (lr * step).astype(theta.dtype, copy=False)
+
+
+class Adam:
+    """m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²; θ ← θ − lr·m̂ / (√v̂ + ε), with bias-corrected m̂, v̂."""
+
+    def __init__(self, params: dict[str, np.ndarray], cfg: AdamConfig) -> None:
+        self.cfg = cfg
+        self.state: dict[str, np.ndarray] = {"t": np.zeros((), dtype=np.int64)}
+        for k, v in params.items():
+            self.state[f"{k}.m"] = np.zeros_like(v)
+            self.state[f"{k}.v"] = np.zeros_like(v)
+
+    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float) -> None:
+        b1, b2 = self.cfg.betas
+        wd, eps = self.cfg.weight_decay, self.cfg.eps
+        self.state["t"] += 1
+        t = int(self.state["t"])
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        for name, theta in params.items():
+            g = grads[name]
+            if wd and _decays(name):
+                g = g + wd * theta
+            m, v = self.state[f"{name}.m"], self.state[f"{name}.v"]
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * g * g
+            theta -= (lr * (m / c1) / (np.sqrt(v / c2) + eps)).astype(theta.dtype, copy=False)
+
+
+Optimizer = SGD | Adam
+
+
+def make_optimizer(params: dict[str, np.ndarray], cfg: OptimizerConfig) -> Optimizer:
+    if isinstance(cfg, SGDConfig):
+        return SGD(params, cfg)
+    return Adam(params, cfg)
+
+
+def learning_rate(base_lr: float, cfg: ScheduleConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """The learning rate for optimizer step `step` (0-based) of a run of `epochs` epochs.
+
+    Warm-up ramps linearly over the first warmup_epochs·steps_per_epoch steps, reaching base_lr at its end
+    (step s gets base_lr·(s+1)/warmup_steps). Then: constant; step (×gamma every step_size epochs); or cosine
+    from base_lr down to min_lr at the end of the last epoch.
+    """
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if cfg.type == "constant":
+        return base_lr
+    if cfg.type == "step":
+        return base_lr * cfg.gamma ** (step // steps_per_epoch // cfg.step_size)
+    total = max(epochs * steps_per_epoch - warmup, 1)
+    progress = min((step - warmup) / total, 1.0)
+    return cfg.min_lr + 0.5 * (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))

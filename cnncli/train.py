@@ -1,0 +1,345 @@
+"""The training loop: epochs of shuffled, augmented mini-batches; validation; checkpoints; resume.
+
+Reproducibility: the data order of epoch e comes from `default_rng([seed, e])` and the augmentation of batch
+b of epoch e from `default_rng([seed, e, b])`, so (seed, epoch, batch) is the whole random state, and a run
+stopped after any batch resumes bit-for-bit. Ctrl-C is deferred to the end of the running step (the update
+is never half-applied); a second Ctrl-C aborts at once.
+
+No output here: progress goes to a `Callbacks` object (the CLI renders it).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnncli import data as data_mod
+from cnncli.checkpoint import Checkpoint, apply_optim, apply_params, load_checkpoint, save_checkpoint
+from cnncli.config import Config, config_to_yaml
+from cnncli.errors import CnnError, ConfigError, TrainingDiverged
+from cnncli.evaluate import EvalResult, evaluate
+from cnncli.model import Sequential, build_model
+from cnncli.optim import learning_rate, make_optimizer
+from cnncli.preprocess import Normalizer, augment
+
+METRIC_FIELDS = (
+    "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s",
+)  # fmt: skip
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int  # 1-based
+    train_loss: float
+    train_acc: float
+    val_loss: float | None
+    val_acc: float | None
+    lr: float  # the learning rate of the epoch's last step
+    seconds: float  # wall time of the epoch, validation included
+    images_per_s: float  # training images per second of the epoch's training part
+
+
+@dataclass
+class RunInfo:
+    """What the loop knows before the first step, for the renderer."""
+
+    run_dir: Path
+    n_train: int
+    n_val: int
+    n_test: int
+    steps_per_epoch: int
+    start_epoch: int  # 0-based index of the first epoch to run
+    start_batch: int
+    epochs: int
+    data_folder: Path
+    resumed_from: Path | None
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    last_path: Path
+    best_path: Path
+    history: list[EpochMetrics]
+    best_epoch: int
+    best_val_acc: float | None
+    test: EvalResult | None
+    seconds: float
+
+
+class Callbacks:
+    """Progress hooks; every method is optional. Called from the training thread."""
+
+    def on_start(self, info: RunInfo) -> None: ...
+
+    def on_epoch_start(self, epoch: int, epochs: int, steps: int, start_batch: int) -> None: ...
+
+    def on_batch(self, batch: int, steps: int, loss: float, acc: float, images_per_s: float, lr: float) -> None:
+        """After each step: running mean loss and accuracy of the epoch so far."""
+
+    def on_validate(self) -> None: ...
+
+    def on_epoch_end(self, metrics: EpochMetrics, is_best: bool) -> None: ...
+
+    def on_test(self) -> None: ...
+
+
+class TrainingInterrupted(CnnError):
+    """Ctrl-C: a resumable checkpoint was saved at `path`."""
+
+    def __init__(self, path: Path, epoch: int, batch: int) -> None:
+        super().__init__(f"interrupted at epoch {epoch}, batch {batch}; resumable checkpoint saved to {path}")
+        self.path, self.epoch, self.batch = path, epoch, batch
+
+
+@contextmanager
+def _deferred_sigint() -> Iterator[threading.Event]:
+    """Turn the first Ctrl-C into a flag checked between steps; a second one raises KeyboardInterrupt."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def metrics_csv(history: list[EpochMetrics]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for m in history:
+        row = asdict(m)
+        writer.writerow({k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in row.items()})
+    return buf.getvalue()
+
+
+@dataclass
+class _State:
+    """The mutable training state that goes into a checkpoint's `state` entry."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches completed in the current epoch
+    step: int = 0  # optimizer steps so far
+    best_val_acc: float | None = None
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    partial: dict[str, float] = field(default_factory=dict)  # running sums of the current epoch
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], source: Path) -> _State:
+        try:
+            return cls(
+                epoch=int(d["epoch"]),
+                batch=int(d["batch"]),
+                step=int(d["step"]),
+                best_val_acc=None if d.get("best_val_acc") is None else float(d["best_val_acc"]),
+                best_epoch=int(d.get("best_epoch", 0)),
+                history=list(d.get("history", [])),
+                partial=dict(d.get("partial", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CnnError(f"{source}: the training state is incomplete or damaged ({e!r})") from None
+
+
+def default_run_dir(cfg: Config, root: Path = Path("runs")) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = root / f"{cfg.name}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{cfg.name}-{stamp}-{n}"
+    return path
+
+
+def train(
+    cfg: Config,
+    run_dir: Path,
+    data_folder: Path,
+    resume: Checkpoint | None = None,
+    resume_path: Path | None = None,
+    init: Checkpoint | None = None,
+    init_path: Path | None = None,
+    callbacks: Callbacks | None = None,
+) -> TrainResult:
+    """Train `cfg`'s model on the CIFAR-10 found in `data_folder` (the extracted batches folder).
+
+    Writes into `run_dir`: config.yaml, metrics.csv, last.npz (after every epoch, and on Ctrl-C), best.npz
+    (best validation accuracy; the last epoch when there is no validation set). Raises TrainingDiverged on
+    a NaN/inf loss (last.npz keeps the last good epoch) and TrainingInterrupted after saving on Ctrl-C.
+    """
+    cb = callbacks or Callbacks()
+    t_start = time.perf_counter()
+    tc = cfg.train
+
+    dataset = data_mod.load_cifar10(data_folder)
+    splits = data_mod.make_splits(
+        dataset.train_x, dataset.train_y, val_size=cfg.data.val_size, limit=cfg.data.limit, seed=cfg.seed
+    )
+    n_classes = len(dataset.classes)
+
+    model = build_model(cfg.model, seed=cfg.seed)
+    if model.input_shape != tuple(dataset.train_x.shape[1:]):
+        raise ConfigError(
+            f"model.input_shape: {list(model.input_shape)} does not match the images "
+            f"{list(dataset.train_x.shape[1:])} of {cfg.data.dataset}"
+        )
+    if model.output_shape != (n_classes,):
+        raise ConfigError(
+            f"model.layers: the last layer gives {model.output_shape[0]} outputs but "
+            f"{cfg.data.dataset} has {n_classes} classes"
+        )
+    normalizer = Normalizer(cfg.data.normalize, model.input_shape[0])
+    params = model.named_params()
+    optimizer = make_optimizer(params, tc.optimizer)
+    state = _State()
+
+    if resume is not None:
+        source = resume_path or Path("checkpoint")
+        apply_params(resume, model, source)
+        apply_optim(resume, optimizer.state, source)
+        state = _State.from_json(resume.state, source)
+    elif init is not None:
+        apply_params(init, model, init_path or Path("init checkpoint"))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
+    last_path, best_path = run_dir / "last.npz", run_dir / "best.npz"
+
+    n_train = len(splits.train_x)
+    steps = math.ceil(n_train / tc.batch_size)
+    cb.on_start(
+        RunInfo(run_dir, n_train, len(splits.val_x), len(dataset.test_x), steps, state.epoch, state.batch,
+                tc.epochs, data_folder, resume_path)
+    )
+
+    def save(path: Path) -> None:
+        save_checkpoint(path, model, cfg, optim=optimizer.state, state=state.to_json())
+
+    history = [EpochMetrics(**h) for h in state.history]
+    with _deferred_sigint() as stop:
+        for epoch in range(state.epoch, tc.epochs):
+            t_epoch = time.perf_counter() - state.partial.get("train_seconds", 0.0)  # a resumed epoch's earlier part
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)
+            sums = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "train_seconds": 0.0}
+            if state.batch:
+                sums.update(state.partial)
+            cb.on_epoch_start(epoch + 1, tc.epochs, steps, state.batch)
+            lr = learning_rate(tc.optimizer.lr, tc.schedule, state.step, steps, tc.epochs)
+            t_train = time.perf_counter()
+            for b in range(state.batch, steps):
+                idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]
+                xb = splits.train_x[idx]
+                yb = splits.train_y[idx]
+                xb = augment(xb, cfg.data.augment, np.random.default_rng([cfg.seed, epoch, b]))
+                lr = learning_rate(tc.optimizer.lr, tc.schedule, state.step, steps, tc.epochs)
+                loss, z = model.loss_and_grads(normalizer(xb), yb)
+                if not math.isfinite(loss):
+                    kept = f"last good checkpoint: {last_path}" if last_path.exists() else "no checkpoint was saved"
+                    raise TrainingDiverged(
+                        f"the loss became {loss} at epoch {epoch + 1}, batch {b + 1} (learning rate {lr:.4g}); "
+                        f"lower train.optimizer.lr, the usual suspect; {kept}"
+                    )
+                optimizer.step(params, model.named_grads(), lr)
+                state.step += 1
+                state.batch = b + 1
+                sums["loss"] += loss * len(idx)
+                sums["correct"] += float(np.count_nonzero(z.argmax(axis=1) == yb))
+                sums["seen"] += len(idx)
+                elapsed = sums["train_seconds"] + time.perf_counter() - t_train
+                cb.on_batch(b + 1, steps, sums["loss"] / sums["seen"], sums["correct"] / sums["seen"],
+                            sums["seen"] / max(elapsed, 1e-9), lr)
+                if stop.is_set() and b + 1 < steps:
+                    sums["train_seconds"] = elapsed
+                    state.partial = sums
+                    save(last_path)
+                    raise TrainingInterrupted(last_path, epoch + 1, b + 1)
+            sums["train_seconds"] += time.perf_counter() - t_train
+
+            val = None
+            if len(splits.val_x):
+                cb.on_validate()
+                val = evaluate(model, splits.val_x, splits.val_y, normalizer, tc.eval_batch_size, dataset.classes)
+            metrics = EpochMetrics(
+                epoch=epoch + 1,
+                train_loss=sums["loss"] / sums["seen"],
+                train_acc=sums["correct"] / sums["seen"],
+                val_loss=val.loss if val else None,
+                val_acc=val.accuracy if val else None,
+                lr=lr,
+                seconds=time.perf_counter() - t_epoch,
+                images_per_s=sums["seen"] / max(sums["train_seconds"], 1e-9),
+            )
+            history.append(metrics)
+            state.history = [asdict(m) for m in history]
+            state.epoch, state.batch, state.partial = epoch + 1, 0, {}
+            is_best = val is None or state.best_val_acc is None or val.accuracy > state.best_val_acc
+            if is_best:
+                state.best_val_acc = val.accuracy if val else None
+                state.best_epoch = epoch + 1
+            save(last_path)
+            if is_best:
+                save(best_path)
+            _write_text_atomic(run_dir / "metrics.csv", metrics_csv(history))
+            cb.on_epoch_end(metrics, is_best)
+            if stop.is_set() and epoch + 1 < tc.epochs:
+                raise TrainingInterrupted(last_path, epoch + 1, steps)
+
+    test = None
+    if len(dataset.test_x) and best_path.exists():
+        cb.on_test()
+        best = load_checkpoint(best_path)
+        apply_params(best, model, best_path)
+        test = evaluate(model, dataset.test_x, dataset.test_y, normalizer, tc.eval_batch_size, dataset.classes)
+    return TrainResult(
+        run_dir=run_dir,
+        last_path=last_path,
+        best_path=best_path,
+        history=history,
+        best_epoch=state.best_epoch,
+        best_val_acc=state.best_val_acc,
+        test=test,
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+def model_from_checkpoint(ckpt: Checkpoint, source: Path) -> Sequential:
+    """The checkpoint's network with its weights loaded (float32)."""
+    model = build_model(ckpt.config.model, seed=ckpt.config.seed)
+    apply_params(ckpt, model, source)
+    return model
