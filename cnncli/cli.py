@@ -20,8 +20,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+
+def _console(stderr: bool = False) -> Console:
+    """Rich console; wider than Rich's 80 columns when writing to a file or pipe, so tables keep their names."""
+    probe = Console(stderr=stderr)
+    return Console(stderr=stderr, highlight=False, width=None if probe.is_terminal else 120)
+
+
+out = _console()
+err = _console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -367,3 +374,7 @@ def eval_(
         ]
         conf.add_row(name, *cells)
     out.print(conf)
+
+
+# Commands that live in their own modules register themselves on `app` when imported.
+from cnncli import cli_bench, cli_viz  # noqa: E402,F401

@@ -1,0 +1,3 @@
+"""Placeholder: commands registered on cnncli.cli.app."""
+
+from __future__ import annotations
