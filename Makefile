@@ -2,15 +2,16 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# Real CIFAR-10: the shared read-only copy here; override with `make train DATA=...`.
-DATA   ?= $(or $(CNNCLI_DATA),../shared/data)
+# Real CIFAR-10: $CNNCLI_DATA, else the shared read-only copy beside this checkout when it exists, else
+# nothing (cnn then downloads to ~/.cache/cnncli). Override with `make train DATA=/path/to/data`.
+DATA   ?= $(or $(CNNCLI_DATA),$(wildcard ../shared/data))
+DATA_OPT = $(if $(DATA),--data-dir $(DATA))
 CONFIG ?= configs/seed.yaml
 
 .PHONY: venv test lint train bench gradcheck clean
 
 $(BIN)/cnn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,viz]'
 	touch $@
 
@@ -20,10 +21,10 @@ lint: venv
 	$(BIN)/ruff check cnncli tests
 
 test: venv lint
-	CNNCLI_DATA=$(DATA) $(BIN)/python -m pytest -q
+	$(if $(DATA),CNNCLI_DATA=$(DATA)) $(BIN)/python -m pytest -q
 
 train: venv
-	$(BIN)/cnn train --config $(CONFIG) --data-dir $(DATA)
+	$(BIN)/cnn train --config $(CONFIG) $(DATA_OPT)
 
 gradcheck: venv
 	$(BIN)/cnn gradcheck --config $(CONFIG)
