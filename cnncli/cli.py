@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cnncli.errors import CnnError
 
@@ -41,7 +42,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CnnError as e:
-            err.print(f"[red]error:[/red] {e}", soft_wrap=True, markup=True, emoji=False)
+            err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, emoji=False)
             raise typer.Exit(code=1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -67,7 +68,7 @@ def download(data_dir: DataDirOpt = None) -> None:
     target = data.resolve_data_dir(data_dir, None)
     with byte_progress("cifar-10-python.tar.gz") as update:
         folder = data.ensure_cifar10(target, url=os.environ.get("CNNCLI_CIFAR10_URL"), progress=update)
-    err.print(f"CIFAR-10 ready in {folder}")
+    err.print(f"CIFAR-10 ready in {escape(str(folder))}", soft_wrap=True)
 
 
 CONFIG_DEFAULT = Path("configs/seed.yaml")
