@@ -17,8 +17,6 @@ a crash never leaves a half-written checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cnncli.atomic import atomic_write
 from cnncli.config import Config, config_from_json, config_to_dict
 from cnncli.errors import CheckpointError, ConfigError
 from cnncli.model import Sequential
@@ -62,17 +61,8 @@ def save_checkpoint(
         arrays[f"optim.{k}"] = v
     if state is not None:
         arrays["state"] = np.array(json.dumps({"format": FORMAT, **state}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
     return path
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from cnncli import data as data_mod
+from cnncli.atomic import atomic_write
 from cnncli.checkpoint import Checkpoint, apply_optim, apply_params, load_checkpoint, save_checkpoint
 from cnncli.config import Config, config_to_yaml
 from cnncli.errors import CnnError, ConfigError, TrainingDiverged
@@ -126,14 +125,8 @@ def _deferred_sigint() -> Iterator[threading.Event]:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, binary=False) as f:
+        f.write(text)
 
 
 def metrics_csv(history: list[EpochMetrics]) -> str:
