@@ -8,6 +8,7 @@ exactly like the file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -322,7 +323,7 @@ def _parse_path(key: str) -> list[str | int]:
 
 def apply_overrides(raw: Any, overrides: list[str]) -> dict[str, Any]:
     """Apply `key.path=value` strings (value parsed as YAML) to a raw config mapping, returning a copy."""
-    raw = json.loads(json.dumps(raw if raw is not None else {}))  # deep copy of plain data
+    raw = copy.deepcopy(raw if raw is not None else {})
     for item in overrides:
         key, eq, text = item.partition("=")
         key = key.strip()
@@ -337,7 +338,7 @@ def apply_overrides(raw: Any, overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {item!r}: cannot read the value {text!r}") from None
         node: Any = raw
         for i, part in enumerate(parts[:-1]):
-            sub = ".".join(str(p) for p in parts[: i + 1])
+            sub = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts[: i + 1]).lstrip(".")
             if isinstance(part, int):
                 if not isinstance(node, list) or not -len(node) <= part < len(node):
                     raise ConfigError(f"--set {key}: {sub} is not an existing list entry")
