@@ -55,7 +55,7 @@ def evaluate(
     total_loss = 0.0
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        z = model.forward(normalizer(xb))
+        z = model.predict(normalizer(xb))  # the fused engine; forward() is the per-layer reference path
         loss, _, _ = softmax_cross_entropy(z, yb)
         total_loss += loss * len(xb)
         np.add.at(confusion, (yb, z.argmax(axis=1)), 1)

@@ -1,4 +1,10 @@
-"""A `Sequential` network built from the config's layer list, every shape inferred from the input shape."""
+"""A `Sequential` network built from the config's layer list, every shape inferred from the input shape.
+
+Two ways to run it: the per-layer path (`Sequential.forward` / `backward`, the classes of `cnncli/layers.py`
+one after another — the reference, and what `cnncli/gradcheck.py` inspects) and the fused `Engine` of
+`cnncli/engine.py` (run by `Sequential.loss_and_grads` and `Sequential.predict`), which computes the same
+functions to float32 rounding several times faster.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnncli.config import ConvSpec, FlattenSpec, LinearSpec, MaxPoolSpec, ModelConfig, ReluSpec
+from cnncli.engine import Engine
 from cnncli.errors import ConfigError
 from cnncli.layers import Conv2D, Flatten, Layer, Linear, MaxPool2D, ReLU, Shape, softmax_cross_entropy
 
@@ -30,6 +37,10 @@ class Sequential:
     def __init__(self, layers: list[Layer], input_shape: Shape) -> None:
         self.layers = layers
         self.input_shape = tuple(input_shape)
+        # loss_and_grads / predict through the fused `Engine` (True) or the per-layer reference path (False).
+        self.fast = True
+        self.threads: int | None = None  # the engine's worker threads; None: `default_threads()`
+        self._engine: Engine | None = None
 
     # ---- parameters -------------------------------------------------------------------------------
     def param_layers(self) -> Iterator[Layer]:
@@ -77,11 +88,33 @@ class Sequential:
         return d
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        """One training pass: forward, mean softmax cross-entropy, backward. Returns (loss, logits)."""
+        """One training pass: forward, mean softmax cross-entropy, backward; fills `named_grads()`.
+
+        x (N, *input_shape), y (N,) integer labels -> (loss, logits z (N, classes)). Runs the fused `Engine`
+        (`self.fast`), else the per-layer path; both give the same numbers to float32 rounding.
+        """
+        if self.fast:
+            return self.engine().loss_and_grads(x, y)
         z = self.forward(x)
         loss, dz, _ = softmax_cross_entropy(z, y)
         self.backward(dz)
         return loss, z
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Inference: X (N, *input_shape) -> logits z (N, classes), keeping nothing for a backward pass.
+
+        The fused `Engine` when `self.fast`, else `forward`; the same numbers to float32 rounding.
+        """
+        if self.fast:
+            return self.engine().predict(x)
+        return self.forward(x)
+
+    def engine(self) -> Engine:
+        """The fused execution engine of this network (built on first use, rebuilt if `layers` changes)."""
+        if self._engine is None or self._engine.key != (tuple(map(id, self.layers)), self.input_shape):
+            self._engine = Engine(self.layers, self.input_shape)
+        self._engine.threads = self.threads
+        return self._engine
 
     def set_input_grad(self, needed: bool) -> None:
         """Whether the first layer computes δX (gradcheck wants it; training does not)."""

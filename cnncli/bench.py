@@ -1,0 +1,209 @@
+"""`cnn bench`: how fast one training step and one inference pass run, on random data of the config's shape.
+
+A training step is what `cnncli/train.py` does per batch: `Sequential.loss_and_grads` (forward, softmax
+cross-entropy, backward) and the optimizer update `make_optimizer(...).step(params, grads, lr)`. Inference
+is `Sequential.predict` on an evaluation batch. Each is timed after a warm-up, as the median over repeats of
+the mean time per call; the per-layer shares come from one extra, instrumented pass on a single thread.
+
+No output here: `cnncli/cli_bench.py` renders a `BenchResult`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cnncli.config import Config
+from cnncli.engine import blas_info
+from cnncli.model import Sequential, build_model
+from cnncli.optim import make_optimizer
+
+ENV_VARS = ("CNNCLI_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE",
+            "OPENBLAS_L2_SIZE")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LayerShare:
+    """One row of the profile: a stage of fused layers (or the loss, the gradient sum, the update)."""
+
+    name: str
+    forward_share: float  # fraction of the profiled step's time
+    backward_share: float
+    forward_ms: float  # per step, on one thread
+    backward_ms: float
+
+
+@dataclass
+class BenchResult:
+    config: str
+    engine: str  # "fused" (Sequential.loss_and_grads / predict) or "per-layer" (the reference path)
+    batch: int
+    eval_batch: int
+    steps: int
+    repeats: int
+    threads: int  # worker threads of the training step (1 for the per-layer path)
+    eval_threads: int  # worker threads of the inference pass
+    train_ms_per_step: float
+    train_images_per_s: float
+    eval_ms_per_batch: float
+    eval_images_per_s: float
+    train_runs_ms: list[float]  # each repeat's mean time per step
+    eval_runs_ms: list[float]
+    layers: list[LayerShare]
+    blas: dict[str, Any]
+    system: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _median_ms(fn: Callable[[], object], calls: int, repeats: int) -> tuple[float, list[float]]:
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append(1000 * (time.perf_counter() - start) / calls)
+    return statistics.median(runs), runs
+
+
+def _profile(model: Sequential, x: np.ndarray, y: np.ndarray, step: Callable[[], None], passes: int
+             ) -> list[LayerShare]:
+    """Shares of one training step: the engine's stages timed on one thread, the loss (forward column), the
+    sum of the micro-batch gradients and the optimizer update (backward column); they add up to 1."""
+    rows: dict[str, list[float]] = {}
+    update = 0.0
+    for _ in range(passes):
+        if model.fast:
+            timed = model.engine().profile(x, y)
+        else:
+            timed = _profile_layers(model, x, y)
+        for name, f, b in timed:
+            acc = rows.setdefault(name, [0.0, 0.0])
+            acc[0] += f
+            acc[1] += b
+        start = time.perf_counter()
+        step()
+        update += time.perf_counter() - start
+    rows["optimizer update"] = [0.0, update]
+    total = sum(f + b for f, b in rows.values()) or 1.0
+    return [
+        LayerShare(name, f / total, b / total, 1000 * f / passes, 1000 * b / passes) for name, (f, b) in rows.items()
+    ]
+
+
+def _profile_layers(model: Sequential, x: np.ndarray, y: np.ndarray) -> list[tuple[str, float, float]]:
+    """The per-layer path timed layer by layer (its forward, loss, backward)."""
+    from cnncli.layers import softmax_cross_entropy
+
+    clock = time.perf_counter
+    times = []
+    a = x
+    for layer in model.layers:
+        t0 = clock()
+        a = layer.forward(a)
+        times.append([clock() - t0, 0.0])
+    t0 = clock()
+    _, d, _ = softmax_cross_entropy(a, y)
+    loss_s = clock() - t0
+    for i in reversed(range(len(model.layers))):
+        t0 = clock()
+        d = model.layers[i].backward(d)
+        times[i][1] = clock() - t0
+    names = [layer.name or layer.kind for layer in model.layers]
+    return [(n, f, b) for n, (f, b) in zip(names, times, strict=True)] + [("softmax cross-entropy", loss_s, 0.0)]
+
+
+def system_info(threads: int) -> dict[str, Any]:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return {
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": cpus,
+        "engine_threads": threads,
+        "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
+    }
+
+
+def run_bench(
+    cfg: Config,
+    config_name: str,
+    batch: int | None = None,
+    eval_batch: int | None = None,
+    steps: int = 20,
+    repeats: int = 5,
+    warmup: int = 3,
+    threads: int | None = None,
+    reference: bool = False,
+    seed: int = 0,
+) -> BenchResult:
+    """Time `steps` training steps (batch `batch`, default train.batch_size) and ⌈steps/4⌉ inference passes
+    (batch `eval_batch`, default train.eval_batch_size), `repeats` times each after `warmup` calls; medians.
+
+    `reference` times the per-layer path (`Sequential.fast = False`) instead of the fused engine.
+    """
+    batch = batch or cfg.train.batch_size
+    eval_batch = eval_batch or cfg.train.eval_batch_size
+    model = build_model(cfg.model, seed=seed)
+    model.fast = not reference
+    model.threads = threads
+    used_threads = 1 if reference else model.engine().worker_count(batch)
+    eval_threads = 1 if reference else model.engine().worker_count(eval_batch, train=False)
+    rng = np.random.default_rng(seed)
+    n_classes = model.output_shape[0]
+    x = rng.standard_normal((batch, *model.input_shape)).astype(np.float32)
+    y = rng.integers(0, n_classes, size=batch)
+    xe = rng.standard_normal((eval_batch, *model.input_shape)).astype(np.float32)
+    params = model.named_params()
+    optimizer = make_optimizer(params, cfg.train.optimizer)
+    lr = cfg.train.optimizer.lr
+
+    def train_step() -> None:
+        model.loss_and_grads(x, y)
+        optimizer.step(params, model.named_grads(), lr)
+
+    def update() -> None:
+        optimizer.step(params, model.named_grads(), lr)
+
+    def infer() -> None:
+        model.predict(xe)
+
+    for _ in range(warmup):
+        train_step()
+        infer()
+    train_ms, train_runs = _median_ms(train_step, steps, repeats)
+    eval_calls = max(1, -(-steps // 4))
+    eval_ms, eval_runs = _median_ms(infer, eval_calls, repeats)
+    layers = _profile(model, x, y, update, passes=max(2, min(steps, 10)))
+    blas = blas_info()
+    return BenchResult(
+        config=config_name,
+        engine="per-layer" if reference else "fused",
+        batch=batch,
+        eval_batch=eval_batch,
+        steps=steps,
+        repeats=repeats,
+        threads=used_threads,
+        eval_threads=eval_threads,
+        train_ms_per_step=train_ms,
+        train_images_per_s=batch / (train_ms / 1000),
+        eval_ms_per_batch=eval_ms,
+        eval_images_per_s=eval_batch / (eval_ms / 1000),
+        train_runs_ms=train_runs,
+        eval_runs_ms=eval_runs,
+        layers=layers,
+        blas=blas,
+        system=system_info(used_threads),
+    )

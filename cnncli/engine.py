@@ -1,0 +1,817 @@
+"""The fused execution engine: the same functions as the per-layer path of `cnncli/layers.py`, several
+times faster (see the notes below). `Sequential.loss_and_grads` and `Sequential.predict` run it;
+`tests/test_speed_equivalence.py` holds it to the per-layer reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from cnncli.layers import Conv2D, Flatten, Layer, Linear, MaxPool2D, ReLU, Shape
+
+# ==========================================================================================================
+# The fused execution engine.
+#
+# The same network as the per-layer path, computed differently (`tests/test_speed_equivalence.py` checks
+# that loss, logits and every gradient agree to float32 rounding):
+#
+# * images are channels-major (C, N, H, W) inside, so each conv is one matrix product per micro-batch;
+# * conv → ReLU → max-pool is one stage. Max-pooling commutes with the per-channel bias and with the
+#   monotone ReLU, max_{u,v} ReLU(S + b) = ReLU(max_{u,v} S + b), so the pool runs on S = W ⋆ X and the bias
+#   and ReLU on the K_p² times smaller pooled map. With non-overlapping windows the im2col columns are
+#   ordered by window offset, so the pool is a pairwise `np.maximum` of contiguous slices;
+# * arg-max routing keeps MaxPool2D's rule (a tie goes to the first offset in row-major order), with boolean
+#   masks. The engine compares S where MaxPool2D compares ReLU(S + b): exact ties stay ties and ReLU zeros
+#   carry no gradient either way, so only near-ties that the rounding of S + b would merge can route apart,
+#   as with any change in the order of a sum;
+# * element-wise work runs on contiguous arrays, then one copy writes the next stage's input buffer (a
+#   flatten is only a different view of it);
+# * a batch is cut into micro-batches (about 32 images to train, 20 to infer, so a micro-batch's im2col
+#   matrix stays near the L2 cache) shared by worker threads, BLAS limited to one thread meanwhile (NumPy
+#   releases the GIL inside its kernels). Each micro-batch's gradients go to a slot of their own and the
+#   slots are summed in order, so the result does not depend on the number of threads and is bit-identical
+#   from run to run. Every buffer belongs to one worker and is reused from step to step.
+# ==========================================================================================================
+
+TRAIN_MICRO_BATCH = 32
+EVAL_MICRO_BATCH = 20
+MAX_THREADS = 8
+
+
+@dataclass
+class _Blas:
+    """The BLAS library numpy loaded (found in /proc/self/maps) and OpenBLAS's thread-count functions."""
+
+    library: str | None
+    set_threads: Callable[[int], Any] | None
+    get_threads: Callable[[], int] | None
+    config: str | None
+
+
+_BLAS: _Blas | None = None
+_LOCK = threading.Lock()
+# Exported names of numpy's bundled OpenBLAS (scipy-openblas, 64-bit ints), then of a plain OpenBLAS.
+_OPENBLAS_NAMES = (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", ""))
+
+
+def _find_blas() -> _Blas:
+    library = config = None
+    set_threads = get_threads = None
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = {line.split()[-1] for line in f if "/" in line}
+    except OSError:  # not Linux: nothing found, the engine then runs one worker
+        paths = set()
+    for path in sorted(p for p in paths if "blas" in Path(p).name.lower() or "mkl" in Path(p).name.lower()):
+        library = library or path
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in _OPENBLAS_NAMES:
+            setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            if setter is None or getter is None:
+                continue
+            setter.argtypes, setter.restype = [ctypes.c_int], None
+            getter.argtypes, getter.restype = [], ctypes.c_int
+            info = getattr(lib, f"{prefix}_get_config{suffix}", None)
+            if info is not None:
+                info.argtypes, info.restype = [], ctypes.c_char_p
+                config = info().decode(errors="replace").strip()
+            return _Blas(path, setter, getter, config)
+    return _Blas(library, set_threads, get_threads, config)
+
+
+def _blas() -> _Blas:
+    global _BLAS
+    with _LOCK:
+        if _BLAS is None:
+            _BLAS = _find_blas()
+        return _BLAS
+
+
+def _numpy_blas() -> str | None:
+    """The BLAS numpy was built against, from its build configuration (`numpy.show_config`), e.g.
+    'scipy-openblas 0.3.31.188.0'; None when numpy does not say."""
+    try:
+        dep = np.__config__.CONFIG["Build Dependencies"]["blas"]  # type: ignore[attr-defined]
+        return f"{dep['name']} {dep.get('version', '')}".strip()
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def blas_info() -> dict[str, Any]:
+    """The BLAS in use: {'library': the loaded shared object or None, 'numpy_build': what numpy was built
+    against, 'config': OpenBLAS's build string or None, 'threads': its current thread count or None,
+    'controllable': whether the engine can limit it to one thread per worker}."""
+    b = _blas()
+    return {
+        "library": b.library,
+        "numpy_build": _numpy_blas(),
+        "config": b.config,
+        "threads": int(b.get_threads()) if b.get_threads is not None else None,
+        "controllable": b.set_threads is not None,
+    }
+
+
+@contextmanager
+def _blas_threads(n: int) -> Iterator[None]:
+    """Run the block with BLAS limited to `n` threads (when OpenBLAS lets us), then restore its count."""
+    b = _blas()
+    before = int(b.get_threads()) if b.get_threads is not None else n
+    if b.set_threads is not None and before != n:
+        b.set_threads(n)
+    try:
+        yield
+    finally:
+        if b.set_threads is not None and before != n:
+            b.set_threads(before)
+
+
+def default_threads() -> int:
+    """Worker threads of the engine: $CNNCLI_THREADS, else the processors this process may use (≤ 8).
+
+    One when BLAS cannot be limited to one thread per worker (no OpenBLAS found): workers each driving a
+    multi-threaded BLAS would oversubscribe the cores.
+    """
+    env = os.environ.get("CNNCLI_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    if _blas().set_threads is None:
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_THREADS))
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def _worker_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of at least `workers` threads (the calling thread is one more worker)."""
+    global _POOL, _POOL_SIZE
+    with _LOCK:
+        if _POOL is None or _POOL_SIZE < workers:
+            if _POOL is not None:
+                _POOL.shutdown(wait=True)
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnncli-engine")
+            _POOL_SIZE = workers
+        return _POOL
+
+
+def _image_view(a: np.ndarray, n: int, shape: Shape) -> np.ndarray:
+    """Rows (N, C·H·W) seen as channels-major images (C, N, H, W) when `shape` is (C, H, W); else `a`.
+
+    Flatten's C order, k = c·H·W + i·W + j (article §Forward 5), is exactly this view, so a conv stage writes
+    its output straight into the next linear layer's input rows and reads δh from its gradient rows.
+    """
+    if len(shape) == 3 and a.ndim == 2:
+        return a.reshape(n, *shape).transpose(1, 0, 2, 3)  # (N, C·H·W) -> (N, C, H, W) -> (C, N, H, W)
+    return a
+
+
+def _pool_windows(a: np.ndarray, k: int, s: int, ho: int, wo: int) -> list[np.ndarray]:
+    """The K² strided views a[:, :, s·p + u, s·q + v], offsets (u, v) in row-major order; a (C, N, H, W) ->
+    each (C, N, H', W')."""
+    return [a[:, :, u : u + s * (ho - 1) + 1 : s, v : v + s * (wo - 1) + 1 : s] for u in range(k) for v in range(k)]
+
+
+def _pool_forward(windows: list[np.ndarray], out: np.ndarray, masks: np.ndarray | None) -> None:
+    """out = the element-wise max of the windows, pairwise (article §Forward 4); masks[q] = 1(window q = max)
+    for q < Q − 1 (the backward pass routes to the first of them that holds)."""
+    if len(windows) == 1:
+        np.copyto(out, windows[0])
+    else:
+        np.maximum(windows[0], windows[1], out=out)
+        for w in windows[2:]:
+            np.maximum(out, w, out=out)
+    if masks is not None:
+        for q in range(len(windows) - 1):
+            np.equal(windows[q], out, out=masks[q])
+
+
+def _route_to_argmax(delta: np.ndarray, masks: np.ndarray, dwin: list[np.ndarray], overlap: bool,
+                     peel: np.ndarray | None) -> None:
+    """δ of each window to its first arg-max (article §Backprop 4), ties to the first offset as MaxPool2D.
+
+    Offset q takes δ where masks[q] holds and no earlier offset took it: take = δ · masks[q], δ −= take
+    (exact: δ − δ = 0); the last offset gets what is left. Disjoint windows write their slot (`dwin[q]`,
+    `delta` is already the last one); overlapping windows add into a zeroed δA through `peel`.
+    """
+    for q in range(len(dwin) - 1):
+        take = peel if overlap else dwin[q]
+        np.multiply(delta, masks[q], out=take)
+        if overlap:
+            dwin[q] += take
+        np.subtract(delta, take, out=delta)
+    if overlap:
+        dwin[-1] += delta
+
+
+class _Buffers:
+    """One stage's arrays for one worker and one micro-batch size N.
+
+    `inp` is where the previous stage writes this stage's input; `out` is the next stage's `inp` (or rows
+    of the logits), in this stage's output layout.
+    """
+
+    inp: np.ndarray
+    out: np.ndarray
+
+    def __init__(self, **arrays: Any) -> None:
+        self.__dict__.update(arrays)
+
+
+class _Stage:
+    """A fused run of layers: `_ConvStage`, `_PoolStage`, `_LinearStage` or `_ReluStage`."""
+
+    layers: tuple[Layer, ...]
+    in_shape: Shape
+    out_shape: Shape
+    relu: bool = False
+    need_dx: bool = True  # False when no earlier stage has parameters
+
+    @property
+    def label(self) -> str:
+        names = [layer.name or layer.kind for layer in self.layers]
+        return " → ".join(names)
+
+    @property
+    def param_layer(self) -> Layer | None:
+        return None
+
+    def buffers(self, n: int, dtype: np.dtype, train: bool) -> _Buffers:
+        raise NotImplementedError
+
+    def forward(self, buf: _Buffers, train: bool) -> None:
+        raise NotImplementedError
+
+    def backward(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
+        """δout (this stage's output layout) -> δ of its input (its input layout), or None when not needed;
+        writes the parameter gradients of this micro-batch into `grads`."""
+        raise NotImplementedError
+
+    def _relu_grad(self, buf: _Buffers, dout: np.ndarray, into: np.ndarray) -> None:
+        """into = δout · 1(out > 0), article §Backprop 5 (out > 0 exactly where the ReLU's input is); or δout."""
+        if self.relu:
+            np.greater(buf.out, 0, out=buf.relu_mask)
+            np.multiply(dout, buf.relu_mask, out=into)
+        else:
+            np.copyto(into, dout)
+
+
+class _ConvStage(_Stage):
+    """Conv2D, optionally with ReLU and one MaxPool2D after it (either order), as one stage.
+
+    Forward (article §Forward 2–4): S = W (C_out, C·K·K) @ cols (C·K·K, M), one product over the micro-batch's
+    im2col columns; with a pool P = max over each window of S, then out = ReLU(P + b); without, ReLU(S + b).
+    Backward (article §Backprop 4–6): δ = δout · 1(out > 0), δb = Σ δ, δS = δ routed to each window's first
+    arg-max, δW = δS @ colsᵀ, δX = the kernel offsets of δcols = Wᵀ @ δS added back onto the padded input.
+
+    Column order: with non-overlapping pool windows (pool stride ≥ pool kernel) the columns run
+    (a, b, n, p, q) for conv output pixel (s_p·p + a, s_p·q + b): window offset (a, b) is one contiguous slice
+    of S, and pixels no window covers are never computed. Otherwise (n, i, j), the pool reading strided views.
+    Every element-wise step works on contiguous arrays; the result is copied once into the next stage's input.
+    """
+
+    def __init__(self, conv: Conv2D, pool: MaxPool2D | None, relu: bool, layers: tuple[Layer, ...],
+                 in_shape: Shape) -> None:
+        self.conv, self.pool, self.relu, self.layers, self.in_shape = conv, pool, relu, layers, in_shape
+        _, self.ho, self.wo = conv.output_shape(in_shape)
+        self.blocked = pool is not None and pool.stride >= pool.kernel_size
+        conv_out = (conv.out_channels, self.ho, self.wo)
+        self.out_shape = pool.output_shape(conv_out) if pool is not None else conv_out
+
+    @property
+    def param_layer(self) -> Layer:
+        return self.conv
+
+    def buffers(self, n: int, dtype: np.dtype, train: bool) -> _Buffers:
+        conv, pool = self.conv, self.pool
+        c, h, w = self.in_shape
+        k, s, p = conv.kernel_size, conv.stride, conv.padding
+        c_out, ph, pw = self.out_shape
+        hp, wp = h + 2 * p, w + 2 * p
+        xp = np.zeros((c, n, hp, wp), dtype=dtype)  # the zero border is the padding; only the inside is written
+        sc, sn, sh, sw = xp.strides
+        if self.blocked:
+            assert pool is not None
+            kp, sp = pool.kernel_size, pool.stride
+            shape: Shape = (c, k, k, kp, kp, n, ph, pw)
+            strides: Shape = (sc, sh, sw, s * sh, s * sw, sn, s * sp * sh, s * sp * sw)
+        else:
+            shape, strides = (c, k, k, n, self.ho, self.wo), (sc, sh, sw, sn, s * sh, s * sw)
+        cols = np.empty(shape, dtype=dtype)
+        s2 = np.empty((c_out, cols[0, 0, 0].size), dtype=dtype)  # S (C_out, M)
+        buf = _Buffers(
+            xp=xp,
+            inp=xp[:, :, p : p + h, p : p + w],  # (C, N, H, W)
+            # cols[c', u, v, (a, b,) n, i, j] = Xpad[c', n, s·i + u, s·j + v]: a read-only strided view
+            src=as_strided(xp, shape, strides, writeable=False),
+            cols=cols,
+            cols2=cols.reshape(c * k * k, -1),  # (C·K·K, M)
+            s2=s2,
+            windows=self._windows(s2, n),
+            # the stage's result, contiguous (C_out, N, H', W'): P (or S), then + b, then ReLU
+            post=np.empty((c_out, n, ph, pw), dtype=dtype) if pool is not None else s2.reshape(c_out, n, ph, pw),
+        )
+        if not train:
+            return buf
+        nq = len(buf.windows)
+        buf.masks = np.empty((max(nq - 1, 0), c_out, n, ph, pw), dtype=bool)
+        buf.relu_mask = np.empty((c_out, n, ph, pw), dtype=bool)
+        buf.ds2 = np.empty_like(s2)  # δS (C_out, M), columns as S
+        buf.dwin = self._windows(buf.ds2, n)
+        buf.peel = None
+        if pool is None:
+            buf.delta = buf.ds2.reshape(c_out, n, ph, pw)
+        elif self.blocked:
+            buf.delta = buf.dwin[-1]  # δ lands in the last offset's slot; route_to_argmax peels the rest off it
+        else:
+            buf.delta = np.empty((c_out, n, ph, pw), dtype=dtype)
+            buf.peel = np.empty_like(buf.delta)
+        if self.need_dx and s == 1:
+            # δX through a "padded pitch": δS placed at its pixel of an (H+2p, W+2p) grid (zeros elsewhere),
+            # so each kernel offset (u, v) of δcols is one 1-D shift u·(W+2p) + v of the flat padded δX.
+            plane = n * hp * wp
+            buf.ds_pitch = np.zeros((c_out, plane), dtype=dtype)
+            buf.ds_pitch4 = buf.ds_pitch.reshape(c_out, n, hp, wp)
+            buf.dcols_pitch = np.empty((c, k * k, plane), dtype=dtype)  # (C, K·K, N·(H+2p)·(W+2p))
+            buf.dx_flat = np.empty((c, plane + (k - 1) * (wp + 1)), dtype=dtype)  # + room for the last shift
+            buf.dx = buf.dx_flat[:, :plane].reshape(c, n, hp, wp)[:, :, p : p + h, p : p + w]
+        elif self.need_dx:
+            buf.dcols2 = np.empty_like(buf.cols2)
+            buf.dcols = buf.dcols2.reshape(shape)
+            buf.dxp = np.empty_like(xp)
+            buf.dx = buf.dxp[:, :, p : p + h, p : p + w]
+        return buf
+
+    def _windows(self, s2: np.ndarray, n: int) -> list[np.ndarray]:
+        """The pool windows over S (C_out, M), each (C_out, N, H_p, W_p); [] without a pool."""
+        c_out, ph, pw = self.out_shape
+        if self.pool is None:
+            return []
+        if self.blocked:
+            q = self.pool.kernel_size**2
+            s3 = s2.reshape(c_out, q, -1)  # (C_out, Q, N·H_p·W_p)
+            return [s3[:, i].reshape(c_out, n, ph, pw) for i in range(q)]
+        s4 = s2.reshape(c_out, n, self.ho, self.wo)
+        return _pool_windows(s4, self.pool.kernel_size, self.pool.stride, ph, pw)
+
+    def forward(self, buf: _Buffers, train: bool) -> None:
+        w, b = self.conv.params["W"], self.conv.params["b"]
+        np.copyto(buf.cols, buf.src)  # im2col, one strided copy
+        np.matmul(w.reshape(w.shape[0], -1), buf.cols2, out=buf.s2)  # S = W (C_out, C·K·K) @ cols (C·K·K, M)
+        if self.pool is not None:
+            _pool_forward(buf.windows, buf.post, buf.masks if train else None)
+        post = buf.post
+        post += b[:, None, None, None]
+        if self.relu:
+            np.maximum(post, 0, out=post)
+        np.copyto(buf.out, post)
+
+    def backward(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
+        w = self.conv.params["W"]
+        delta = buf.delta
+        if self.relu:
+            np.greater(buf.post, 0, out=buf.relu_mask)  # 1(out > 0) = 1(ReLU input > 0), article §Backprop 5
+            np.multiply(dout, buf.relu_mask, out=delta)
+        else:
+            np.copyto(delta, dout)
+        np.sum(delta, axis=(1, 2, 3), out=grads["b"])  # δb[c] = Σ_{n,i,j} δS[n,c,i,j]
+        if self.pool is not None:
+            if not self.blocked:
+                buf.ds2.fill(0)
+            _route_to_argmax(delta, buf.masks, buf.dwin, not self.blocked, buf.peel)
+        gw = grads["W"]
+        np.matmul(buf.ds2, buf.cols2.T, out=gw.reshape(gw.shape[0], -1))  # δW = δS (C_out, M) @ colsᵀ
+        if not self.need_dx:
+            return None
+        # δX[n,c',x,y] = Σ_{c,u,v} W[c,c',u,v] · δS[n,c,i,j] over s·i+u−pad = x, s·j+v−pad = y
+        # (article §Backprop 6): δcols = Wᵀ @ δS, then each kernel offset added back at its place.
+        w_t = w.reshape(w.shape[0], -1).T  # (C·K·K, C_out)
+        if self.conv.stride == 1:
+            self._dx_pitch(buf, w_t)
+        else:
+            self._dx_scatter(buf, w_t)
+        return buf.dx
+
+    def _dx_pitch(self, buf: _Buffers, w_t: np.ndarray) -> None:
+        """Stride 1: δS on the padded grid, one product, then K² contiguous shifted adds (no np.add.at)."""
+        c_out, ph, pw = self.out_shape
+        if self.blocked:
+            assert self.pool is not None
+            kp, sp = self.pool.kernel_size, self.pool.stride
+            for q, d in enumerate(buf.dwin):  # window offset (a, b) holds conv pixels (sp·p + a, sp·q + b)
+                a, bb = divmod(q, kp)
+                np.copyto(buf.ds_pitch4[:, :, a : a + sp * (ph - 1) + 1 : sp, bb : bb + sp * (pw - 1) + 1 : sp], d)
+        else:
+            np.copyto(buf.ds_pitch4[:, :, : self.ho, : self.wo], buf.ds2.reshape(c_out, -1, self.ho, self.wo))
+        c, k = self.in_shape[0], self.conv.kernel_size
+        wp = self.in_shape[2] + 2 * self.conv.padding
+        plane = buf.ds_pitch.shape[1]
+        np.matmul(w_t, buf.ds_pitch, out=buf.dcols_pitch.reshape(c * k * k, plane))
+        buf.dx_flat.fill(0)
+        for u in range(k):
+            for v in range(k):
+                shift = u * wp + v
+                buf.dx_flat[:, shift : shift + plane] += buf.dcols_pitch[:, u * k + v]
+
+    def _dx_scatter(self, buf: _Buffers, w_t: np.ndarray) -> None:
+        """Any stride: δcols in the column layout, each kernel (and window) offset one strided add."""
+        np.matmul(w_t, buf.ds2, out=buf.dcols2)  # (C·K·K, M)
+        buf.dxp.fill(0)
+        k, s = self.conv.kernel_size, self.conv.stride
+        if self.blocked:
+            assert self.pool is not None
+            kp, step = self.pool.kernel_size, s * self.pool.stride
+            _, ho, wo = self.out_shape
+            offsets = [(u, v, a, bb) for u in range(k) for v in range(k) for a in range(kp) for bb in range(kp)]
+            starts = [(u + s * a, v + s * bb) for u, v, a, bb in offsets]
+        else:
+            step, ho, wo = s, self.ho, self.wo
+            offsets = [(u, v) for u in range(k) for v in range(k)]
+            starts = offsets
+        for off, (r0, c0) in zip(offsets, starts, strict=True):
+            buf.dxp[:, :, r0 : r0 + step * (ho - 1) + 1 : step, c0 : c0 + step * (wo - 1) + 1 : step] += (
+                buf.dcols[(slice(None), *off)]
+            )
+
+
+class _PoolStage(_Stage):
+    """A MaxPool2D that no conv precedes (then optionally ReLU): strided window views of its input."""
+
+    def __init__(self, pool: MaxPool2D, relu: bool, layers: tuple[Layer, ...], in_shape: Shape) -> None:
+        self.pool, self.relu, self.layers, self.in_shape = pool, relu, layers, in_shape
+        self.out_shape = pool.output_shape(in_shape)
+
+    def buffers(self, n: int, dtype: np.dtype, train: bool) -> _Buffers:
+        c, h, w = self.in_shape
+        _, ph, pw = self.out_shape
+        k, s = self.pool.kernel_size, self.pool.stride
+        x = np.empty((c, n, h, w), dtype=dtype)
+        buf = _Buffers(inp=x, windows=_pool_windows(x, k, s, ph, pw))
+        if train:
+            buf.masks = np.empty((k * k - 1, c, n, ph, pw), dtype=bool)
+            buf.relu_mask = np.empty((c, n, ph, pw), dtype=bool)
+            buf.delta = np.empty((c, n, ph, pw), dtype=dtype)
+            buf.peel = np.empty_like(buf.delta)
+            if self.need_dx:
+                buf.dx = np.empty_like(x)
+                buf.dwin = _pool_windows(buf.dx, k, s, ph, pw)
+        return buf
+
+    def forward(self, buf: _Buffers, train: bool) -> None:
+        _pool_forward(buf.windows, buf.out, buf.masks if train else None)
+        if self.relu:
+            np.maximum(buf.out, 0, out=buf.out)
+
+    def backward(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
+        if not self.need_dx:
+            return None
+        self._relu_grad(buf, dout, buf.delta)
+        buf.dx.fill(0)
+        _route_to_argmax(buf.delta, buf.masks, buf.dwin, True, buf.peel)
+        return buf.dx
+
+
+class _LinearStage(_Stage):
+    """Linear, optionally with ReLU: z = h @ Wᵀ + b (article §Forward 6); backward article §Backprop 2."""
+
+    def __init__(self, linear: Linear, relu: bool, layers: tuple[Layer, ...], in_shape: Shape) -> None:
+        self.linear, self.relu, self.layers, self.in_shape = linear, relu, layers, in_shape
+        self.out_shape = (linear.out_features,)
+
+    @property
+    def param_layer(self) -> Layer:
+        return self.linear
+
+    def buffers(self, n: int, dtype: np.dtype, train: bool) -> _Buffers:
+        x = np.empty((n, self.linear.in_features), dtype=dtype)
+        buf = _Buffers(inp=x, x=x)
+        if train:
+            buf.relu_mask = np.empty((n, self.linear.out_features), dtype=bool)
+            buf.delta = np.empty((n, self.linear.out_features), dtype=dtype)
+            if self.need_dx:
+                buf.dx = np.empty_like(x)
+        return buf
+
+    def forward(self, buf: _Buffers, train: bool) -> None:
+        w, b = self.linear.params["W"], self.linear.params["b"]
+        np.matmul(buf.x, w.T, out=buf.out)  # z (N, out) = h (N, in) @ Wᵀ
+        buf.out += b
+        if self.relu:
+            np.maximum(buf.out, 0, out=buf.out)
+
+    def backward(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
+        delta = dout
+        if self.relu:
+            self._relu_grad(buf, dout, buf.delta)
+            delta = buf.delta
+        np.sum(delta, axis=0, out=grads["b"])  # δb[i] = Σ_n δz[n,i]
+        np.matmul(delta.T, buf.x, out=grads["W"])  # δW[i,k] = Σ_n δz[n,i] · h[n,k]
+        if not self.need_dx:
+            return None
+        return np.matmul(delta, self.linear.params["W"], out=buf.dx)  # δh[n,k] = Σ_i W[i,k] · δz[n,i]
+
+
+class _ReluStage(_Stage):
+    """A ReLU with nothing before it to fuse with (the network's first layers)."""
+
+    def __init__(self, layers: tuple[Layer, ...], in_shape: Shape) -> None:
+        self.relu, self.layers, self.in_shape, self.out_shape = True, layers, in_shape, in_shape
+
+    def buffers(self, n: int, dtype: np.dtype, train: bool) -> _Buffers:
+        shape = (self.in_shape[0], n, *self.in_shape[1:]) if len(self.in_shape) == 3 else (n, *self.in_shape)
+        x = np.empty(shape, dtype=dtype)
+        buf = _Buffers(inp=x)
+        if train and self.need_dx:
+            buf.relu_mask = np.empty(shape, dtype=bool)
+            buf.dx = np.empty_like(x)
+        return buf
+
+    def forward(self, buf: _Buffers, train: bool) -> None:
+        np.maximum(buf.inp, 0, out=buf.out)
+
+    def backward(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
+        if not self.need_dx:
+            return None
+        self._relu_grad(buf, dout, buf.dx)
+        return buf.dx
+
+
+def _plan(layers: list[Layer], input_shape: Shape) -> list[_Stage]:
+    """Group the layers into stages: a conv takes the ReLUs and the one max-pool after it, a pool or a
+    linear layer the ReLUs after it; a ReLU after a flatten joins the stage before the flatten (ReLU acts
+    element-wise, so it commutes with the reshape); a flatten is only a change of view between stages."""
+    stages: list[_Stage] = []
+    shape = tuple(input_shape)
+    i = 0
+    while i < len(layers):
+        layer, group = layers[i], [layers[i]]
+        i += 1
+        if isinstance(layer, Flatten):
+            shape = layer.output_shape(shape)
+            if stages:
+                stages[-1].layers = (*stages[-1].layers, layer)
+            continue
+        relu, pool = False, None
+        while i < len(layers):  # the ReLUs (and, after a conv, one max-pool) that join this layer
+            nxt = layers[i]
+            if isinstance(nxt, ReLU):
+                relu = True
+            elif isinstance(layer, Conv2D) and pool is None and isinstance(nxt, MaxPool2D):
+                pool = nxt
+            else:
+                break
+            group.append(nxt)
+            i += 1
+        stage: _Stage
+        if isinstance(layer, Conv2D):
+            stage = _ConvStage(layer, pool, relu, tuple(group), shape)
+        elif isinstance(layer, MaxPool2D):
+            stage = _PoolStage(layer, relu, tuple(group), shape)
+        elif isinstance(layer, Linear):
+            stage = _LinearStage(layer, relu, tuple(group), shape)
+        elif isinstance(layer, ReLU) and stages:  # only flattens lie between: join the stage before them
+            stages[-1].relu = True
+            stages[-1].layers = (*stages[-1].layers, *group)
+            continue
+        elif isinstance(layer, ReLU):
+            stage = _ReluStage(tuple(group), shape)
+        else:  # pragma: no cover - build_model makes no other layer
+            raise TypeError(f"the engine cannot run layer {layer!r}")
+        stage.need_dx = any(s.param_layer is not None for s in stages)
+        stages.append(stage)
+        shape = stage.out_shape
+    return stages
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) of ⌈n / size⌉ micro-batches of near-equal size (they differ by at most one image)."""
+    count = max(1, -(-n // size))
+    base, extra = divmod(n, count)
+    bounds, start = [], 0
+    for j in range(count):
+        stop = start + base + (j < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _softmax_xent(z: np.ndarray, y: np.ndarray, total: int) -> tuple[float, np.ndarray]:
+    """Σ_n −log p[n, y_n] over the micro-batch, and δz = (p − onehot(y)) / total, the whole batch's N
+    (article §Forward 7, §Backprop 1; the same operations as `softmax_cross_entropy`)."""
+    shifted = z - z.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(shifted).sum(axis=1))  # (N,)
+    rows = np.arange(z.shape[0])
+    loss_sum = float(np.sum(log_norm - shifted[rows, y], dtype=np.float64))
+    dz = np.exp(shifted - log_norm[:, None])
+    dz[rows, y] -= 1.0
+    dz /= total
+    return loss_sum, dz
+
+
+class Engine:
+    """The fused, micro-batched, multi-threaded execution of a `Sequential`'s layers (see above).
+
+    Reads the layers' parameters live at every call (the optimizer updates them in place; `astype` may
+    replace them) and writes new gradient arrays into the layers' `grads`, as the per-layer path does.
+    One call at a time: the buffers are shared between calls (the worker threads are the engine's own).
+    """
+
+    def __init__(self, layers: list[Layer], input_shape: Shape) -> None:
+        self.layers = list(layers)
+        self.key = (tuple(map(id, layers)), tuple(input_shape))  # what `Sequential.engine` checks
+        self.input_shape = tuple(input_shape)
+        self.stages = _plan(self.layers, self.input_shape)
+        self.threads: int | None = None
+        self.train_micro_batch = TRAIN_MICRO_BATCH
+        self.eval_micro_batch = EVAL_MICRO_BATCH
+        self._dtype: np.dtype | None = None
+        self._workspaces: dict[tuple[bool, int, int], list[_Buffers]] = {}
+        self._slots: list[dict[str, dict[str, np.ndarray]]] = []
+
+    # ---- buffers ------------------------------------------------------------------------------------
+    def _param_layers(self) -> list[Layer]:
+        return [s.param_layer for s in self.stages if s.param_layer is not None]
+
+    def _check_dtype(self) -> np.dtype:
+        params = [layer.params["W"] for layer in self._param_layers()]
+        dtype = params[0].dtype if params else np.dtype(np.float32)
+        if self._dtype is None or dtype != self._dtype:  # (np.dtype(None) is float64)
+            self._dtype, self._workspaces, self._slots = dtype, {}, []
+        return dtype
+
+    def _workspace(self, train: bool, n: int, worker: int) -> list[_Buffers]:
+        key = (train, n, worker)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            assert self._dtype is not None
+            ws = [stage.buffers(n, self._dtype, train) for stage in self.stages]
+            for stage, buf, nxt in zip(self.stages, ws, ws[1:], strict=False):
+                buf.out = _image_view(nxt.inp, n, stage.out_shape)
+            self._workspaces[key] = ws
+        return ws
+
+    def _grad_slots(self, count: int) -> list[dict[str, dict[str, np.ndarray]]]:
+        while len(self._slots) < count:
+            self._slots.append(
+                {layer.name: {k: np.empty_like(v) for k, v in layer.params.items()} for layer in self._param_layers()}
+            )
+        return self._slots[:count]
+
+    def _workers(self, chunks: int) -> int:
+        return max(1, min(self.threads or default_threads(), chunks))
+
+    def worker_count(self, n: int, train: bool = True) -> int:
+        """How many worker threads a batch of n images uses (at most one per micro-batch)."""
+        return self._workers(len(_chunks(n, self.train_micro_batch if train else self.eval_micro_batch)))
+
+    def _run(self, jobs: list[Callable[[int], None]]) -> None:
+        """Run jobs[t](t) for every worker t (0 on the calling thread, the rest on the pool), with BLAS
+        limited to one thread throughout, so each product is computed the same way whatever the thread count."""
+        with _blas_threads(1):
+            if len(jobs) == 1:
+                jobs[0](0)
+                return
+            pool = _worker_pool(len(jobs) - 1)
+            futures = [pool.submit(job, t) for t, job in enumerate(jobs) if t]
+            try:
+                jobs[0](0)
+            finally:
+                wait(futures)  # never leave a worker writing into the buffers, even on an exception
+            for f in futures:
+                f.result()  # re-raises a worker's exception
+
+    def _load(self, ws: list[_Buffers], x: np.ndarray) -> None:
+        """Copy a micro-batch x (N, *input_shape) into the first stage's input, in its layout."""
+        inp = ws[0].inp
+        if inp.ndim == 4:
+            np.copyto(inp, x.transpose(1, 0, 2, 3), casting="unsafe")  # (N, C, H, W) -> (C, N, H, W)
+        else:
+            np.copyto(inp, x.reshape(x.shape[0], -1), casting="unsafe")  # flattened in C order
+
+    def _assign(self, chunks: list[tuple[int, int]], train: bool, workers: int) -> list[list[int]]:
+        """Micro-batch j goes to worker j mod workers; their buffers are made here, before any thread runs."""
+        mine = [[j for j in range(len(chunks)) if j % workers == t] for t in range(workers)]
+        for t, js in enumerate(mine):
+            for j in js:
+                self._workspace(train, chunks[j][1] - chunks[j][0], t)
+        return mine
+
+    # ---- passes -----------------------------------------------------------------------------------
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """X (N, *input_shape) -> logits z (N, classes), in micro-batches of `eval_micro_batch` images."""
+        x = np.asarray(x)
+        dtype = self._check_dtype()
+        out_shape = self.stages[-1].out_shape
+        logits = np.empty((len(x), int(np.prod(out_shape))), dtype=dtype)
+        if not len(x):
+            return logits
+        chunks = _chunks(len(x), self.eval_micro_batch)
+        workers = self._workers(len(chunks))
+        mine = self._assign(chunks, False, workers)
+
+        def job(t: int) -> None:
+            for j in mine[t]:
+                a, b = chunks[j]
+                ws = self._workspace(False, b - a, t)
+                ws[-1].out = _image_view(logits[a:b], b - a, out_shape)
+                self._load(ws, x[a:b])
+                for stage, buf in zip(self.stages, ws, strict=True):
+                    stage.forward(buf, False)
+
+        self._run([job] * workers)
+        return logits
+
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """x (N, *input_shape), y (N,) -> (mean cross-entropy, logits (N, classes)); fills the layers' grads.
+
+        Micro-batch j's gradients (δz scaled by the whole batch's 1/N) land in slot j; the slots are summed
+        in the order j = 0, 1, …, whichever worker computed them.
+        """
+        return self._train(x, y, None)
+
+    def profile(self, x: np.ndarray, y: np.ndarray) -> list[tuple[str, float, float]]:
+        """One training pass on the calling thread alone, timed: [(stage label, forward s, backward s), …,
+        ('softmax cross-entropy', s, 0), ('gradient sum', 0, s)]; fills the grads as `loss_and_grads`."""
+        rows = len(self.stages) + 2
+        timings = np.zeros((rows, 2))
+        threads, self.threads = self.threads, 1
+        try:
+            self._train(x, y, timings)
+        finally:
+            self.threads = threads
+        labels = [s.label for s in self.stages] + ["softmax cross-entropy", "gradient sum"]
+        return [(label, float(f), float(b)) for label, (f, b) in zip(labels, timings, strict=True)]
+
+    def _train(self, x: np.ndarray, y: np.ndarray, timings: np.ndarray | None) -> tuple[float, np.ndarray]:
+        x, y = np.asarray(x), np.asarray(y)
+        dtype = self._check_dtype()
+        total = len(x)
+        if total == 0:
+            raise ValueError("loss_and_grads: empty batch")
+        chunks = _chunks(total, self.train_micro_batch)
+        workers = self._workers(len(chunks))
+        slots = self._grad_slots(len(chunks))
+        out_shape = self.stages[-1].out_shape
+        logits = np.empty((total, int(np.prod(out_shape))), dtype=dtype)
+        losses = [0.0] * len(chunks)
+        mine = self._assign(chunks, True, workers)
+        clock = time.perf_counter
+        n_stages = len(self.stages)
+
+        def job(t: int) -> None:
+            for j in mine[t]:
+                a, b = chunks[j]
+                ws = self._workspace(True, b - a, t)
+                ws[-1].out = _image_view(logits[a:b], b - a, out_shape)
+                self._load(ws, x[a:b])
+                for i, (stage, buf) in enumerate(zip(self.stages, ws, strict=True)):
+                    t0 = clock() if timings is not None else 0.0
+                    stage.forward(buf, True)
+                    if timings is not None:
+                        timings[i, 0] += clock() - t0
+                t0 = clock() if timings is not None else 0.0
+                losses[j], dz = _softmax_xent(logits[a:b], y[a:b], total)
+                if timings is not None:
+                    timings[n_stages, 0] += clock() - t0
+                d: np.ndarray | None = dz
+                for i in reversed(range(n_stages)):
+                    if d is None:  # no stage before this one has parameters
+                        break
+                    stage, layer = self.stages[i], self.stages[i].param_layer
+                    t0 = clock() if timings is not None else 0.0
+                    d = stage.backward(ws[i], _image_view(d, b - a, stage.out_shape),
+                                       slots[j][layer.name] if layer is not None else {})
+                    if timings is not None:
+                        timings[i, 1] += clock() - t0
+
+        self._run([job] * workers)
+        t0 = clock()
+        for layer in self._param_layers():
+            for k in layer.params:
+                g = slots[0][layer.name][k].copy()
+                for slot in slots[1:]:
+                    g += slot[layer.name][k]
+                layer.grads[k] = g
+        if timings is not None:
+            timings[n_stages + 1, 1] += clock() - t0
+        return float(sum(losses) / total), logits

@@ -1,0 +1,248 @@
+"""The fused engine (`Sequential.loss_and_grads`, `Sequential.predict`) against the per-layer reference path.
+
+The reference is `Sequential.forward` → `softmax_cross_entropy` → `Sequential.backward`, the classes of
+`cnncli/layers.py` that `tests/test_layers.py` checks against naive loops. The engine must give the same loss,
+logits and every gradient:
+
+* in float64, to ~1e-12 (only the order of the sums differs);
+* in float32, to float32 rounding;
+* exactly, on inputs built so that every value is a small integer (then no sum rounds, whatever its order),
+  full of max-pool ties and ReLU zeros: the engine must route ties as MaxPool2D does (first offset);
+
+and the micro-batched, multi-threaded step must be bit-identical from run to run and whatever the number
+of threads or the micro-batch split (to rounding for the split).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnncli.config import build_config, load_config
+from cnncli.engine import blas_info
+from cnncli.layers import softmax_cross_entropy
+from cnncli.model import Sequential, build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CONV = "conv"
+
+
+def _conv(c: int, k: int, s: int = 1, p: int = 0) -> dict:
+    return {"type": CONV, "out_channels": c, "kernel_size": k, "stride": s, "padding": p}
+
+
+RELU, FLAT = {"type": "relu"}, {"type": "flatten"}
+
+
+def _pool(k: int, s: int | None = None) -> dict:
+    return {"type": "maxpool", "kernel_size": k, **({"stride": s} if s else {})}
+
+
+def _fc(n: int) -> dict:
+    return {"type": "linear", "out_features": n}
+
+
+# Each: input shape and layers; between them they reach every code path of the engine.
+CONFIGS: dict[str, tuple[list[int], list[dict]]] = {
+    # conv stride 2 with padding, overlapping pool (3, stride 1), conv stride 3 needing δX, two linear layers
+    "strided_overlap": (
+        [3, 17, 13],
+        [_conv(5, 5, 2, 2), RELU, _pool(3, 1), _conv(7, 2, 3), RELU, FLAT, _fc(12), RELU, _fc(4)],
+    ),
+    # odd sizes: the pool drops a row and a column; no ReLU; grey non-square input
+    "odd_sizes_no_relu": ([1, 9, 20], [_conv(2, 3), _pool(2), FLAT, _fc(3)]),
+    # no pooling at all; a ReLU after the flatten; stride-2 conv needing δX
+    "no_pool": ([3, 12, 11], [_conv(4, 3, 1, 1), RELU, _conv(6, 3, 2, 0), FLAT, RELU, _fc(8), RELU, _fc(5)]),
+    # stride-1 conv with pool needing δX (the padded-pitch δX) in both window layouts, pool stride > kernel
+    "pitch_paths": (
+        [2, 15, 14],
+        [_conv(3, 3, 1, 1), RELU, _pool(2), _conv(4, 3, 1, 1), _pool(2, 3), RELU, _conv(3, 2, 1, 1), _pool(3, 2),
+         RELU, FLAT, _fc(6)],
+    ),
+    # stride-2 conv with non-overlapping pool needing δX (the scatter δX, window-ordered columns)
+    "strided_blocked": ([2, 16, 16], [_conv(3, 3), RELU, _pool(2), _conv(4, 3, 2, 1), RELU, _pool(2), FLAT, _fc(3)]),
+    # layers with nothing to fuse with: a ReLU first, a pool after a pool, ReLU before and after a pool
+    "unfused": ([2, 12, 12], [RELU, _conv(3, 3), _pool(2, 1), RELU, _pool(2), RELU, FLAT, _fc(4)]),
+    # a pool first, and a network that ends in a flatten (the conv gives the class scores)
+    "pool_first_conv_last": ([3, 10, 10], [_pool(2), _conv(4, 3, 1, 1), RELU, _conv(2, 5), FLAT]),
+    # a plain MLP: flatten first, then a ReLU with nothing before it
+    "mlp": ([2, 5, 4], [FLAT, RELU, _fc(7), RELU, RELU, _fc(3)]),
+}
+SHIPPED = {"seed": ROOT / "configs" / "seed.yaml", "diagram": ROOT / "configs" / "seed-diagram.yaml"}
+ALL = [*SHIPPED, *CONFIGS]
+
+
+def _model(which: str, dtype: type = np.float32, seed: int = 0) -> Sequential:
+    if which in SHIPPED:
+        cfg = load_config(SHIPPED[which]).model
+    else:
+        shape, layers = CONFIGS[which]
+        cfg = build_config({"model": {"input_shape": shape, "layers": layers}}).model
+    model = build_model(cfg, seed=seed, dtype=dtype)
+    rng = np.random.default_rng(seed + 100)
+    for name, p in model.named_params().items():  # non-zero biases: the engine adds them after the pool
+        if name.endswith(".b"):
+            p[...] = 0.1 * rng.standard_normal(p.shape)
+    return model
+
+
+def _batch(model: Sequential, n: int, dtype: type = np.float32, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, *model.input_shape)).astype(dtype)
+    y = rng.integers(0, model.output_shape[0], size=n)
+    return x, y
+
+
+def _reference(model: Sequential, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, dict]:
+    z = model.forward(x)
+    loss, dz, _ = softmax_cross_entropy(z, y)
+    model.backward(dz)
+    return loss, z, {k: v.copy() for k, v in model.named_grads().items()}
+
+
+def _fast(model: Sequential, x: np.ndarray, y: np.ndarray, threads: int | None = None,
+          micro_batch: int | None = None) -> tuple[float, np.ndarray, dict]:
+    model.threads = threads
+    if micro_batch is not None:
+        model.engine().train_micro_batch = micro_batch
+    loss, z = model.loss_and_grads(x, y)
+    return loss, z, {k: v.copy() for k, v in model.named_grads().items()}
+
+
+def _assert_close(ref: tuple, got: tuple, rtol: float) -> None:
+    """Loss relative; logits and each gradient relative to the tensor's largest entry (sums of many terms)."""
+    (l0, z0, g0), (l1, z1, g1) = ref, got
+    assert l1 == pytest.approx(l0, rel=rtol, abs=rtol)
+    assert z1.shape == z0.shape and z1.dtype == z0.dtype
+    np.testing.assert_allclose(z1, z0, rtol=0, atol=rtol * max(1.0, float(np.abs(z0).max())))
+    assert g1.keys() == g0.keys()
+    for k in g0:
+        assert g1[k].shape == g0[k].shape and g1[k].dtype == g0[k].dtype, k
+        scale = max(float(np.abs(g0[k]).max()), 1e-30)
+        err = float(np.abs(g1[k] - g0[k]).max()) / scale
+        assert err <= rtol, f"{k}: max error {err:.3g} of its largest entry"
+
+
+@pytest.mark.parametrize("which", ALL)
+def test_engine_matches_reference_in_float64(which: str) -> None:
+    model = _model(which, np.float64)
+    x, y = _batch(model, 11, np.float64)
+    model.engine().train_micro_batch = 4  # micro-batches of 4, 4, 3 on two threads
+    _assert_close(_reference(model, x, y), _fast(model, x, y, threads=2), rtol=1e-10)
+
+
+@pytest.mark.parametrize("which", ALL)
+def test_engine_matches_reference_in_float32(which: str) -> None:
+    model = _model(which)
+    x, y = _batch(model, 24)
+    ref = _reference(model, x, y)
+    _assert_close(ref, _fast(model, x, y, threads=2, micro_batch=8), rtol=2e-5)
+    np.testing.assert_allclose(model.predict(x), ref[1], rtol=0, atol=2e-5 * max(1.0, float(np.abs(ref[1]).max())))
+
+
+@pytest.mark.parametrize("which", ALL)
+def test_exact_on_integer_data_full_of_ties(which: str) -> None:
+    """Pixels in {0, 1, 2}, weights in {−1, 0, 1}/8, biases in {−1, 0, 1}/4: every sum is exact in float64,
+    so the two paths must agree exactly apart from the softmax, and ties (equal window entries, ReLU zeros)
+    are everywhere. A tie routed to another offset would change δW and δX by whole units."""
+    model = _model(which, np.float64)
+    rng = np.random.default_rng(7)
+    for name, p in model.named_params().items():
+        p[...] = rng.integers(-1, 2, size=p.shape) / (4.0 if name.endswith(".b") else 8.0)
+    x = rng.integers(0, 3, size=(9, *model.input_shape)).astype(np.float64)
+    y = rng.integers(0, model.output_shape[0], size=9)
+    model.engine().train_micro_batch = 4
+    ref, got = _reference(model, x, y), _fast(model, x, y, threads=2)
+    np.testing.assert_array_equal(got[1], ref[1])  # logits: exact
+    _assert_close(ref, got, rtol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["seed", "diagram", "strided_overlap"])
+def test_threaded_step_is_bit_identical_run_to_run_and_across_threads(which: str) -> None:
+    model = _model(which)
+    x, y = _batch(model, 70)  # micro-batches of 24, 23, 23
+    model.engine().train_micro_batch = 24
+    runs = [_fast(model, x, y, threads=t) for t in (2, 2, 1, 3)]
+    exact = blas_info()["controllable"]  # BLAS one thread per worker: the same products whatever the split
+    for loss, z, grads in runs[1:] if exact else runs[1:2]:
+        assert loss == runs[0][0]
+        np.testing.assert_array_equal(z, runs[0][1])
+        for k in grads:
+            np.testing.assert_array_equal(grads[k], runs[0][2][k], err_msg=k)
+    _assert_close(runs[0], runs[2], rtol=2e-5)  # single thread, to rounding in any case
+
+
+@pytest.mark.parametrize("which", ["seed", "pitch_paths"])
+def test_micro_batch_split_changes_only_rounding(which: str) -> None:
+    model = _model(which)
+    x, y = _batch(model, 30)
+    whole = _fast(model, x, y, threads=1, micro_batch=30)
+    for mb in (1, 7, 16):
+        _assert_close(whole, _fast(model, x, y, threads=2, micro_batch=mb), rtol=2e-5)
+
+
+def test_training_steps_are_deterministic_and_follow_the_reference() -> None:
+    """Three SGD steps: two fresh fast runs end bit-identical; the reference run ends within rounding."""
+    from cnncli.optim import make_optimizer
+
+    cfg = load_config(SHIPPED["diagram"])
+
+    def train(fast: bool) -> dict[str, np.ndarray]:
+        model = build_model(cfg.model, seed=3)
+        model.fast = fast
+        params = model.named_params()
+        opt = make_optimizer(params, cfg.train.optimizer)
+        for step in range(3):
+            x, y = _batch(model, 40, seed=step)
+            model.loss_and_grads(x, y)
+            opt.step(params, model.named_grads(), 0.05)
+        return {k: v.copy() for k, v in params.items()}
+
+    a, b, ref = train(True), train(True), train(False)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        np.testing.assert_allclose(a[k], ref[k], rtol=0, atol=1e-5 * float(np.abs(ref[k]).max()), err_msg=k)
+
+
+def test_engine_follows_parameter_changes_dtype_and_layers() -> None:
+    model = _model("seed")
+    x, y = _batch(model, 8)
+    model.loss_and_grads(x, y)
+    other = _model("seed", seed=5)
+    model.load_params(other.named_params())  # in place: the engine reads the live arrays
+    _assert_close(_reference(other, x, y), _fast(model, x, y), rtol=2e-5)
+    model.astype(np.float64)  # new arrays and dtype: the engine's buffers follow
+    loss, z = model.loss_and_grads(x.astype(np.float64), y)
+    assert z.dtype == np.float64 and model.named_grads()["conv1.W"].dtype == np.float64
+    model.layers = model.layers[3:]  # a different network (flatten → fc1 needs 4096 inputs)
+    model.input_shape = (16, 16, 16)
+    h = np.random.default_rng(0).standard_normal((5, 16, 16, 16))
+    np.testing.assert_allclose(model.predict(h), model.forward(h), rtol=1e-12, atol=1e-12)
+
+
+def test_plain_layer_state_still_works_for_gradcheck() -> None:
+    """`forward` stays the per-layer path: ReLU._mask and MaxPool2D._argmax are set as gradcheck expects."""
+    from cnncli.layers import MaxPool2D, ReLU
+
+    model = _model("seed")
+    x, y = _batch(model, 3)
+    model.loss_and_grads(x, y)
+    model.forward(x)
+    relu = next(layer for layer in model.layers if isinstance(layer, ReLU))
+    pool = next(layer for layer in model.layers if isinstance(layer, MaxPool2D))
+    assert relu._mask is not None and relu._mask.shape == (3, 16, 32, 32) and relu._mask.dtype == bool
+    assert pool._argmax is not None and pool._argmax.shape == (3, 16, 16, 16) and pool._argmax.dtype == np.uint8
+
+
+def test_fast_flag_switches_to_the_reference_path() -> None:
+    model = _model("seed")
+    x, y = _batch(model, 5)
+    model.fast = False
+    loss, z = model.loss_and_grads(x, y)
+    ref = _reference(_model("seed"), x, y)
+    assert loss == ref[0]
+    np.testing.assert_array_equal(z, ref[1])
+    np.testing.assert_array_equal(model.predict(x), ref[1])
