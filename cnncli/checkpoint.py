@@ -73,13 +73,17 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a .npz checkpoint")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a .npz checkpoint (not a zip archive of arrays)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable .npz checkpoint ({e})") from None
     except ValueError as e:  # object arrays need pickle, which is refused
-        raise CheckpointError(f"{path}: unsafe or damaged .npz ({e})") from None
+        raise CheckpointError(
+            f"{path}: holds pickled objects, which are never loaded; a checkpoint holds plain arrays ({e})"
+        ) from None
     if "config" not in arrays:
         raise CheckpointError(f"{path}: no 'config' entry (the resolved config as JSON text)")
     try:

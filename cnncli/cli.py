@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -271,6 +272,9 @@ def train(
     out.print("[bold]resolved config[/bold]")
     out.print(config_to_yaml(cfg).rstrip(), markup=False, soft_wrap=True)
     progress = TrainProgress()
+    # A diverging run overflows before its loss turns NaN; train() reports that in one line, so NumPy's
+    # overflow warnings (raised in the engine's worker threads too) would only be noise.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"cnncli\.")
     try:
         result = run_train(
             cfg, run_dir, folder, resume=resume_ckpt, resume_path=resume, init=init_ckpt, init_path=init,
@@ -278,8 +282,9 @@ def train(
         )
     except TrainingInterrupted as e:
         progress.close()
-        err.print(f"[yellow]{e}[/yellow]")
-        err.print(f"resume with:  cnn train --resume {e.path}" + (f" --data-dir {data_dir}" if data_dir else ""))
+        err.print(f"[yellow]{escape(str(e))}[/yellow]", soft_wrap=True)
+        command = f"cnn train --resume {e.path}" + (f" --data-dir {data_dir}" if data_dir else "")
+        err.print(f"resume with:  {escape(command)}", soft_wrap=True)
         raise typer.Exit(code=128 + _signal.SIGINT) from None
     except KeyboardInterrupt:
         progress.close()

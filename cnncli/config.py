@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -281,6 +282,22 @@ def build_config(raw: Any, name: str = "config") -> Config:
 # ------------------------------------------------------------------------------------------ load & set
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e6` and `1e-3` (no dot, or no sign) as strings; here they are floats, as people mean."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """`yaml.safe_load` that also reads exponent floats such as 1e6."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: builds only plain data
+
+
 def read_yaml(path: Path) -> Any:
     """Parse a YAML file; ConfigError names the file (and the line, for a syntax error)."""
     try:
@@ -292,7 +309,7 @@ def read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config file ({e})") from None
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -331,7 +348,7 @@ def apply_overrides(raw: Any, overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set train.epochs=3")
         try:
             parts = _parse_path(key)
-            value = yaml.safe_load(text) if text.strip() else None
+            value = parse_yaml(text) if text.strip() else None
         except ValueError:
             raise ConfigError(f"--set {item!r}: cannot read the key path {key!r}") from None
         except yaml.YAMLError:
