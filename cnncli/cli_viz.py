@@ -1,3 +1,227 @@
-"""Placeholder: commands registered on cnncli.cli.app."""
+"""`cnn trace` and `cnn plot` (registered on cnncli.cli.app): one image through the article's equations, and
+pictures of a run. Pictures need the optional viz extra (matplotlib), imported only when asked for."""
 
 from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.cells import cell_len
+from rich.markup import escape
+
+from cnncli.cli import CONFIG_DEFAULT, DataDirOpt, _prepare_data, _shape, app, out, user_errors
+
+TRACE_HELP = "\n\n".join([
+    "Walk one CIFAR-10 image through the forward pass and backpropagation in the article's order and notation "
+    "(cnn-forward-backprop-article.md): X, S¹, A¹, P¹, h, z, p, L, then δz = p − y, δb_fc, δW_fc, δh, δP¹, δA¹, "
+    "δS¹, δb¹, δW¹, δX. Deeper configs are walked layer by layer (conv k gives Sᵏ, the ReLU after it Aᵏ, a pool "
+    "after that Pᵏ).",
+    "For each tensor: the article's section, its shape (per image: the batch axis is dropped), min / max / mean "
+    "and what it tells. Each gradient is checked on a few entries against a five-point finite difference "
+    "(float64, CS231n relative error); exit code 1 if a check fails.",
+    "The weights are a checkpoint's, or a config's fresh initialisation (--config, default configs/seed.yaml). "
+    "The image is normalised with the config's data.normalize.",
+    "--save FILE.npz keys (load with np.load(..., allow_pickle=False)): forward X, S1, A1, P1 (S2, A2, … for "
+    "deeper configs), h, z, p, L (0-d), y (one-hot); gradients 'd' + key: dz, db_fc, dW_fc, dh, dP1, dA1, dS1, "
+    "db1, dW1, dX; parameters W1, b1, W_fc, b_fc (several linear layers: W_<name>, b_<name>); also label (0-d "
+    "int), classes (names) and image (raw uint8 pixels). Shapes are per image, without the batch axis: "
+    "S1 16×32×32, P1 16×16×16, h 4096, z 10.",
+])
+
+
+def _num(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def _sci(v: float) -> str:
+    """1e-06 -> 1e-6."""
+    return f"{v:.0e}".replace("e-0", "e-").replace("e+0", "e")
+
+
+@app.command(help=TRACE_HELP)
+@user_errors
+def trace(
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(metavar="CHECKPOINT", help="A .npz checkpoint (best.npz, last.npz). Default: fresh weights."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Fresh weights of this config, from its seed. Default: configs/seed.yaml."),
+    ] = None,
+    index: Annotated[int, typer.Option("--index", "-i", help="Which image of the split (0-based).")] = 0,
+    split: Annotated[str, typer.Option(help="test or train.")] = "test",
+    save: Annotated[
+        Path | None, typer.Option("--save", help="Write every tensor to this .npz (keys: see above).")
+    ] = None,
+    png: Annotated[
+        Path | None,
+        typer.Option("--png", help="Draw X, the conv1 filters, feature maps and their gradients (needs matplotlib)."),
+    ] = None,
+    checks: Annotated[int, typer.Option("--checks", min=0, help="Entries of each gradient to check.")] = 5,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """See TRACE_HELP (the command's help)."""
+    import numpy as np
+
+    from cnncli import data
+    from cnncli.atomic import atomic_write
+    from cnncli.checkpoint import load_checkpoint
+    from cnncli.config import load_config
+    from cnncli.errors import CnnError, ConfigError
+    from cnncli.model import build_model
+    from cnncli.preprocess import Normalizer
+    from cnncli.trace import pick_image
+    from cnncli.trace import trace as run_trace
+    from cnncli.train import model_from_checkpoint
+
+    if split not in ("test", "train"):
+        raise ConfigError(f"--split: must be test or train, got {split!r}")
+    if checkpoint is not None and config is not None:
+        raise ConfigError("give a CHECKPOINT or --config, not both (a checkpoint holds its own config)")
+    if png is not None:
+        from cnncli.plot import require_matplotlib
+
+        require_matplotlib()  # fail before the work, not after
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint)
+        cfg = ckpt.config
+        model = model_from_checkpoint(ckpt, checkpoint)
+        source = f"{checkpoint} (checkpoint weights)"
+    else:
+        config = config or CONFIG_DEFAULT
+        cfg = load_config(config)
+        model = build_model(cfg.model, seed=cfg.seed)
+        source = f"{config} (fresh weights, seed {cfg.seed})"
+
+    folder = _prepare_data(data_dir, cfg)
+    ds = data.load_cifar10(folder, train=split == "train", test=split == "test")
+    xs, ys = (ds.test_x, ds.test_y) if split == "test" else (ds.train_x, ds.train_y)
+    image, label = pick_image(xs, ys, index, split)
+    if tuple(image.shape) != tuple(model.input_shape):
+        raise ConfigError(f"model.input_shape: {list(model.input_shape)} does not match the images {list(image.shape)}")
+    x = Normalizer(cfg.data.normalize, model.input_shape[0])(image[None])[0]
+    t = run_trace(model, x, label, ds.classes, checks=checks, image=image)
+
+    out.print(
+        f"[bold]trace[/bold] {escape(source)} · {split} image {index}: [bold]{escape(ds.classes[label])}[/bold] · "
+        "float64, shapes per image (batch axis dropped)",
+        soft_wrap=True,
+    )
+    _print_steps("Forward pass", t.forward, with_checks=False)
+    _print_steps("Backpropagation  δ = ∂L/∂(·)", t.backward, with_checks=checks > 0)
+    pred, pred_name, pred_p = t.top[0]
+    p_true = t["p"].value[label]
+    verdict = "[green]right[/green]" if pred == label else "[red]wrong[/red]"
+    out.print(
+        f"\nprediction {escape(pred_name)} (p = {pred_p:.3f}), {verdict}; true label {escape(ds.classes[label])} "
+        f"(p = {p_true:.3f}); L = −log p_true = {t.loss:.4f}"
+    )
+    if checks > 0:
+        worst_step, worst = max(t.checks, key=lambda sc: sc[1].max_rel_error)
+        n = sum(len(c.errors) for _, c in t.checks)
+        status = "[green]all pass[/green]" if t.passed else "[red]some FAIL[/red]"
+        out.print(
+            f"finite differences: {n} entries of {len(t.checks)} gradients, {status} "
+            f"(worst rel. error {worst.max_rel_error:.1e} in {worst_step.symbol.text}; tol {_sci(t.tol)}, "
+            f"ε = {_sci(t.eps)}, 5-point, evaluated on the unperturbed pass's ReLU/max-pool piece)",
+            soft_wrap=True,
+        )
+    if save is not None:
+        arrays = t.arrays()
+        try:
+            with atomic_write(save) as f:
+                np.savez(f, **arrays)
+        except OSError as e:
+            raise CnnError(f"--save {save}: cannot write ({e.strerror or e})") from None
+        out.print(f"saved {len(arrays)} arrays to {escape(str(save))}: {escape(' '.join(arrays))}", soft_wrap=True)
+    if png is not None:
+        from cnncli.plot import trace_png
+
+        trace_png(t, png, title=f"{source} · {split} image {index}")
+        out.print(f"wrote {escape(str(png))}")
+    if checks > 0 and not t.passed:
+        raise typer.Exit(code=1)
+
+
+def _print_steps(title: str, steps: list[Any], with_checks: bool) -> None:
+    """One line per tensor (symbol, section, shape, min, max, mean, finite differences), its facts below it."""
+    rows = []
+    for s in steps:
+        mn, mx, mean = s.stats
+        scalar = s.value.ndim == 0
+        fd = ""
+        if s.check is not None and with_checks:
+            c = s.check
+            mark = "[green]✓[/green]" if c.passed else "[red]✗ FAIL[/red]"
+            kinks = f" [dim]({c.kinks} near a kink)[/dim]" if c.kinks else ""
+            fd = f"{mark} {c.max_rel_error:.1e} [dim]({len(c.errors)})[/dim]{kinks}"
+        rows.append((s.symbol.text, s.section, _shape(s.shape) if s.shape else "scalar",
+                     "" if scalar else _num(mn), "" if scalar else _num(mx), _num(mean), fd, "; ".join(s.facts)))
+    w = [max(cell_len(r[i]) for r in rows + [("", "article", "shape", "min", "max", "mean/value", "", "")])
+         for i in range(6)]
+
+    def pad(text: str, width: int, right: bool = False) -> str:
+        fill = " " * (width - cell_len(text))
+        return fill + text if right else text + fill
+
+    def line(cells: tuple[str, ...], bold: bool = True) -> str:
+        sym = escape(pad(cells[0], w[0]))
+        nums = "  ".join(pad(c, w[i], right=True) for i, c in enumerate(cells[2:6], start=2))
+        return f"  {'[bold]' + sym + '[/bold]' if bold else sym}  {escape(pad(cells[1], w[1]))}  {nums}"
+
+    head = ("", "article", "shape", "min", "max", "mean/value")
+    fd_head = "  finite differences: max rel. error (entries)" if with_checks else ""
+    out.print(f"\n[bold underline]{escape(title)}[/bold underline]")
+    out.print(f"[dim]{line(head, bold=False)}{fd_head}[/dim]", soft_wrap=True)
+    indent = 2 + w[0] + 2
+    for r in rows:
+        out.print(line(r) + (f"  {r[6]}" if r[6] else ""), soft_wrap=True)
+        for text in textwrap.wrap(r[7], width=max(40, out.width - indent)):
+            out.print(" " * indent + f"[dim]{escape(text)}[/dim]", soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def plot(
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR", help="A run folder written by cnn train (metrics.csv, best.npz).")
+    ],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where the PNGs go. Default: RUN_DIR.")] = None,
+    confusion: Annotated[
+        bool,
+        typer.Option("--confusion/--no-confusion", help="Also evaluate best.npz on the test set (needs the data)."),
+    ] = True,
+    data_dir: DataDirOpt = None,
+) -> None:
+    r"""Learning curves (loss, accuracy, learning rate per epoch, from metrics.csv) and the test-set confusion
+    matrix of best.npz, as PNGs: learning_curves.png, confusion.png (needs the viz extra: pip install
+    'cnncli\[viz]')."""
+    from cnncli import data
+    from cnncli.checkpoint import load_checkpoint
+    from cnncli.evaluate import evaluate
+    from cnncli.plot import confusion_png, learning_curves_png, read_metrics, require_matplotlib
+    from cnncli.preprocess import Normalizer
+    from cnncli.train import model_from_checkpoint
+
+    metrics = read_metrics(run_dir)
+    require_matplotlib()
+    target = out_dir or run_dir
+    name = run_dir.resolve().name
+    written = [learning_curves_png(metrics, target / "learning_curves.png", title=name)]
+    if confusion:
+        best = run_dir / "best.npz"
+        ckpt = load_checkpoint(best)
+        model = model_from_checkpoint(ckpt, best)
+        cfg = ckpt.config
+        folder = _prepare_data(data_dir, cfg)
+        ds = data.load_cifar10(folder, train=False, test=True)
+        normalizer = Normalizer(cfg.data.normalize, model.input_shape[0])
+        res = evaluate(model, ds.test_x, ds.test_y, normalizer, cfg.train.eval_batch_size, ds.classes)
+        written.append(confusion_png(res.confusion, res.classes, target / "confusion.png",
+                                     title=f"{name}/best.npz on the test set"))
+        out.print(f"best.npz on the test set: accuracy {100 * res.accuracy:.2f}%, loss {res.loss:.4f}")
+    for p in written:
+        out.print(f"wrote {escape(str(p))}")

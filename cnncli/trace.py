@@ -1,0 +1,621 @@
+"""One image through the network, step by step, in the article's order and notation (`cnn trace`).
+
+The article (`shared/seed/cnn-forward-backprop-article.md`) walks the forward pass
+
+    X → S¹ (conv1, §Forward 2) → A¹ (ReLU, §3) → P¹ (max-pool, §4) → h (flatten, §5) → z (FC, §6)
+      → p (softmax, §7) → L (cross-entropy, §7)
+
+and then back-propagates δ[·] = ∂L/∂(·) in reverse (§Backprop 1–6):
+
+    δz = p − y, δb_fc, δW_fc, δh, δP¹, δA¹, δS¹, δb¹, δW¹, δX.
+
+`trace` runs exactly that on one image with the model's own layers (their public `forward` / `backward`, in
+float64), keeps every intermediate tensor under the article's symbol, and checks each gradient against finite
+differences. Other configs are walked the same way, layer by layer: the k-th conv layer gives Sᵏ, the ReLU
+after it Aᵏ, a max-pool after that Pᵏ (so for the diagram config, P¹ feeds conv2 and conv2 gives S², A²);
+the flatten output is h, the network's output z; a single linear layer's parameters are W_fc, b_fc
+(several: W_<name>, b_<name>, and the hidden ones' outputs zᵐ, aᵐ).
+
+Shapes drop the batch axis: every tensor is one image's, as the article writes them (S¹ 16×32×32, h 4096).
+The article's §Backprop 1 is per image (L = −Σ y log p, δz = p − y), which is the model's mean loss for a
+batch of one, so the numbers are the same.
+
+Finite differences: for a gradient δT, a few entries t of T (the largest |δT| first, then random ones) are
+stepped by ±ε, ±2ε, the rest of the network re-run from T, and the five-point centred difference
+(8·(L(t+ε) − L(t−ε)) − (L(t+2ε) − L(t−2ε))) / 12ε compared with δT[t]. Each perturbed pass is evaluated on
+the unperturbed pass's smooth piece (fixed ReLU masks 1(S > 0) and pool arg-maxes, recomputed here from the
+tensors themselves) so that a kink of ReLU/max-pool never spoils a check; a step that would have crossed one
+is counted in `FDCheck.kinks`. The changes of L are computed as changes (`loss_change`), not as differences
+of two rounded losses, so tiny gradients of a confident or badly wrong prediction still check to ~1e-10.
+Relative error is CS231n's (`cnncli.gradcheck.rel_error`).
+
+Library code: returns data, never prints (the CLI renders it).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from cnncli.errors import ConfigError
+from cnncli.gradcheck import DEFAULT_EPS, DEFAULT_TOL, rel_error
+from cnncli.layers import Layer, softmax_cross_entropy
+from cnncli.model import Sequential
+
+DEFAULT_CHECKS = 5  # entries checked per gradient: the largest |δ| first, then random ones
+SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+# --------------------------------------------------------------------------------------------- naming
+
+
+@dataclass(frozen=True)
+class Symbol:
+    """A tensor's name: `key` (ASCII, the `.npz` key), `text` (Unicode, the terminal), `tex` (matplotlib)."""
+
+    key: str
+    text: str
+    tex: str
+
+    def grad(self) -> Symbol:
+        """δ of this tensor: key 'd' + key ('S1' -> 'dS1'), text 'δ' + text."""
+        return Symbol("d" + self.key, "δ" + self.text, r"\delta " + self.tex)
+
+
+def _sup(n: int) -> str:
+    return str(n).translate(SUPERSCRIPT)
+
+
+def _sym(base: str, n: int | None = None) -> Symbol:
+    """'S', 1 -> S1 / S¹ / S^{1}; 'W_fc' -> W_fc / W_fc / W_{fc}."""
+    if n is None:
+        if "_" in base:
+            head, tail = base.split("_", 1)
+            tail_tex = tail.replace("_", r"\_")
+            return Symbol(base, base, rf"{head}_{{\mathrm{{{tail_tex}}}}}")
+        return Symbol(base, base, base)
+    return Symbol(f"{base}{n}", f"{base}{_sup(n)}", f"{base}^{{{n}}}")
+
+
+@dataclass(frozen=True)
+class LayerNames:
+    """The article's names around one layer: its output and its parameters ('W', 'b')."""
+
+    output: Symbol
+    params: dict[str, Symbol]
+
+
+def name_tensors(model: Sequential) -> list[LayerNames]:
+    """Name every layer's output and parameters after the article (see the module docstring).
+
+    Conv k: output Sᵏ, parameters Wᵏ, bᵏ. ReLU after Sᵏ: Aᵏ. Max-pool after Aᵏ (or Sᵏ): Pᵏ. Flatten: h.
+    The last layer's output: z. Linear: W_fc, b_fc when it is the only one, else W_<name>, b_<name>; a hidden
+    linear layer (the m-th) gives zᵐ and the ReLU after it aᵐ. Anything else: '<kind><layer index>'.
+    """
+    layers = model.layers
+    n_linear = sum(layer.kind == "linear" for layer in layers)
+    names: list[LayerNames] = []
+    used: set[str] = {"X", "p", "L", "y"}
+    conv = fc = 0
+    prev: tuple[str, int] = ("X", 0)  # (base symbol, number) of the previous output
+
+    def fresh(sym: Symbol, i: int, kind: str) -> Symbol:
+        if sym.key in used:
+            sym = Symbol(f"{kind}{i}", f"{kind}{i}", rf"\mathrm{{{kind}{i}}}")
+        used.add(sym.key)
+        return sym
+
+    for i, layer in enumerate(layers):
+        params: dict[str, Symbol] = {}
+        base: tuple[str, int]
+        if layer.kind == "conv":
+            conv += 1
+            base = ("S", conv)
+            params = {k: _sym(k, conv) for k in layer.params}
+        elif layer.kind == "relu" and prev[0] in ("S", "z"):
+            base = ("A" if prev[0] == "S" else "a", prev[1])
+        elif layer.kind == "maxpool" and prev[0] in ("S", "A"):
+            base = ("P", prev[1])
+        elif layer.kind == "flatten":
+            base = ("h", 0)
+        elif layer.kind == "linear":
+            fc += 1
+            base = ("z", fc)
+            tag = "fc" if n_linear == 1 else re.sub(r"[^0-9A-Za-z_]", "_", layer.name or f"fc{fc}")
+            params = {k: _sym(f"{k}_{tag}") for k in layer.params}
+            for k, p in params.items():
+                if p.key in used:  # two names that differ only in non-ASCII characters
+                    params[k] = _sym(f"{k}_{tag}_{i}")
+        else:
+            base = (f"{layer.kind}{i}", -1)
+        if i == len(layers) - 1:
+            base = ("z", 0)
+        if base[1] > 0:
+            sym = _sym(base[0], base[1])
+        elif base[1] == 0:
+            sym = _sym(base[0])
+        else:
+            sym = Symbol(base[0], base[0], rf"\mathrm{{{base[0]}}}")
+        for p in params.values():
+            used.add(p.key)
+        sym = fresh(sym, i, layer.kind)
+        names.append(LayerNames(sym, params))
+        prev = base
+    return names
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class FDCheck:
+    """A finite-difference check of a few entries of one gradient.
+
+    `indices` (n, ndim) the entries checked (in the tensor's per-image shape); `analytic`, `numeric`,
+    `errors` (n,) the backward pass's value, the five-point difference, their CS231n relative error.
+    """
+
+    indices: np.ndarray
+    analytic: np.ndarray
+    numeric: np.ndarray
+    errors: np.ndarray
+    kinks: int  # checked entries whose ±ε steps would cross a ReLU/pool kink (evaluated on the piece)
+    eps: float
+    tol: float
+
+    @property
+    def max_rel_error(self) -> float:
+        return float(self.errors.max()) if len(self.errors) else 0.0
+
+    @property
+    def worst_index(self) -> tuple[int, ...]:
+        return tuple(int(i) for i in self.indices[int(np.argmax(self.errors))]) if len(self.errors) else ()
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel_error <= self.tol
+
+
+@dataclass(frozen=True)
+class Step:
+    """One quantity of the walk: its symbol, where the article derives it, its value and what it tells.
+
+    `value` is one image's tensor (no batch axis), float64. `section` is the article's section within its
+    part ('§2 conv1': forward pass for forward quantities and parameters, backpropagation for gradients; see
+    `citation`); `facts` are short telling observations; `check` is the finite-difference check of a gradient
+    (None for forward quantities and parameters).
+    """
+
+    symbol: Symbol
+    phase: str  # 'forward', 'backward' or 'parameter'
+    section: str
+    value: np.ndarray
+    facts: tuple[str, ...] = ()
+    check: FDCheck | None = None
+
+    @property
+    def key(self) -> str:
+        return self.symbol.key
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def citation(self) -> str:
+        """'Forward pass §2 conv1', 'Backpropagation §4 max-pool', …"""
+        return f"{'Backpropagation' if self.phase == 'backward' else 'Forward pass'} {self.section}"
+
+    @property
+    def stats(self) -> tuple[float, float, float]:
+        """(min, max, mean) of the tensor."""
+        v = self.value
+        return float(v.min()) + 0.0, float(v.max()) + 0.0, float(v.mean()) + 0.0  # + 0.0: no "-0"
+
+
+@dataclass
+class Trace:
+    """The whole walk for one image: `steps` in the article's order (forward, then backward).
+
+    `image` is the raw uint8 image (C, H, W) when known (for pictures), `label` the true class, `classes`
+    the class names; `top` the classes by probability, (index, name, p), highest first.
+    """
+
+    steps: list[Step]
+    label: int
+    classes: tuple[str, ...]
+    loss: float
+    top: list[tuple[int, str, float]]
+    eps: float
+    tol: float
+    image: np.ndarray | None = None
+    layer_names: list[LayerNames] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Step:
+        for s in self.steps:
+            if s.key == key:
+                return s
+        raise KeyError(key)
+
+    def __contains__(self, key: str) -> bool:
+        return any(s.key == key for s in self.steps)
+
+    @property
+    def forward(self) -> list[Step]:
+        return [s for s in self.steps if s.phase == "forward"]
+
+    @property
+    def backward(self) -> list[Step]:
+        return [s for s in self.steps if s.phase == "backward"]
+
+    @property
+    def parameters(self) -> list[Step]:
+        return [s for s in self.steps if s.phase == "parameter"]
+
+    @property
+    def checks(self) -> list[tuple[Step, FDCheck]]:
+        return [(s, s.check) for s in self.steps if s.check is not None]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for _, c in self.checks)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((c.max_rel_error for _, c in self.checks), default=0.0)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every tensor by its ASCII key, plus `y` (one-hot label, (K,)), `label` (0-d int), `classes` (K,) str.
+
+        Plain numeric and fixed-width string arrays only: `np.savez` of this loads with allow_pickle=False.
+        """
+        out = {s.key: s.value for s in self.steps}
+        y = np.zeros(len(self.classes))
+        y[self.label] = 1.0
+        out["y"] = y
+        out["label"] = np.array(self.label, dtype=np.int64)
+        out["classes"] = np.array(self.classes, dtype=str)
+        if self.image is not None:
+            out["image"] = self.image
+        return out
+
+
+# --------------------------------------------------------------------------------------------- pieces
+
+
+def _pool_windows(a: np.ndarray, layer: Layer) -> np.ndarray:
+    """A (N, C, H, W) -> its pooling windows (N, C, H', W', K·K), window entries in row-major (u, v) order."""
+    k, s = layer.kernel_size, layer.stride  # type: ignore[attr-defined]
+    win = sliding_window_view(a, (k, k), axis=(2, 3))[:, :, ::s, ::s]
+    return win.reshape(*win.shape[:4], k * k)
+
+
+def pool_argmax(a: np.ndarray, layer: Layer) -> np.ndarray:
+    """Arg-max offset u·K + v of every pooling window of A (N, C, H, W) -> (N, C, H', W'); ties: the first."""
+    return _pool_windows(a, layer).argmax(axis=-1)
+
+
+def _pool_gather(a: np.ndarray, argmax: np.ndarray, layer: Layer) -> np.ndarray:
+    """P[n,c,p,q] = A at the given arg-max offset of window (p, q): max-pool on a fixed piece."""
+    return np.take_along_axis(_pool_windows(a, layer), argmax[..., None], axis=-1)[..., 0]
+
+
+def loss_change(z0: np.ndarray, z1: np.ndarray, label: int) -> float:
+    """L(z1) − L(z0) for one image's logits (K,), L = −log softmax(z)[label], to full relative precision.
+
+    With p = softmax(z0) and d_j = (z1_j − z0_j) − (z1_y − z0_y) (y = label), exactly
+    L(z1) − L(z0) = log Σ_j p_j e^{d_j} = log1p(Σ_{j≠y} p_j · expm1(d_j)),
+    so a change that a confident (p_y ≈ 1) or a badly wrong (L ≫ 1) image makes tiny keeps its digits; a
+    difference of the two losses would drown it in the rounding of L itself. Used for finite differences.
+    """
+    z0 = np.asarray(z0, dtype=np.float64)
+    d = (np.asarray(z1, dtype=np.float64) - z0) - (z1[label] - z0[label])
+    m = z0.max()
+    log_p = z0 - m - math.log(np.exp(z0 - m).sum())
+    terms = np.exp(log_p) * np.expm1(d)
+    terms[label] = 0.0
+    return math.log1p(float(terms.sum()))
+
+
+# --------------------------------------------------------------------------------------------- the walk
+
+
+FORWARD_SECTIONS = {"conv": 2, "relu": 3, "maxpool": 4, "flatten": 5, "linear": 6}  # article §Forward pass
+BACKWARD_SECTIONS = {"linear": 2, "flatten": 3, "maxpool": 4, "relu": 5, "conv": 6}  # article §Backpropagation
+
+
+def _section(layer: Layer, index: int, backward: bool = False) -> str:
+    """The article's section of a layer within the forward pass or backpropagation: '§2 conv1', '§5 ReLU', …"""
+    number = (BACKWARD_SECTIONS if backward else FORWARD_SECTIONS).get(layer.kind)
+    what = {"relu": "ReLU", "maxpool": "max-pool", "flatten": "flatten"}.get(layer.kind, layer.name or layer.kind)
+    return f"§{number} {what}" if number else f"layer {index} ({layer.kind})"
+
+
+def _pick(a: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Flat indices of ≤ n entries of `a`: the largest |a| first (half, rounded up), then random others."""
+    if a.size <= n:
+        return np.arange(a.size)
+    order = np.argsort(-np.abs(a).reshape(-1), kind="stable")
+    top = order[: (n + 1) // 2]
+    rest = rng.choice(order[(n + 1) // 2 :], size=n - len(top), replace=False)
+    return np.concatenate([top, np.sort(rest)])
+
+
+def trace(
+    model: Sequential,
+    x: np.ndarray,
+    label: int,
+    classes: tuple[str, ...] | None = None,
+    *,
+    checks: int = DEFAULT_CHECKS,
+    eps: float = DEFAULT_EPS,
+    tol: float = DEFAULT_TOL,
+    seed: int = 0,
+    image: np.ndarray | None = None,
+) -> Trace:
+    """Walk one image forward and backward through `model`, in float64, and check every gradient.
+
+    x (C, H, W): the normalised image X (article §Forward 1); label: its class (y = onehot(label));
+    classes: class names (default '0', '1', …); image: the raw uint8 pixels (C, H, W), kept for pictures.
+    `checks` entries of each gradient are compared with the five-point difference of step `eps` (pass:
+    relative error ≤ `tol`); `seed` picks the random entries.
+
+    The model is converted to float64 in place (its parameters keep their values).
+    """
+    model.astype(np.float64)
+    model.set_input_grad(True)
+    layers = model.layers
+    names = name_tensors(model)
+    n_classes = int(model.output_shape[0])
+    classes = tuple(classes) if classes is not None else tuple(str(i) for i in range(n_classes))
+    if len(classes) != n_classes:
+        raise ConfigError(f"the model gives {n_classes} class scores but there are {len(classes)} class names")
+    if not 0 <= label < n_classes:
+        raise ConfigError(f"label {label} is outside 0..{n_classes - 1}")
+    rng = np.random.default_rng(seed)
+
+    # ---- forward: acts[i] is the input of layer i, acts[-1] the logits z; all (1, ...) float64 copies.
+    acts = [np.array(x, dtype=np.float64).reshape(1, *model.input_shape)]
+    for layer in layers:
+        acts.append(np.array(layer.forward(acts[-1]), dtype=np.float64, copy=True))
+    y = np.array([label])
+    loss, dz, p = softmax_cross_entropy(acts[-1], y)
+
+    # ---- backward: deltas[i] = ∂L/∂acts[i]; grads[i] = layer i's parameter gradients.
+    deltas: list[np.ndarray | None] = [None] * len(acts)
+    deltas[-1] = dz.copy()
+    grads: list[dict[str, np.ndarray]] = [{} for _ in layers]
+    for i in reversed(range(len(layers))):
+        d = layers[i].backward(deltas[i + 1])
+        if d is None:  # pragma: no cover - set_input_grad(True) asks every layer for its input gradient
+            raise RuntimeError(f"layer {i} ({layers[i].kind}) gave no input gradient")
+        deltas[i] = np.array(d, dtype=np.float64, copy=True)
+        grads[i] = {k: np.array(v, dtype=np.float64, copy=True) for k, v in layers[i].grads.items()}
+
+    # ---- the smooth piece: ReLU masks and pool arg-maxes of this pass, from the tensors themselves.
+    piece: dict[int, np.ndarray] = {}
+    for i, layer in enumerate(layers):
+        if layer.kind == "relu":
+            piece[i] = acts[i] > 0
+        elif layer.kind == "maxpool":
+            piece[i] = pool_argmax(acts[i], layer)
+
+    def logits_from(start: int, a: np.ndarray) -> tuple[np.ndarray, bool]:
+        """z (K,) when layer `start` gets input `a`, on the piece; and whether the true pass would leave it."""
+        crossed = False
+        for i in range(start, len(layers)):
+            layer = layers[i]
+            if layer.kind == "relu":
+                crossed = crossed or not np.array_equal(a > 0, piece[i])
+                a = a * piece[i]
+            elif layer.kind == "maxpool":
+                crossed = crossed or not np.array_equal(pool_argmax(a, layer), piece[i])
+                a = _pool_gather(a, piece[i], layer)
+            else:
+                a = layer.forward(a)
+        return a[0], crossed
+
+    # z of the unperturbed pass along each path, computed before any parameter is touched
+    base_z = [np.array(logits_from(start, acts[start])[0], copy=True) for start in range(len(acts))]
+
+    def loss_from(start: int, a: np.ndarray) -> tuple[float, bool]:
+        """L − L₀ when layer `start` gets input `a` (L₀: the same path with this pass's own input)."""
+        z, crossed = logits_from(start, a)
+        return loss_change(base_z[start], z, label), crossed
+
+    def fd_check(analytic: np.ndarray, perturbed_loss: Callable[[int, float], tuple[float, bool]]) -> FDCheck:
+        flat = _pick(analytic, checks, rng)
+        numeric = np.empty(len(flat))
+        kinks = 0
+        for n, f in enumerate(flat):
+            # L(θ + kε) − L(θ) for k = 2, 1, −1, −2, each computed as a change (see `loss_change`)
+            (lp2, c1), (lp1, c2), (lm1, c3), (lm2, c4) = (perturbed_loss(int(f), k * eps) for k in (2, 1, -1, -2))
+            kinks += c1 or c2 or c3 or c4
+            numeric[n] = (8 * (lp1 - lm1) - (lp2 - lm2)) / (12 * eps)
+        a = analytic.reshape(-1)[flat]
+        idx = np.array(np.unravel_index(flat, analytic.shape), dtype=np.int64).T.reshape(len(flat), analytic.ndim)
+        return FDCheck(idx, a, numeric, rel_error(a, numeric), int(kinks), eps, tol)
+
+    def check_activation(i: int) -> FDCheck:
+        base = acts[i]
+
+        def perturbed(f: int, step: float) -> tuple[float, bool]:
+            a = base.copy()
+            a.reshape(-1)[f] += step
+            return loss_from(i, a)
+
+        return fd_check(deltas[i][0], perturbed)  # type: ignore[index]
+
+    def check_param(i: int, k: str) -> FDCheck:
+        arr = layers[i].params[k]
+
+        def perturbed(f: int, step: float) -> tuple[float, bool]:
+            view = arr.reshape(-1)
+            old = view[f]
+            view[f] = old + step
+            try:
+                return loss_from(i, acts[i])
+            finally:
+                view[f] = old
+
+        return fd_check(grads[i][k], perturbed)
+
+    # ---- the forward steps
+    steps: list[Step] = [Step(_sym("X"), "forward", "§1 input", acts[0][0], _facts_x(acts[0][0]))]
+    for i, layer in enumerate(layers):
+        sym = names[i].output
+        value = acts[i + 1][0]
+        facts = _forward_facts(layer, sym, names[i - 1].output if i else _sym("X"), acts[i][0], value, classes)
+        steps.append(Step(sym, "forward", _section(layer, i), value, facts))
+    probs = p[0]
+    ranked = [int(c) for c in np.argsort(-probs, kind="stable")]
+    top = [(c, classes[c], float(probs[c])) for c in ranked]
+    steps.append(Step(_sym("p"), "forward", "§7 softmax", probs.copy(), _facts_p(top, label, classes)))
+    steps.append(
+        Step(_sym("L"), "forward", "§7 cross-entropy", np.array(loss),
+             (f"−log p[{classes[label]}] = {loss:.4g}",))
+    )
+    # ---- parameters (for the notebook; not part of the walk's table)
+    for i, layer in enumerate(layers):
+        for k, sym in names[i].params.items():
+            steps.append(Step(sym, "parameter", _section(layer, i), layer.params[k].copy()))
+
+    # ---- the backward steps, in the article's order: δz, then per layer (reverse) δb, δW, δ(input)
+    dz_sym = names[-1].output.grad()
+    steps.append(
+        Step(dz_sym, "backward", "§1 softmax + CE", deltas[-1][0],
+             _facts_dz(deltas[-1][0], label, classes), check_activation(len(layers)))
+    )
+    for i in reversed(range(len(layers))):
+        layer = layers[i]
+        into = names[i - 1].output if i else _sym("X")
+        section = _section(layer, i, backward=True)
+        for k in ("b", "W"):
+            if k in names[i].params:
+                sym = names[i].params[k].grad()
+                steps.append(
+                    Step(sym, "backward", section, grads[i][k], _param_grad_facts(layer, k, sym, names, i),
+                         check_param(i, k))
+                )
+        for k in names[i].params:
+            if k not in ("b", "W"):  # pragma: no cover - no layer has other parameters today
+                steps.append(Step(names[i].params[k].grad(), "backward", section, grads[i][k], (), check_param(i, k)))
+        facts = _backward_facts(layer, into, names[i].output, acts[i][0], deltas[i][0], deltas[i + 1][0],  # type: ignore[index]
+                                names[i].params.get("W"))
+        steps.append(Step(into.grad(), "backward", section, deltas[i][0], facts, check_activation(i)))  # type: ignore[index]
+
+    model.set_input_grad(False)
+    return Trace(steps, int(label), classes, float(loss), top, eps, tol,
+                 None if image is None else np.asarray(image), names)
+
+
+# --------------------------------------------------------------------------------------------- facts
+
+
+def _pct(part: int | float, whole: int | float) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "—"
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "×".join(str(s) for s in shape)
+
+
+def _facts_x(x: np.ndarray) -> tuple[str, ...]:
+    return ("the image, normalised by data.normalize: (pixel/255 − mean) / std per channel",)
+
+
+def _forward_facts(
+    layer: Layer, sym: Symbol, into: Symbol, a_in: np.ndarray, a_out: np.ndarray, classes: tuple[str, ...]
+) -> tuple[str, ...]:
+    kind = layer.kind
+    if kind == "conv":
+        w = layer.params["W"]
+        s, pad = layer.stride, layer.padding  # type: ignore[attr-defined]
+        return (f"{w.shape[0]} filters {_shape(w.shape[1:])} over {into.text}, stride {s}, pad {pad}; "
+                f"{_pct(int((a_out > 0).sum()), a_out.size)} positive",)
+    if kind == "relu":
+        zeros = int((a_out == 0).sum())
+        return (f"max(0, {into.text}): {zeros:,} of {a_out.size:,} zeros ({_pct(zeros, a_out.size)})",)
+    if kind == "maxpool":
+        k = layer.kernel_size  # type: ignore[attr-defined]
+        return (f"max of each {k}×{k} window: {_shape(a_in.shape[1:])} → {_shape(a_out.shape[1:])} per channel; "
+                f"{_pct(int((a_out == 0).sum()), a_out.size)} zeros",)
+    if kind == "flatten":
+        return (f"{into.text} {_shape(a_in.shape)} read in C order: {a_out.size:,} values",)
+    if kind == "linear":
+        facts = [f"W {_shape(layer.params['W'].shape)} · {into.text} + b"]
+        if a_out.ndim == 1 and len(a_out) == len(classes):
+            c = int(np.argmax(a_out))
+            facts.append(f"largest: {classes[c]} ({a_out[c]:.3g})")
+        return ("; ".join(facts),)
+    return ()
+
+
+def _facts_p(top: list[tuple[int, str, float]], label: int, classes: tuple[str, ...]) -> tuple[str, ...]:
+    best = ", ".join(f"{name} {prob:.3f}" for _, name, prob in top[:3])
+    rank = next(r for r, (c, _, _) in enumerate(top) if c == label) + 1
+    p_true = next(prob for c, _, prob in top if c == label)
+    return (f"top: {best}", f"true label: {classes[label]} (p = {p_true:.3f}, rank {rank})")
+
+
+def _facts_dz(dz: np.ndarray, label: int, classes: tuple[str, ...]) -> tuple[str, ...]:
+    return (f"p − y: negative only at the true class {classes[label]} ({dz[label]:.3g}); sums to 0",)
+
+
+def _param_grad_facts(layer: Layer, k: str, sym: Symbol, names: list[LayerNames], i: int) -> tuple[str, ...]:
+    out = names[i].output.grad().text
+    into = (names[i - 1].output if i else _sym("X")).text
+    if layer.kind == "linear":
+        return (f"= {out}",) if k == "b" else (f"{out} ⊗ {into}: outer product (rank 1)",)
+    if layer.kind == "conv":
+        if k == "b":
+            return (f"Σ over positions of {out}, per channel",)
+        return (f"Σ over positions of {out} × the {into} patch under the filter",)
+    return ()
+
+
+def _backward_facts(
+    layer: Layer, into: Symbol, out: Symbol, a_in: np.ndarray, d_in: np.ndarray, d_out: np.ndarray,
+    w_sym: Symbol | None,
+) -> tuple[str, ...]:
+    kind = layer.kind
+    nnz = int(np.count_nonzero(d_in))
+    if kind == "linear":
+        w = w_sym.text if w_sym else "W"
+        return (f"{w}ᵀ · {out.grad().text}: the error spread back over {d_in.size:,} inputs",)
+    if kind == "flatten":
+        return (f"{out.grad().text} reshaped back to {_shape(d_in.shape)} (inverse of the flatten)",)
+    if kind == "maxpool":
+        windows = d_out.size
+        live = int(np.count_nonzero(d_out))
+        k = layer.kernel_size  # type: ignore[attr-defined]
+        return (f"{nnz:,} of {d_in.size:,} non-zero: one per {k}×{k} pooling window ({live:,} of {windows:,} "
+                f"windows have {out.grad().text} ≠ 0), at the window's arg-max; the other {k * k - 1} get 0",)
+    if kind == "relu":
+        blocked = int(np.count_nonzero(d_out * (a_in <= 0)))
+        return (f"{out.grad().text} · 1({into.text} > 0): {nnz:,} non-zero; {blocked:,} gradients stopped "
+                f"where {into.text} ≤ 0",)
+    if kind == "conv":
+        w = w_sym.text if w_sym else "W"
+        pad, stride = layer.padding, layer.stride  # type: ignore[attr-defined]
+        if stride == 1:
+            return (f"Σ_c,u,v {w}[c,c′,u,v] · {out.grad().text}[c, x−u+{pad}, y−v+{pad}]: every filter sends the "
+                    f"error back to the {into.text} entries it read",)
+        return (f"every filter of {w} sends the error back to the {into.text} entries it read (stride {stride})",)
+    return ()
+
+
+# --------------------------------------------------------------------------------------------- the image
+
+
+def pick_image(x: np.ndarray, y: np.ndarray, index: int, split: str) -> tuple[np.ndarray, int]:
+    """Image `index` of a split: x (N, C, H, W), y (N,) -> (image (C, H, W), label). ConfigError when out of range."""
+    n = len(x)
+    if not 0 <= index < n:
+        raise ConfigError(f"--index: must be in 0..{n - 1} for the {split} split ({n:,} images), got {index}")
+    return x[index], int(y[index])
