@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Real CIFAR-10: $CNNCLI_DATA, else the shared read-only copy beside this checkout when it exists, else
 # nothing (cnn then downloads to ~/.cache/cnncli). Override with `make train DATA=/path/to/data`.
-DATA   ?= $(or $(CNNCLI_DATA),$(wildcard ../shared/data))
+DATA   ?= $(abspath $(or $(CNNCLI_DATA),$(wildcard ../shared/data)))
 DATA_OPT = $(if $(DATA),--data-dir $(DATA))
 CONFIG ?= configs/seed.yaml
 

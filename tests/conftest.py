@@ -14,7 +14,7 @@ CONFIGS = ROOT / "configs"
 def _real_cifar_dir() -> Path | None:
     candidates = []
     if os.environ.get("CNNCLI_DATA"):
-        candidates.append(Path(os.environ["CNNCLI_DATA"]))
+        candidates.append(Path(os.environ["CNNCLI_DATA"]).expanduser().resolve())
     candidates.append(ROOT.parent / "shared" / "data")
     for c in candidates:
         for folder in (c, c / "cifar-10-batches-py"):
