@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clihelp import stdout_of as _stdout
 from typer.testing import CliRunner
 
 from cnncli.bench import run_bench
@@ -21,13 +22,6 @@ DIAGRAM = ROOT / "configs" / "seed-diagram.yaml"
 SMALL = ["--steps", "2", "--repeats", "2", "--batch", "16", "--eval-batch", "40"]
 
 runner = CliRunner()
-
-
-def _stdout(result) -> str:
-    try:
-        return result.stdout
-    except ValueError:  # older Click mixes the streams
-        return result.output
 
 
 def _positive(v: object) -> bool:

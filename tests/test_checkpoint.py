@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from clihelp import one_line_error as _one_line_error
+from clihelp import stdout_of as _stdout
 from typer.testing import CliRunner
 
 from cnncli.checkpoint import apply_optim, apply_params, load_checkpoint, save_checkpoint
@@ -27,31 +29,6 @@ SEED = ROOT / "configs" / "seed.yaml"
 SHAPES = {"conv1.W": (16, 3, 3, 3), "conv1.b": (16,), "fc1.W": (10, 4096), "fc1.b": (10,)}
 
 runner = CliRunner()
-
-
-def _stderr(result) -> str:
-    try:
-        return result.stderr
-    except ValueError:  # older Click mixes the streams
-        return result.output
-
-
-def _stdout(result) -> str:
-    try:
-        return result.stdout
-    except ValueError:
-        return result.output
-
-
-def _one_line_error(result) -> str:
-    """The user-error contract of the CLI: exit 1, one line on stderr, no traceback; returns the line."""
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    err = _stderr(result).strip()
-    assert "Traceback" not in result.output and "Traceback" not in err
-    assert err.startswith("error"), err
-    assert "\n" not in err, f"one line expected: {err!r}"
-    return err
 
 
 def _seed_cfg(*overrides: str):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from clihelp import stderr_of as _stderr
+from clihelp import stdout_of as _stdout
 from typer.testing import CliRunner
 
 from cnncli.cli import app
@@ -22,20 +24,6 @@ DIAGRAM = ROOT / "configs" / "seed-diagram.yaml"
 COMMANDS = ["summary", "gradcheck"]
 
 runner = CliRunner()
-
-
-def _stderr(result) -> str:
-    try:
-        return result.stderr
-    except ValueError:  # older Click mixes the streams
-        return result.output
-
-
-def _stdout(result) -> str:
-    try:
-        return result.stdout
-    except ValueError:
-        return result.output
 
 
 def _seed_raw() -> dict:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clihelp import ok as _ok
+from clihelp import one_line_error as _one_line_error
 from typer.testing import CliRunner
 
 from cnncli.checkpoint import load_checkpoint
@@ -33,36 +35,6 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 PARAMS = ("conv1.W", "conv1.b", "fc1.W", "fc1.b")
 
 runner = CliRunner()
-
-
-def _stderr(result) -> str:
-    try:
-        return result.stderr
-    except ValueError:  # older Click mixes the streams
-        return result.output
-
-
-def _stdout(result) -> str:
-    try:
-        return result.stdout
-    except ValueError:
-        return result.output
-
-
-def _ok(result) -> str:
-    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
-    return _stdout(result)
-
-
-def _one_line_error(result) -> str:
-    """The user-error contract: exit 1, one line on stderr starting with 'error', no traceback."""
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    err = _stderr(result).strip()
-    assert "Traceback" not in result.output and "Traceback" not in err
-    assert err.startswith("error"), err
-    assert "\n" not in err, f"one line expected: {err!r}"
-    return err
 
 
 def _train(data: Path, out: Path, *args: str):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clihelp import stdout_of as _stdout
 from typer.testing import CliRunner
 
 from cnncli import layers
@@ -36,13 +37,6 @@ def _seed_model() -> Sequential:
 
 def _by_name(results: list[TensorCheck]) -> dict[str, TensorCheck]:
     return {r.name: r for r in results}
-
-
-def _stdout(result) -> str:
-    try:
-        return result.stdout
-    except ValueError:  # older Click mixes the streams
-        return result.output
 
 
 # ------------------------------------------------------------------------------------------- rel_error

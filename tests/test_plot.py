@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clihelp import one_line_error as _one_line_error
 from typer.testing import CliRunner
 
 from cnncli.cli import app
@@ -24,23 +25,6 @@ SEED = ROOT / "configs" / "seed.yaml"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 runner = CliRunner()
-
-
-def _stderr(result) -> str:
-    try:
-        return result.stderr
-    except ValueError:  # older Click mixes the streams
-        return result.output
-
-
-def _one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    err = _stderr(result).strip()
-    assert err.startswith("error:"), err
-    assert "\n" not in err, f"one line expected: {err!r}"
-    return err
 
 
 def _png_size(path: Path) -> tuple[int, int]:

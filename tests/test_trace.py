@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clihelp import one_line_error as _one_line_error
+from clihelp import stdout_of as _stdout
 from typer.testing import CliRunner
 
 from cnncli import data
@@ -51,30 +53,6 @@ GRAD_KEYS = {"conv1.W": "dW1", "conv1.b": "db1", "conv2.W": "dW2", "conv2.b": "d
              "fc1.b": "db_fc"}  # fmt: skip
 
 runner = CliRunner()
-
-
-def _stderr(result) -> str:
-    try:
-        return result.stderr
-    except ValueError:  # older Click mixes the streams
-        return result.output
-
-
-def _stdout(result) -> str:
-    try:
-        return result.stdout
-    except ValueError:
-        return result.output
-
-
-def _one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    err = _stderr(result).strip()
-    assert err.startswith("error:"), err
-    assert "\n" not in err, f"one line expected: {err!r}"
-    return err
 
 
 @pytest.fixture(scope="module")
