@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from clihelp import ok as _ok
 from clihelp import one_line_error as _one_line_error
+from helpers import arrays as _arrays
+from helpers import assert_same_training_state as _assert_same_training_state
 from typer.testing import CliRunner
 
 from cnncli.checkpoint import load_checkpoint
@@ -47,22 +49,6 @@ def _eval(ckpt: Path, data: Path, *args: str):
 
 def _eval_json(ckpt: Path, data: Path, *args: str) -> dict:
     return json.loads(_ok(_eval(ckpt, data, "--json", *args)))
-
-
-def _arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
-
-
-def _assert_same_training_state(a: Path, b: Path) -> None:
-    x, y = _arrays(a), _arrays(b)
-    assert set(x) == set(y)
-    for k in x:
-        if k not in ("config", "state"):
-            assert np.array_equal(x[k], y[k]), f"{k} differs"
-    sx, sy = json.loads(str(x["state"])), json.loads(str(y["state"]))
-    for k in ("epoch", "batch", "step", "best_epoch", "best_val_acc"):
-        assert sx[k] == sy[k], k
 
 
 def _cnn() -> str:

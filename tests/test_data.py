@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import socket
 import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import closed_port_url
 
 from cnncli import data
 from cnncli.errors import DataError
@@ -76,14 +76,6 @@ def built_dir(tmp_path_factory: pytest.TempPathFactory):
         valid_batch(folder / name, i)
     yield folder
     shutil.rmtree(root, ignore_errors=True)
-
-
-def closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"
 
 
 def listing(folder: Path) -> list[tuple[str, int, int]]:

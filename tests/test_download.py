@@ -6,7 +6,6 @@ import hashlib
 import io
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import closed_port_url
 from typer.testing import CliRunner
 
 from cnncli import data
@@ -124,14 +124,6 @@ def server():
     s = FileServer()
     yield s
     s.close()
-
-
-def closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"
 
 
 # ------------------------------------------------------------------------------------------- archives

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import arrays as _arrays
+from helpers import assert_same_training_state as _assert_same_training_state
 
 from cnncli.checkpoint import load_checkpoint
 from cnncli.config import load_config
@@ -26,27 +28,6 @@ DOCUMENTED_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc",
 
 def _cfg(*overrides: str):
     return load_config(SEED, list(overrides))
-
-
-def _arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
-
-
-def _assert_same_training_state(a: Path, b: Path) -> None:
-    """Parameters and optimizer buffers bit-identical; counters and per-epoch numbers equal (not the timings)."""
-    x, y = _arrays(a), _arrays(b)
-    assert set(x) == set(y)
-    for k in x:
-        if k in ("config", "state"):
-            continue
-        assert x[k].dtype == y[k].dtype, k
-        assert np.array_equal(x[k], y[k]), f"{k} differs"
-    sx, sy = json.loads(str(x["state"])), json.loads(str(y["state"]))
-    for k in ("epoch", "batch", "step", "best_epoch", "best_val_acc"):
-        assert sx[k] == sy[k], k
-    untimed = [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in sx["history"]]
-    assert untimed == [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in sy["history"]]
 
 
 class Recorder(Callbacks):
