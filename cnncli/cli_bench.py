@@ -1,4 +1,4 @@
-"""`cnn bench`: training-step and inference throughput of a config's network (registered on cnncli.cli.app)."""
+"""`cnn bench`: training-step and inference throughput of a config's network (registered in cnncli/cli.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from typing import Annotated
 
 import typer
 
-from cnncli.cli import CONFIG_DEFAULT, ConfigOpt, JsonOpt, app, out, user_errors
+from cnncli.clikit import CONFIG_DEFAULT, ConfigOpt, JsonOpt, out, user_errors
 
 
-@app.command()
 @user_errors
 def bench(
     config: ConfigOpt = CONFIG_DEFAULT,

@@ -1,4 +1,4 @@
-"""`cnn trace` and `cnn plot` (registered on cnncli.cli.app): one image through the article's equations, and
+"""`cnn trace` and `cnn plot` (registered on the app in cnncli/cli.py): one image through the article's equations, and
 pictures of a run. Pictures need the optional viz extra (matplotlib), imported only when asked for."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import typer
 from rich.cells import cell_len
 from rich.markup import escape
 
-from cnncli.cli import CONFIG_DEFAULT, DataDirOpt, _prepare_data, _shape, app, out, user_errors
+from cnncli.clikit import CONFIG_DEFAULT, DataDirOpt, out, prepare_data, shape_text, user_errors
 
 TRACE_HELP = "\n\n".join([
     "Walk one CIFAR-10 image through the forward pass and backpropagation in the article's order and notation "
@@ -40,7 +40,6 @@ def _sci(v: float) -> str:
     return f"{v:.0e}".replace("e-0", "e-").replace("e+0", "e")
 
 
-@app.command(help=TRACE_HELP)
 @user_errors
 def trace(
     checkpoint: Annotated[
@@ -96,7 +95,7 @@ def trace(
         model = build_model(cfg.model, seed=cfg.seed)
         source = f"{config} (fresh weights, seed {cfg.seed})"
 
-    folder = _prepare_data(data_dir, cfg)
+    folder = prepare_data(data_dir, cfg)
     ds = data.load_cifar10(folder, train=split == "train", test=split == "test")
     xs, ys = (ds.test_x, ds.test_y) if split == "test" else (ds.train_x, ds.train_y)
     image, label = pick_image(xs, ys, index, split)
@@ -158,7 +157,7 @@ def _print_steps(title: str, steps: list[Any], with_checks: bool) -> None:
             mark = "[green]✓[/green]" if c.passed else "[red]✗ FAIL[/red]"
             kinks = f" [dim]({c.kinks} near a kink)[/dim]" if c.kinks else ""
             fd = f"{mark} {c.max_rel_error:.1e} [dim]({len(c.errors)})[/dim]{kinks}"
-        rows.append((s.symbol.text, s.section, _shape(s.shape) if s.shape else "scalar",
+        rows.append((s.symbol.text, s.section, shape_text(s.shape) if s.shape else "scalar",
                      "" if scalar else _num(mn), "" if scalar else _num(mx), _num(mean), fd, "; ".join(s.facts)))
     w = [max(cell_len(r[i]) for r in rows + [("", "article", "shape", "min", "max", "mean/value", "", "")])
          for i in range(6)]
@@ -183,7 +182,6 @@ def _print_steps(title: str, steps: list[Any], with_checks: bool) -> None:
             out.print(" " * indent + f"[dim]{escape(text)}[/dim]", soft_wrap=True)
 
 
-@app.command()
 @user_errors
 def plot(
     run_dir: Annotated[
@@ -216,7 +214,7 @@ def plot(
         ckpt = load_checkpoint(best)
         model = model_from_checkpoint(ckpt, best)
         cfg = ckpt.config
-        folder = _prepare_data(data_dir, cfg)
+        folder = prepare_data(data_dir, cfg)
         ds = data.load_cifar10(folder, train=False, test=True)
         normalizer = Normalizer(cfg.data.normalize, model.input_shape[0])
         res = evaluate(model, ds.test_x, ds.test_y, normalizer, cfg.train.eval_batch_size, ds.classes)

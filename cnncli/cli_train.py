@@ -1,0 +1,324 @@
+"""The `cnn` commands that check and describe a network and train and evaluate it: download, gradcheck,
+summary, train, eval. Each parses its options, calls the library and renders the result."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from cnncli.clikit import (
+    CONFIG_DEFAULT,
+    ConfigOpt,
+    DataDirOpt,
+    JsonOpt,
+    err,
+    out,
+    prepare_data,
+    shape_text,
+    user_errors,
+)
+
+
+@user_errors
+def download(data_dir: DataDirOpt = None) -> None:
+    """Download, verify and extract CIFAR-10 (nothing happens when it is already there)."""
+    from cnncli import data
+    from cnncli.progress import byte_progress
+
+    target = data.resolve_data_dir(data_dir, None)
+    with byte_progress("cifar-10-python.tar.gz") as update:
+        folder = data.ensure_cifar10(target, url=os.environ.get("CNNCLI_CIFAR10_URL"), progress=update)
+    err.print(f"CIFAR-10 ready in {escape(str(folder))}", soft_wrap=True)
+
+
+@user_errors
+def gradcheck(
+    config: ConfigOpt = CONFIG_DEFAULT,
+    batch: Annotated[int, typer.Option(min=1, help="Images in the random batch.")] = 4,
+    eps: Annotated[float, typer.Option(min=1e-12, help="Finite-difference step ε.")] = 1e-3,
+    tol: Annotated[float, typer.Option(min=0.0, help="Largest relative error that passes.")] = 1e-6,
+    seed: Annotated[int, typer.Option(help="Seed of the weights, the batch and the sampled entries.")] = 0,
+    max_entries: Annotated[
+        int, typer.Option(min=1, help="Tensors larger than this are checked on a random subset this size.")
+    ] = 200,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compare every analytic gradient (each parameter and the input X) with finite differences, in float64."""
+    import json
+    import time
+
+    from rich.table import Table
+
+    from cnncli.config import load_config
+    from cnncli.gradcheck import gradcheck as run_gradcheck
+    from cnncli.model import build_model
+
+    cfg = load_config(config)
+    model = build_model(cfg.model, seed=seed)
+    start = time.perf_counter()
+    results = run_gradcheck(model, batch=batch, eps=eps, tol=tol, seed=seed, max_entries=max_entries)
+    seconds = time.perf_counter() - start
+    ok = all(r.passed for r in results)
+    if json_out:
+        payload = {
+            "config": str(config),
+            "batch": batch,
+            "eps": eps,
+            "tol": tol,
+            "seed": seed,
+            "passed": ok,
+            "seconds": round(seconds, 3),
+            "tensors": [
+                {
+                    "name": r.name,
+                    "shape": list(r.shape),
+                    "size": r.size,
+                    "checked": r.checked,
+                    "sampled": r.sampled,
+                    "kinks": r.kinks,
+                    "max_rel_error": r.max_rel_error,
+                    "worst_index": list(r.worst_index),
+                    "passed": r.passed,
+                }
+                for r in results
+            ],
+        }
+        out.print_json(json.dumps(payload))
+    else:
+        table = Table(title=f"gradcheck {config} — float64, batch {batch}, ε={eps:g}, tol={tol:g}")
+        table.add_column("tensor")
+        table.add_column("shape")
+        table.add_column("entries checked", justify="right")
+        table.add_column("near a kink", justify="right")
+        table.add_column("max rel. error", justify="right")
+        table.add_column("result")
+        for r in results:
+            checked = f"{r.checked} of {r.size} (random)" if r.sampled else f"all {r.size}"
+            verdict = "[green]pass[/green]" if r.passed else "[red]FAIL[/red]"
+            table.add_row(r.name, shape_text(r.shape), checked, str(r.kinks), f"{r.max_rel_error:.2e}", verdict)
+        out.print(table)
+        out.print(
+            "Relative error |a−n| / max(1e-8, |a|+|n|), worst entry; n from a 5-point centred difference. "
+            "Steps that cross a ReLU/max-pool kink are evaluated on the unperturbed pass's piece."
+        )
+        verdict = "[green]all gradients pass[/green]" if ok else "[red]some gradients FAIL[/red]"
+        out.print(f"{verdict} ({seconds:.1f} s)")
+    if not ok:
+        raise typer.Exit(code=1)
+
+
+@user_errors
+def summary(config: ConfigOpt = CONFIG_DEFAULT) -> None:
+    """Each layer with its output shape, parameter count and multiply-adds per image."""
+    from rich.table import Table
+
+    from cnncli.config import load_config
+    from cnncli.model import build_model
+
+    cfg = load_config(config)
+    model = build_model(cfg.model, seed=cfg.seed)
+    table = Table(title=f"{config} — input {shape_text(model.input_shape)}")
+    table.add_column("#", justify="right")
+    table.add_column("layer")
+    table.add_column("type")
+    table.add_column("output shape")
+    table.add_column("parameters", justify="right")
+    table.add_column("multiply-adds", justify="right")
+    rows = model.summary()
+    for r in rows:
+        table.add_row(str(r.index), r.name, r.description, shape_text(r.output_shape), f"{r.params:,}", f"{r.macs:,}")
+    table.add_section()
+    total_p, total_m = sum(r.params for r in rows), sum(r.macs for r in rows)
+    table.add_row("", "total", "", "", f"{total_p:,}", f"{total_m:,}")
+    out.print(table)
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    """A one-line chart of `values` (e.g. validation accuracy per epoch)."""
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = hi - lo
+    return "".join(SPARK[0 if span == 0 else min(int((v - lo) / span * 7 + 0.5), 7)] for v in values)
+
+
+@user_errors
+def train(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config of the run.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: --set train.optimizer.lr=0.05 (repeatable)."),
+    ] = None,
+    data_dir: DataDirOpt = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Run folder. Default: runs/<config name>-<timestamp>.")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue a run from its last.npz (bit-for-bit).")
+    ] = None,
+    init: Annotated[
+        Path | None, typer.Option("--init", help="Start from these weights (any checkpoint with the same shapes).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Total epochs (also when resuming).")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed of weights, split, order and augmentation.")] = None,
+) -> None:
+    """Train on CIFAR-10; leaves config.yaml, metrics.csv, last.npz and best.npz in the run folder."""
+    import signal as _signal
+
+    from cnncli.checkpoint import load_checkpoint
+    from cnncli.config import apply_overrides, build_config, config_to_dict, config_to_yaml, load_config
+    from cnncli.errors import ConfigError
+    from cnncli.progress import TrainProgress
+    from cnncli.train import TrainingInterrupted, default_run_dir
+    from cnncli.train import train as run_train
+
+    overrides = list(set_ or [])
+    if epochs is not None:
+        overrides.append(f"train.epochs={epochs}")
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    if resume is not None and init is not None:
+        raise ConfigError("--resume and --init exclude each other: --resume continues a run, --init starts a new one")
+
+    resume_ckpt = init_ckpt = None
+    if resume is not None:
+        resume_ckpt = load_checkpoint(resume)
+        if not resume_ckpt.resumable:
+            raise ConfigError(f"{resume}: holds no training state (parameters only); start from it with --init")
+        if config is not None:
+            err.print(f"[yellow]note:[/yellow] --resume uses the config stored in {resume}; ignoring --config")
+        raw = apply_overrides(config_to_dict(resume_ckpt.config), overrides)
+        try:
+            cfg = build_config(raw, name=resume_ckpt.config.name)
+        except ConfigError as e:
+            raise ConfigError(f"{resume}: {e}") from None
+        run_dir = out_dir or resume.parent
+    else:
+        if config is None:
+            raise ConfigError("no config: give --config PATH (e.g. configs/seed.yaml) or --resume CHECKPOINT")
+        cfg = load_config(config, overrides)
+        if init is not None:
+            init_ckpt = load_checkpoint(init)
+        run_dir = out_dir or default_run_dir(cfg)
+
+    folder = prepare_data(data_dir, cfg)
+    out.print("[bold]resolved config[/bold]")
+    out.print(config_to_yaml(cfg).rstrip(), markup=False, soft_wrap=True)
+    progress = TrainProgress()
+    # A diverging run overflows before its loss turns NaN; train() reports that in one line, so NumPy's
+    # overflow warnings (raised in the engine's worker threads too) would only be noise.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"cnncli\.")
+    try:
+        result = run_train(
+            cfg, run_dir, folder, resume=resume_ckpt, resume_path=resume, init=init_ckpt, init_path=init,
+            callbacks=progress,
+        )
+    except TrainingInterrupted as e:
+        progress.close()
+        err.print(f"[yellow]{escape(str(e))}[/yellow]", soft_wrap=True)
+        command = f"cnn train --resume {e.path}" + (f" --data-dir {data_dir}" if data_dir else "")
+        err.print(f"resume with:  {escape(command)}", soft_wrap=True)
+        raise typer.Exit(code=128 + _signal.SIGINT) from None
+    except KeyboardInterrupt:
+        progress.close()
+        err.print("[yellow]aborted[/yellow] (the run folder keeps the last completed epoch's checkpoint)")
+        raise typer.Exit(code=128 + _signal.SIGINT) from None
+    finally:
+        progress.close()
+
+    _print_train_summary(result)
+
+
+def _print_train_summary(result: Any) -> None:
+    from rich.table import Table
+
+    h = result.history
+    table = Table(title="summary", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    if result.best_val_acc is not None:
+        table.add_row("best validation accuracy", f"{100 * result.best_val_acc:.2f}% (epoch {result.best_epoch})")
+        table.add_row("validation accuracy per epoch", sparkline([m.val_acc for m in h if m.val_acc is not None]))
+    if h:
+        table.add_row("final train loss / accuracy", f"{h[-1].train_loss:.4f} / {100 * h[-1].train_acc:.2f}%")
+    if result.test is not None:
+        table.add_row("test accuracy (best checkpoint)", f"[bold]{100 * result.test.accuracy:.2f}%[/bold]")
+        table.add_row("test loss", f"{result.test.loss:.4f}")
+    table.add_row("wall time", f"{result.seconds:.1f} s")
+    table.add_row("run folder", str(result.run_dir))
+    table.add_row("checkpoints", f"{result.best_path.name} (best), {result.last_path.name} (last)")
+    out.print(table)
+    out.print(f"evaluate with:  cnn eval {result.best_path}")
+
+
+@user_errors
+def eval_(
+    checkpoint: Annotated[Path, typer.Argument(help="A .npz checkpoint (best.npz, last.npz, or exported weights).")],
+    data_dir: DataDirOpt = None,
+    split: Annotated[str, typer.Option(help="test, train or val (val/train as split by the stored config).")] = "test",
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward pass.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Loss, accuracy, per-class accuracy and confusion matrix of a checkpoint."""
+    import json
+
+    from rich.table import Table
+
+    from cnncli import data
+    from cnncli.checkpoint import load_checkpoint
+    from cnncli.errors import ConfigError
+    from cnncli.evaluate import evaluate
+    from cnncli.preprocess import Normalizer
+    from cnncli.train import model_from_checkpoint
+
+    if split not in ("test", "train", "val"):
+        raise ConfigError(f"--split: must be test, train or val, got {split!r}")
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt.config
+    model = model_from_checkpoint(ckpt, checkpoint)
+    folder = prepare_data(data_dir, cfg)
+    ds = data.load_cifar10(folder, train=split != "test", test=split == "test")
+    if split == "test":
+        x, y = ds.test_x, ds.test_y
+    else:
+        s = data.make_splits(ds.train_x, ds.train_y, val_size=cfg.data.val_size, limit=cfg.data.limit, seed=cfg.seed)
+        x, y = (s.val_x, s.val_y) if split == "val" else (s.train_x, s.train_y)
+        if not len(x):
+            raise ConfigError(f"--split {split}: empty for this checkpoint (data.val_size is {cfg.data.val_size})")
+    normalizer = Normalizer(cfg.data.normalize, model.input_shape[0])
+    res = evaluate(model, x, y, normalizer, batch_size or cfg.train.eval_batch_size, ds.classes)
+    if json_out:
+        out.print_json(json.dumps({"checkpoint": str(checkpoint), "split": split, **res.to_dict()}))
+        return
+    out.print(
+        f"[bold]{checkpoint}[/bold] on the {split} split ({res.n:,} images): "
+        f"accuracy [bold]{100 * res.accuracy:.2f}%[/bold], loss {res.loss:.4f}"
+    )
+    per = Table(title="per-class accuracy")
+    per.add_column("class")
+    per.add_column("accuracy", justify="right")
+    per.add_column("images", justify="right")
+    for name, acc, n in zip(res.classes, res.per_class, res.confusion.sum(axis=1), strict=True):
+        per.add_row(name, "—" if n == 0 else f"{100 * acc:.1f}%", f"{n:,}")
+    out.print(per)
+    conf = Table(title="confusion matrix (rows: true class, columns: predicted)")
+    conf.add_column("")
+    for name in res.classes:
+        conf.add_column(name[:5], justify="right")
+    for i, name in enumerate(res.classes):
+        cells = [
+            f"[bold green]{v}[/bold green]" if i == j else (str(v) if v else "[dim]0[/dim]")
+            for j, v in enumerate(res.confusion[i])
+        ]
+        conf.add_row(name, *cells)
+    out.print(conf)
+
+
