@@ -167,7 +167,7 @@ def run_bench(
     y = rng.integers(0, n_classes, size=batch)
     xe = rng.standard_normal((eval_batch, *model.input_shape)).astype(np.float32)
     params = model.named_params()
-    optimizer = make_optimizer(params, cfg.train.optimizer)
+    optimizer = make_optimizer(params, cfg.train.optimizer, model.decayed())
     lr = cfg.train.optimizer.lr
 
     def train_step() -> None:

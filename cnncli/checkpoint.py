@@ -1,7 +1,8 @@
 """`.npz` checkpoints: parameters, the resolved config, and (for resuming) the training state.
 
 Layout (every entry a plain array; loaded with allow_pickle=False):
-- `<layer>.<param>`: the parameters, e.g. `conv1.W` (16, 3, 3, 3), `conv1.b` (16,), `fc1.W` (10, 4096), `fc1.b`.
+- `<layer>.<param>`: the parameters, e.g. `conv1.W` (16, 3, 3, 3), `conv1.b` (16,), `fc1.W` (10, 4096), `fc1.b`,
+  and beside them the layers' buffers (non-trainable state), e.g. `bn1.running_mean`.
 - `config`: the resolved config as JSON text (a 0-d unicode array); it holds everything eval needs.
 - training state, only in checkpoints written by `cnn train`:
   `optim.<param>.<buffer>` (e.g. `optim.conv1.W.momentum`, or Adam's `.m`, `.v` and `optim.t`), and
@@ -36,7 +37,7 @@ FORMAT = 1
 class Checkpoint:
     """What a checkpoint holds. `state` and `optim` are empty for a parameters-only checkpoint."""
 
-    params: dict[str, np.ndarray]
+    params: dict[str, np.ndarray]  # parameters and buffers, '<layer>.<key>'
     config: Config
     optim: dict[str, np.ndarray] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
@@ -55,7 +56,7 @@ def save_checkpoint(
 ) -> Path:
     """Write atomically (temp file + fsync + rename). Returns `path`."""
     path = Path(path)
-    arrays: dict[str, np.ndarray] = dict(model.named_params())
+    arrays: dict[str, np.ndarray] = {**model.named_params(), **model.named_buffers()}
     arrays["config"] = np.array(json.dumps(config_to_dict(config)))
     for k, v in (optim or {}).items():
         arrays[f"optim.{k}"] = v
@@ -101,8 +102,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 
 def apply_params(ckpt: Checkpoint, model: Sequential, source: Path | str) -> None:
-    """Copy the checkpoint's parameters into `model`; missing, extra or mis-shaped arrays are named."""
-    expected = model.named_params()
+    """Copy the checkpoint's parameters and buffers into `model`; missing, extra or mis-shaped arrays are named."""
+    expected = {**model.named_params(), **model.named_buffers()}
     missing = [k for k in expected if k not in ckpt.params]
     if missing:
         raise CheckpointError(f"{source}: missing parameter array(s) {', '.join(missing)}")
@@ -118,6 +119,7 @@ def apply_params(ckpt: Checkpoint, model: Sequential, source: Path | str) -> Non
         if not np.all(np.isfinite(got)):
             raise CheckpointError(f"{source}: {k} holds NaN or infinite values")
     model.load_params(ckpt.params)
+    model.load_buffers(ckpt.params)
 
 
 def apply_optim(ckpt: Checkpoint, buffers: dict[str, np.ndarray], source: Path | str) -> None:

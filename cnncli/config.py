@@ -22,60 +22,19 @@ from typing import Any, Union
 import yaml
 
 from cnncli.errors import ConfigError
+from cnncli.options import LayerOptions
+from cnncli.registry import LAYER_TYPES
 
 # ---------------------------------------------------------------------------------------------- schema
 # `metadata={"min": x}` bounds a number from below (inclusive); "gt" bounds it strictly;
-# "max"/"lt" from above; "choices" lists allowed strings; "len" fixes a list's length.
-
-
-@dataclass(frozen=True)
-class ConvSpec:
-    type: str = "conv"
-    name: str | None = None  # default conv1, conv2, ... in order
-    out_channels: int = field(default=16, metadata={"min": 1})
-    kernel_size: int = field(default=3, metadata={"min": 1})
-    stride: int = field(default=1, metadata={"min": 1})
-    padding: int = field(default=0, metadata={"min": 0})
-
-
-@dataclass(frozen=True)
-class ReluSpec:
-    type: str = "relu"
-
-
-@dataclass(frozen=True)
-class MaxPoolSpec:
-    type: str = "maxpool"
-    kernel_size: int = field(default=2, metadata={"min": 1})
-    stride: int | None = field(default=None, metadata={"min": 1})  # default: kernel_size
-
-
-@dataclass(frozen=True)
-class FlattenSpec:
-    type: str = "flatten"
-
-
-@dataclass(frozen=True)
-class LinearSpec:
-    type: str = "linear"
-    name: str | None = None  # default fc1, fc2, ... in order
-    out_features: int = field(default=10, metadata={"min": 1})
-
-
-LayerSpec = Union[ConvSpec, ReluSpec, MaxPoolSpec, FlattenSpec, LinearSpec]  # noqa: UP007
-LAYER_TYPES: dict[str, type] = {
-    "conv": ConvSpec,
-    "relu": ReluSpec,
-    "maxpool": MaxPoolSpec,
-    "flatten": FlattenSpec,
-    "linear": LinearSpec,
-}
+# "max"/"lt" from above; "choices" lists allowed strings; "len" fixes a list's length. Layer types declare
+# their keys the same way, in their own `Options` dataclass (`cnncli/options.py`, `cnncli/layers.py`).
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     input_shape: tuple[int, ...] = field(default=(3, 32, 32), metadata={"min": 1, "len": 3})
-    layers: tuple[LayerSpec, ...] = ()
+    layers: tuple[LayerOptions, ...] = ()  # each entry is its layer type's Options (cnncli/registry.py)
 
 
 @dataclass(frozen=True)
@@ -151,9 +110,15 @@ class Config:
     name: str = "config"  # the config file's stem: names the run folder
 
 
-TAGGED_UNIONS: dict[Any, tuple[str, dict[str, type]]] = {
-    LayerSpec: ("layer type", LAYER_TYPES),
-    OptimizerConfig: ("optimizer type", OPTIMIZER_TYPES),
+def _layer_options() -> dict[str, type]:
+    """The registered layer types' Options classes (live: `--layers` files add to them)."""
+    return {name: cls.Options for name, cls in LAYER_TYPES.items()}
+
+
+# A field annotated with one of these keys holds a mapping whose `type` picks the dataclass to build.
+TAGGED_UNIONS: dict[Any, tuple[str, Any]] = {
+    LayerOptions: ("layer type", _layer_options),
+    OptimizerConfig: ("optimizer type", lambda: OPTIMIZER_TYPES),
 }
 
 # --------------------------------------------------------------------------------------------- builder
@@ -171,6 +136,8 @@ def _check_bounds(value: Any, meta: Any, path: str) -> None:
     if "min" in meta and value < meta["min"]:
         kind = "a positive number" if meta["min"] == 1 else f"at least {meta['min']}"
         raise ConfigError(f"{path}: must be {kind}, got {_fmt(value)}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{path}: must be at most {meta['max']}, got {_fmt(value)}")
     if "gt" in meta and value <= meta["gt"]:
         raise ConfigError(f"{path}: must be greater than {meta['gt']}, got {_fmt(value)}")
     if "lt" in meta and value >= meta["lt"]:
@@ -180,7 +147,8 @@ def _check_bounds(value: Any, meta: Any, path: str) -> None:
 def _convert(value: Any, tp: Any, meta: Any, path: str) -> Any:
     """Check `value` against the annotation `tp`; return it converted (lists -> tuples, int -> float)."""
     if tp in TAGGED_UNIONS:
-        what, table = TAGGED_UNIONS[tp]
+        what, tables = TAGGED_UNIONS[tp]
+        table = tables()
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping with a 'type' key, got {_fmt(value)}")
         if "type" not in value:
@@ -189,7 +157,8 @@ def _convert(value: Any, tp: Any, meta: Any, path: str) -> Any:
         if kind not in table:
             hint = difflib.get_close_matches(str(kind), table, n=1)
             did = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"{path}.type: unknown {what} {_fmt(kind)}{did}; one of {', '.join(table)}")
+            own = "; a layer of your own needs --layers FILE" if tp is LayerOptions and not did else ""
+            raise ConfigError(f"{path}.type: unknown {what} {_fmt(kind)}{did}; one of {', '.join(table)}{own}")
         return _build(table[kind], value, path)
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):

@@ -5,7 +5,7 @@ times faster (see the notes below). `Sequential.loss_and_grads` and `Sequential.
 
 from __future__ import annotations
 
-import ctypes
+import copy
 import os
 import threading
 import time
@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
+from threadpoolctl import ThreadpoolController
 
 from cnncli.layers import Conv2D, Flatten, Layer, Linear, MaxPool2D, ReLU, Shape
 
@@ -50,57 +50,21 @@ EVAL_MICRO_BATCH = 20
 MAX_THREADS = 8
 
 
-@dataclass
-class _Blas:
-    """The BLAS library numpy loaded (found in /proc/self/maps) and OpenBLAS's thread-count functions."""
-
-    library: str | None
-    set_threads: Callable[[int], Any] | None
-    get_threads: Callable[[], int] | None
-    config: str | None
-
-
-_BLAS: _Blas | None = None
 _LOCK = threading.Lock()
-# Exported names of numpy's bundled OpenBLAS (scipy-openblas, 64-bit ints), then of a plain OpenBLAS.
-_OPENBLAS_NAMES = (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", ""))
+_CONTROLLER: ThreadpoolController | None = None
 
 
-def _find_blas() -> _Blas:
-    library = config = None
-    set_threads = get_threads = None
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            paths = {line.split()[-1] for line in f if "/" in line}
-    except OSError:  # not Linux: nothing found, the engine then runs one worker
-        paths = set()
-    for path in sorted(p for p in paths if "blas" in Path(p).name.lower() or "mkl" in Path(p).name.lower()):
-        library = library or path
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in _OPENBLAS_NAMES:
-            setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-            if setter is None or getter is None:
-                continue
-            setter.argtypes, setter.restype = [ctypes.c_int], None
-            getter.argtypes, getter.restype = [], ctypes.c_int
-            info = getattr(lib, f"{prefix}_get_config{suffix}", None)
-            if info is not None:
-                info.argtypes, info.restype = [], ctypes.c_char_p
-                config = info().decode(errors="replace").strip()
-            return _Blas(path, setter, getter, config)
-    return _Blas(library, set_threads, get_threads, config)
-
-
-def _blas() -> _Blas:
-    global _BLAS
+def _controller() -> ThreadpoolController:
+    """threadpoolctl's view of the BLAS libraries loaded in this process (OpenBLAS, MKL, BLIS), made once."""
+    global _CONTROLLER
     with _LOCK:
-        if _BLAS is None:
-            _BLAS = _find_blas()
-        return _BLAS
+        if _CONTROLLER is None:
+            _CONTROLLER = ThreadpoolController()
+        return _CONTROLLER
+
+
+def _blas_pools() -> list[Any]:
+    return [lib for lib in _controller().lib_controllers if lib.user_api == "blas"]
 
 
 def _numpy_blas() -> str | None:
@@ -115,42 +79,44 @@ def _numpy_blas() -> str | None:
 
 def blas_info() -> dict[str, Any]:
     """The BLAS in use: {'library': the loaded shared object or None, 'numpy_build': what numpy was built
-    against, 'config': OpenBLAS's build string or None, 'threads': its current thread count or None,
-    'controllable': whether the engine can limit it to one thread per worker}."""
-    b = _blas()
+    against, 'config': its implementation, version and architecture, 'threads': its current thread count or
+    None, 'controllable': whether the engine can limit it to one thread per worker}."""
+    pools = _blas_pools()
+    if not pools:
+        return {"library": None, "numpy_build": _numpy_blas(), "config": None, "threads": None, "controllable": False}
+    lib = pools[0]
+    info = lib.info()
+    config = " ".join(str(x) for x in (info.get("internal_api"), info.get("version"), info.get("architecture")) if x)
     return {
-        "library": b.library,
+        "library": lib.filepath,
         "numpy_build": _numpy_blas(),
-        "config": b.config,
-        "threads": int(b.get_threads()) if b.get_threads is not None else None,
-        "controllable": b.set_threads is not None,
+        "config": config or None,
+        "threads": int(lib.num_threads),
+        "controllable": True,
     }
 
 
 @contextmanager
-def _blas_threads(n: int) -> Iterator[None]:
-    """Run the block with BLAS limited to `n` threads (when OpenBLAS lets us), then restore its count."""
-    b = _blas()
-    before = int(b.get_threads()) if b.get_threads is not None else n
-    if b.set_threads is not None and before != n:
-        b.set_threads(n)
-    try:
+def _blas_threads(n: int | None) -> Iterator[None]:
+    """Run the block with BLAS limited to `n` threads (None: as it is), then restore its count."""
+    pools = _blas_pools()
+    if n is None or not pools or all(lib.num_threads == n for lib in pools):
         yield
-    finally:
-        if b.set_threads is not None and before != n:
-            b.set_threads(before)
+        return
+    with _controller().limit(limits=n, user_api="blas"):
+        yield
 
 
 def default_threads() -> int:
     """Worker threads of the engine: $CNNCLI_THREADS, else the processors this process may use (≤ 8).
 
-    One when BLAS cannot be limited to one thread per worker (no OpenBLAS found): workers each driving a
-    multi-threaded BLAS would oversubscribe the cores.
+    One when BLAS cannot be limited to one thread per worker (threadpoolctl finds no BLAS it can control):
+    workers each driving a multi-threaded BLAS would oversubscribe the cores.
     """
     env = os.environ.get("CNNCLI_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    if _blas().set_threads is None:
+    if not _blas_pools():
         return 1
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -224,18 +190,44 @@ def _route_to_argmax(delta: np.ndarray, masks: np.ndarray, dwin: list[np.ndarray
         dwin[-1] += delta
 
 
+@dataclass(eq=False, slots=True)
 class _Buffers:
-    """One stage's arrays for one worker and one micro-batch size N.
+    """One stage's arrays for one worker and one micro-batch size N (None: not used by this stage or mode).
 
     `inp` is where the previous stage writes this stage's input; `out` is the next stage's `inp` (or rows
-    of the logits), in this stage's output layout.
+    of the logits), in this stage's output layout. Images are channels-major (C, N, H, W) throughout.
     """
 
     inp: np.ndarray
-    out: np.ndarray
-
-    def __init__(self, **arrays: Any) -> None:
-        self.__dict__.update(arrays)
+    out: np.ndarray | None = None
+    # linear
+    x: np.ndarray | None = None  # h (N, in), the same array as inp
+    # element-wise and backward scratch, shared by several stages
+    relu_mask: np.ndarray | None = None  # 1(out > 0)
+    delta: np.ndarray | None = None  # δ after the ReLU mask, before pooling / the product
+    dx: np.ndarray | None = None  # δ of the stage's input, in its layout
+    # max-pool
+    windows: list[np.ndarray] | None = None  # the K² window views of the pooled map
+    masks: np.ndarray | None = None  # (K² − 1, C, N, H', W') bool: window q holds the max
+    dwin: list[np.ndarray] | None = None  # the K² window views of the δ being routed into
+    peel: np.ndarray | None = None  # scratch for overlapping windows
+    # convolution
+    xp: np.ndarray | None = None  # zero-padded input (C, N, H + 2p, W + 2p); inp is its inside
+    src: np.ndarray | None = None  # strided read-only view of xp in column order
+    cols: np.ndarray | None = None  # im2col columns, (C, K, K, [Kp, Kp,] N, H', W')
+    cols2: np.ndarray | None = None  # the same (C·K·K, M)
+    s2: np.ndarray | None = None  # S = W @ cols (C_out, M)
+    post: np.ndarray | None = None  # pooled S, then + b, then ReLU (C_out, N, H_p, W_p)
+    ds2: np.ndarray | None = None  # δS (C_out, M)
+    ds_pitch: np.ndarray | None = None  # δS on the padded grid, flat (C_out, N·Hp·Wp)
+    ds_pitch4: np.ndarray | None = None  # the same (C_out, N, Hp, Wp)
+    dcols_pitch: np.ndarray | None = None  # Wᵀ @ δS on the padded grid (C, K·K, N·Hp·Wp)
+    dx_flat: np.ndarray | None = None  # δ of the padded input, flat, with room for the last shift
+    dcols2: np.ndarray | None = None  # Wᵀ @ δS in column order (C·K·K, M)
+    dcols: np.ndarray | None = None  # the same in the columns' shape
+    dxp: np.ndarray | None = None  # δ of the padded input (C, N, H + 2p, W + 2p)
+    # generic layer
+    layer: Layer | None = None  # this worker's own copy of the layer (its caches are its own)
 
 
 class _Stage:
@@ -556,47 +548,107 @@ class _ReluStage(_Stage):
         return buf.dx
 
 
+def _to_examples(a: np.ndarray, shape: Shape) -> np.ndarray:
+    """The engine's layout of a tensor to the layers' (N, *shape): images (C, N, H, W) -> (N, C, H, W), a view."""
+    return a.transpose(1, 0, 2, 3) if len(shape) == 3 and a.ndim == 4 else a
+
+
+def _layout(shape: Shape, n: int) -> tuple[int, ...]:
+    """The engine's array shape for n examples of `shape`: channels-major for images."""
+    return (shape[0], n, *shape[1:]) if len(shape) == 3 else (n, *shape)
+
+
+class _LayerStage(_Stage):
+    """Any layer, run by its own `forward` / `backward` inside the micro-batches.
+
+    Each worker (and micro-batch size) has its own shallow copy of the layer: the copy shares the live
+    `params` and `buffers` dicts and has its own caches and `grads`, so workers never see each other's state.
+    """
+
+    def __init__(self, layer: Layer, in_shape: Shape) -> None:
+        self.layer, self.layers, self.in_shape = layer, (layer,), tuple(in_shape)
+        self.out_shape = tuple(layer.output_shape(in_shape))
+
+    @property
+    def param_layer(self) -> Layer | None:
+        return self.layer if self.layer.params else None
+
+    def buffers(self, n: int, dtype: np.dtype, train: bool) -> _Buffers:
+        clone = copy.copy(self.layer)
+        clone.grads = {}
+        return _Buffers(inp=np.empty(_layout(self.in_shape, n), dtype=dtype), layer=clone)
+
+    def forward(self, buf: _Buffers, train: bool) -> None:
+        layer = buf.layer
+        assert layer is not None and buf.out is not None
+        layer.training = self.layer.training
+        layer.needs_input_grad = self.need_dx
+        y = layer.forward(_to_examples(buf.inp, self.in_shape))
+        np.copyto(_to_examples(buf.out, self.out_shape), y, casting="unsafe")
+
+    def backward(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
+        layer = buf.layer
+        assert layer is not None
+        d = layer.backward(_to_examples(dout, self.out_shape))
+        for k, g in grads.items():
+            np.copyto(g, layer.grads[k], casting="unsafe")
+        if not self.need_dx or d is None:
+            return None
+        return d.transpose(1, 0, 2, 3) if len(self.in_shape) == 3 and d.ndim == 4 else d
+
+
+# Layer classes with a fused stage. Exact classes: a subclass (a user's own ReLU, say) may compute
+# something else, so it runs through its own forward/backward in a `_LayerStage`.
+_FUSED = (Conv2D, MaxPool2D, Linear, ReLU, Flatten)
+
+
+def _fused(layer: Layer) -> bool:
+    return type(layer) in _FUSED
+
+
 def _plan(layers: list[Layer], input_shape: Shape) -> list[_Stage]:
     """Group the layers into stages: a conv takes the ReLUs and the one max-pool after it, a pool or a
-    linear layer the ReLUs after it; a ReLU after a flatten joins the stage before the flatten (ReLU acts
-    element-wise, so it commutes with the reshape); a flatten is only a change of view between stages."""
+    linear layer the ReLUs after it; a ReLU after a flatten joins the fused stage before the flatten (ReLU
+    acts element-wise, so it commutes with the reshape); a flatten is only a change of view between stages.
+    Every other layer is a `_LayerStage` of its own."""
     stages: list[_Stage] = []
     shape = tuple(input_shape)
     i = 0
     while i < len(layers):
         layer, group = layers[i], [layers[i]]
         i += 1
-        if isinstance(layer, Flatten):
+        if type(layer) is Flatten:
             shape = layer.output_shape(shape)
             if stages:
                 stages[-1].layers = (*stages[-1].layers, layer)
             continue
-        relu, pool = False, None
-        while i < len(layers):  # the ReLUs (and, after a conv, one max-pool) that join this layer
-            nxt = layers[i]
-            if isinstance(nxt, ReLU):
-                relu = True
-            elif isinstance(layer, Conv2D) and pool is None and isinstance(nxt, MaxPool2D):
-                pool = nxt
+        if not _fused(layer):
+            stage: _Stage = _LayerStage(layer, shape)
+        else:
+            relu, pool = False, None
+            while i < len(layers):  # the ReLUs (and, after a conv, one max-pool) that join this layer
+                nxt = layers[i]
+                if type(nxt) is ReLU:
+                    relu = True
+                elif type(layer) is Conv2D and pool is None and type(nxt) is MaxPool2D:
+                    pool = nxt
+                else:
+                    break
+                group.append(nxt)
+                i += 1
+            if type(layer) is Conv2D:
+                stage = _ConvStage(layer, pool, relu, tuple(group), shape)  # type: ignore[arg-type]
+            elif type(layer) is MaxPool2D:
+                stage = _PoolStage(layer, relu, tuple(group), shape)  # type: ignore[arg-type]
+            elif type(layer) is Linear:
+                stage = _LinearStage(layer, relu, tuple(group), shape)  # type: ignore[arg-type]
+            elif stages and not isinstance(stages[-1], _LayerStage):
+                # a ReLU with only flattens between it and a fused stage: join that stage
+                stages[-1].relu = True
+                stages[-1].layers = (*stages[-1].layers, *group)
+                continue
             else:
-                break
-            group.append(nxt)
-            i += 1
-        stage: _Stage
-        if isinstance(layer, Conv2D):
-            stage = _ConvStage(layer, pool, relu, tuple(group), shape)
-        elif isinstance(layer, MaxPool2D):
-            stage = _PoolStage(layer, relu, tuple(group), shape)
-        elif isinstance(layer, Linear):
-            stage = _LinearStage(layer, relu, tuple(group), shape)
-        elif isinstance(layer, ReLU) and stages:  # only flattens lie between: join the stage before them
-            stages[-1].relu = True
-            stages[-1].layers = (*stages[-1].layers, *group)
-            continue
-        elif isinstance(layer, ReLU):
-            stage = _ReluStage(tuple(group), shape)
-        else:  # pragma: no cover - build_model makes no other layer
-            raise TypeError(f"the engine cannot run layer {layer!r}")
+                stage = _ReluStage(tuple(group), shape)
         stage.need_dx = any(s.param_layer is not None for s in stages)
         stages.append(stage)
         shape = stage.out_shape
@@ -653,7 +705,7 @@ class Engine:
         return [s.param_layer for s in self.stages if s.param_layer is not None]
 
     def _check_dtype(self) -> np.dtype:
-        params = [layer.params["W"] for layer in self._param_layers()]
+        params = [v for layer in self._param_layers() for v in layer.params.values()]
         dtype = params[0].dtype if params else np.dtype(np.float32)
         if self._dtype is None or dtype != self._dtype:  # (np.dtype(None) is float64)
             self._dtype, self._workspaces, self._slots = dtype, {}, []
@@ -680,14 +732,26 @@ class Engine:
     def _workers(self, chunks: int) -> int:
         return max(1, min(self.threads or default_threads(), chunks))
 
+    def whole_batch(self) -> bool:
+        """True when a layer couples the examples of a batch in its current mode (batch-norm in training):
+        the batch then runs as one micro-batch on the calling thread, BLAS using every worker thread."""
+        return any(layer.couples_batch() for layer in self.layers)
+
+    def _micro_batch(self, n: int, train: bool) -> int:
+        if self.whole_batch():
+            return max(n, 1)
+        return self.train_micro_batch if train else self.eval_micro_batch
+
     def worker_count(self, n: int, train: bool = True) -> int:
         """How many worker threads a batch of n images uses (at most one per micro-batch)."""
-        return self._workers(len(_chunks(n, self.train_micro_batch if train else self.eval_micro_batch)))
+        return self._workers(len(_chunks(n, self._micro_batch(n, train))))
 
     def _run(self, jobs: list[Callable[[int], None]]) -> None:
         """Run jobs[t](t) for every worker t (0 on the calling thread, the rest on the pool), with BLAS
-        limited to one thread throughout, so each product is computed the same way whatever the thread count."""
-        with _blas_threads(1):
+        limited to one thread throughout, so each product is computed the same way whatever the thread count
+        (in whole-batch mode, one job whose products BLAS spreads over the worker threads)."""
+        blas = (self.threads or default_threads()) if self.whole_batch() else 1
+        with _blas_threads(blas):
             if len(jobs) == 1:
                 jobs[0](0)
                 return
@@ -725,7 +789,7 @@ class Engine:
         logits = np.empty((len(x), int(np.prod(out_shape))), dtype=dtype)
         if not len(x):
             return logits
-        chunks = _chunks(len(x), self.eval_micro_batch)
+        chunks = _chunks(len(x), self._micro_batch(len(x), False))
         workers = self._workers(len(chunks))
         mine = self._assign(chunks, False, workers)
 
@@ -768,7 +832,7 @@ class Engine:
         total = len(x)
         if total == 0:
             raise ValueError("loss_and_grads: empty batch")
-        chunks = _chunks(total, self.train_micro_batch)
+        chunks = _chunks(total, self._micro_batch(total, True))
         workers = self._workers(len(chunks))
         slots = self._grad_slots(len(chunks))
         out_shape = self.stages[-1].out_shape

@@ -9,21 +9,26 @@ whose truncation error is O(ε⁴), so ε can be large enough that rounding nois
 
 Kinks (ReLU at 0, max-pool near-ties) would make a difference quotient meaningless: the loss is only
 piecewise smooth. The analytic gradient at θ is the derivative of the smooth piece θ lies on (fixed ReLU
-masks 1(S > 0), fixed pool arg-maxes). So every perturbed forward pass here is evaluated on that piece: it
-reuses the unperturbed pass's masks and arg-maxes (the conv and linear layers run as usual). A step that
-would have crossed a kink is detected (the perturbed pass's own masks differ) and counted in `kinks`; its
-entry is still checked, on the piece, so kinks never cause a false failure.
+masks 1(S > 0), fixed pool arg-maxes, a fixed dropout mask). So every perturbed forward pass here is
+evaluated on that piece, through the public part of the layer API: `Layer.piece()` after the unperturbed
+pass, `Layer.forward_on_piece` in the perturbed ones (smooth layers run as usual). A step that would have
+crossed a kink is detected and counted in `kinks`; its entry is still checked, on the piece, so kinks never
+cause a false failure. `cnn trace` uses the same functions (`pieces`, `forward_on_pieces`, `five_point`).
+Derivation: docs/derivations.md#finite-difference-checks.
 
 Relative error is CS231n's: |a − n| / max(1e-8, |a| + |n|), the worst entry of each tensor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from cnncli.layers import MaxPool2D, ReLU, softmax_cross_entropy
+from cnncli.layers import Layer, softmax_cross_entropy
 from cnncli.model import Sequential
 
 DEFAULT_EPS = 1e-3
@@ -52,39 +57,40 @@ def rel_error(a: np.ndarray | float, n: np.ndarray | float) -> np.ndarray:
     return np.abs(a - n) / np.maximum(1e-8, np.abs(a) + np.abs(n))
 
 
-def _kink_state(model: Sequential) -> list[np.ndarray]:
-    """The piece of the piecewise-smooth loss we are on: every ReLU mask and pool arg-max (copies)."""
-    state = []
-    for layer in model.layers:
-        if isinstance(layer, ReLU):
-            state.append(layer._mask.copy())
-        elif isinstance(layer, MaxPool2D):
-            state.append(layer._argmax.copy())
-    return state
+def pieces(layers: Sequence[Layer]) -> list[Any]:
+    """The smooth piece the last forward pass lies on: each layer's `piece()` (None for smooth layers)."""
+    return [layer.piece() for layer in layers]
 
 
-def _piece_forward(model: Sequential, x: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, bool]:
-    """Forward pass on the smooth piece given by `state`; also says whether the real pass would leave it."""
-    pieces = iter(state)
+def forward_on_pieces(layers: Sequence[Layer], x: np.ndarray, state: Sequence[Any]) -> tuple[np.ndarray, bool]:
+    """Run `layers` on x with each piecewise layer held on its piece from `state` (see `pieces`); also says
+    whether the true pass would leave the piece (a kink was crossed)."""
     crossed = False
-    for layer in model.layers:
-        if isinstance(layer, ReLU):
-            mask = next(pieces)
-            crossed = crossed or not np.array_equal(x > 0, mask)
-            x = x * mask
-        elif isinstance(layer, MaxPool2D):
-            argmax = next(pieces)
-            layer.forward(x)  # the real pass, only to see whether its arg-maxes moved
-            crossed = crossed or not np.array_equal(layer._argmax, argmax)
-            k = layer.kernel_size
-            ho, wo = argmax.shape[2:]
-            out = np.zeros(argmax.shape, dtype=x.dtype)
-            for o in range(k * k):
-                out += layer._window(x, o // k, o % k, ho, wo) * (argmax == o)
-            x = out
-        else:
+    for layer, piece in zip(layers, state, strict=True):
+        if piece is None:
             x = layer.forward(x)
+        else:
+            x, c = layer.forward_on_piece(x, piece)
+            crossed = crossed or c
     return x, crossed
+
+
+def five_point(change: Callable[[float], tuple[float, bool]], eps: float) -> tuple[float, bool]:
+    """The five-point centred difference of f from `change(step)` = (f(θ + step) − f(θ) or f(θ + step),
+    crossed): (8·(f(θ+ε) − f(θ−ε)) − (f(θ+2ε) − f(θ−2ε))) / 12ε, and whether any step crossed a kink.
+    Differences are taken first, so equal values give exactly 0, not a rounding residue."""
+    (fp2, c1), (fp1, c2), (fm1, c3), (fm2, c4) = (change(k * eps) for k in (2, 1, -1, -2))
+    return (8 * (fp1 - fm1) - (fp2 - fm2)) / (12 * eps), bool(c1 or c2 or c3 or c4)
+
+
+@contextmanager
+def frozen_buffers(model: Sequential) -> Iterator[None]:
+    """Restore every buffer (running statistics) after the block: perturbed passes must not move them."""
+    saved = {k: v.copy() for k, v in model.named_buffers().items()}
+    try:
+        yield
+    finally:
+        model.load_buffers(saved)
 
 
 def _pick_entries(size: int, max_entries: int, rng: np.random.Generator) -> np.ndarray:
@@ -102,12 +108,14 @@ def gradcheck(
     max_entries: int = DEFAULT_MAX_ENTRIES,
     x: np.ndarray | None = None,
     y: np.ndarray | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[TensorCheck]:
     """Check every parameter gradient of `model` and δX against finite differences.
 
     The model is converted to float64 in place. x (N, *input_shape) and y (N,) default to a seeded random
     batch (standard normal pixels, uniform labels). Tensors with more than `max_entries` entries are checked
-    on a seeded random subset of that many.
+    on a seeded random subset of that many. Layers run in their current mode (training, for a new model:
+    batch statistics); buffers are restored afterwards. `progress(done, total)` is called after each entry.
     """
     rng = np.random.default_rng(seed)
     model.astype(np.float64)
@@ -119,56 +127,57 @@ def gradcheck(
     if y is None:
         y = rng.integers(0, n_classes, size=x.shape[0])
 
-    z = model.forward(x)
-    _, dz, _ = softmax_cross_entropy(z, y)
-    base_state = [s.copy() for s in _kink_state(model)]
-    dx = model.backward(dz)
-    analytic = {k: v.copy() for k, v in model.named_grads().items()}
-    assert dx is not None
-    analytic["X"] = dx
+    with frozen_buffers(model):
+        z = model.forward(x)
+        _, dz, _ = softmax_cross_entropy(z, y)
+        base_state = pieces(model.layers)
+        dx = model.backward(dz)
+        analytic = {k: v.copy() for k, v in model.named_grads().items()}
+        assert dx is not None
+        analytic["X"] = dx
 
-    tensors = dict(model.named_params())
-    tensors["X"] = x
+        tensors = dict(model.named_params())
+        tensors["X"] = x
 
-    def loss_at(arr: np.ndarray, flat_index: int, value: float) -> tuple[float, bool]:
-        view = arr.reshape(-1)
-        old = view[flat_index]
-        view[flat_index] = value
-        try:
-            z, crossed = _piece_forward(model, x, base_state)
-            loss, _, _ = softmax_cross_entropy(z, y)
-        finally:
-            view[flat_index] = old
-        return loss, crossed
+        def loss_at(arr: np.ndarray, flat_index: int, step: float) -> tuple[float, bool]:
+            view = arr.reshape(-1)
+            old = view[flat_index]
+            view[flat_index] = old + step
+            try:
+                z, crossed = forward_on_pieces(model.layers, x, base_state)
+                loss, _, _ = softmax_cross_entropy(z, y)
+            finally:
+                view[flat_index] = old
+            return loss, crossed
 
-    results = []
-    for name, arr in tensors.items():
-        entries = _pick_entries(arr.size, max_entries, rng)
-        errors = np.empty(len(entries))
-        kinks = 0
-        for i, flat in enumerate(entries):
-            theta = float(arr.reshape(-1)[flat])
-            (lp2, c1), (lp1, c2), (lm1, c3), (lm2, c4) = (
-                loss_at(arr, flat, theta + k * eps) for k in (2, 1, -1, -2)
+        results = []
+        total = sum(min(arr.size, max_entries) for arr in tensors.values())
+        done = 0
+        for name, arr in tensors.items():
+            entries = _pick_entries(arr.size, max_entries, rng)
+            errors = np.empty(len(entries))
+            kinks = 0
+            for i, flat in enumerate(entries):
+                numeric, crossed = five_point(lambda step, f=int(flat), a=arr: loss_at(a, f, step), eps)
+                kinks += crossed
+                errors[i] = rel_error(analytic[name].reshape(-1)[flat], numeric)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            worst_at = int(np.argmax(errors))
+            worst = float(errors[worst_at])
+            results.append(
+                TensorCheck(
+                    name=name,
+                    shape=tuple(arr.shape),
+                    size=int(arr.size),
+                    checked=len(entries),
+                    sampled=len(entries) < arr.size,
+                    kinks=int(kinks),
+                    max_rel_error=worst,
+                    worst_index=tuple(int(i) for i in np.unravel_index(entries[worst_at], arr.shape)),
+                    passed=worst <= tol,
+                )
             )
-            kinks += c1 or c2 or c3 or c4
-            # Differences first: equal losses then give exactly 0, not a rounding residue.
-            numeric = (8 * (lp1 - lm1) - (lp2 - lm2)) / (12 * eps)
-            errors[i] = rel_error(analytic[name].reshape(-1)[flat], numeric)
-        worst_at = int(np.argmax(errors))
-        worst = float(errors[worst_at])
-        results.append(
-            TensorCheck(
-                name=name,
-                shape=tuple(arr.shape),
-                size=int(arr.size),
-                checked=len(entries),
-                sampled=len(entries) < arr.size,
-                kinks=int(kinks),
-                max_rel_error=worst,
-                worst_index=tuple(int(i) for i in np.unravel_index(entries[worst_at], arr.shape)),
-                passed=worst <= tol,
-            )
-        )
     model.set_input_grad(False)
     return results

@@ -11,38 +11,122 @@ checking; the caller chooses (see `Sequential.astype`).
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from cnncli.options import LayerOptions, NoOptions, option
 
 Shape = tuple[int, ...]
 
 
 class Layer:
-    """Base class: `params` and `grads` hold arrays under the same keys ('W', 'b')."""
+    """The public base class of every layer, the built-in ones and yours (`cnn … --layers my_layers.py`).
+
+    A layer type is declared once, by its class:
+
+    - `type_name`: the YAML `type` (`conv`, `relu`, …); `Options`: a frozen dataclass of its config keys
+      (subclass `LayerOptions`, fields made with `option(default, min=…, help=…)`), read by config validation,
+      `--set`, did-you-mean and the key reference;
+    - `from_options(opts, input_shape, rng, dtype)`: the layer for one example's input shape (default:
+      `cls(**options)` then `build(input_shape, rng, dtype)`, where a layer creates its parameters);
+    - `output_shape(input_shape)`, `forward(x)`, `backward(dout)`, side by side; `macs(input_shape)`.
+
+    State: `params` and `grads` (same keys; the optimizer updates params, weight decay only on the keys in
+    `decay`), `buffers` (non-trainable arrays such as running statistics: saved in checkpoints as
+    `<name>.<key>`, never touched by the optimizer), `training` (the mode: `train()` / `eval()`), and
+    `needs_input_grad` (False on a first layer: `backward` may then return None).
+
+    Finite differences (`cnn gradcheck`, `cnn trace`) evaluate a piecewise-smooth layer on one fixed piece:
+    `piece()` returns the discrete choices of the last forward pass (a ReLU mask, pool arg-maxes, a dropout
+    mask) or None for a smooth layer, and `forward_on_piece(x, piece)` computes the output with those choices
+    held, saying whether x's own choices would differ (a kink was crossed). See docs/layers-api.md.
+    """
+
+    type_name: ClassVar[str] = ""
+    Options: ClassVar[type[LayerOptions]] = NoOptions
+    name_prefix: ClassVar[str] = ""  # default names <prefix>1, <prefix>2, …; "" means type_name
+    decay: ClassVar[tuple[str, ...]] = ("W",)  # parameters that weight decay applies to
+    doc: ClassVar[str] = ""  # section of docs/derivations.md that derives it (its anchor)
 
     name: str = ""
-    kind: str = ""
+    options: LayerOptions | None = None
 
     def __init__(self) -> None:
+        self.name = ""
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
+        self.buffers: dict[str, np.ndarray] = {}
+        self.training = True
+        self.needs_input_grad = True
 
+    # ---- declaration ------------------------------------------------------------------------------------
+    @classmethod
+    def from_options(cls, opts: LayerOptions, input_shape: Shape, rng: np.random.Generator, dtype: type) -> Layer:
+        """The layer that `opts` (its config entry) describes, for one example's `input_shape`."""
+        layer = cls(**option_values(opts))
+        layer.build(tuple(input_shape), rng, dtype)
+        return layer
+
+    def build(self, input_shape: Shape, rng: np.random.Generator, dtype: type) -> None:
+        """Create the parameters (and buffers) for one example's input shape; nothing by default."""
+
+    @property
+    def kind(self) -> str:
+        return self.type_name
+
+    # ---- mode -------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> Layer:
+        self.training = mode
+        return self
+
+    def eval(self) -> Layer:
+        return self.train(False)
+
+    def couples_batch(self) -> bool:
+        """True when one example's output depends on the other examples of the batch (batch-norm in
+        training mode), or when forward writes the buffers: the engine then runs the layer on the whole
+        batch at once instead of in micro-batches."""
+        return False
+
+    # ---- computation --------------------------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}.forward")
 
-    def backward(self, dout: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+    def backward(self, dout: np.ndarray) -> np.ndarray | None:
+        raise NotImplementedError(f"{type(self).__name__}.backward")
 
     def output_shape(self, input_shape: Shape) -> Shape:
         """Shape of one example's output for one example's input shape; ValueError if it does not fit."""
-        raise NotImplementedError
+        return tuple(input_shape)
 
     def macs(self, input_shape: Shape) -> int:
         """Multiply-adds per example in the forward pass."""
         return 0
 
+    def piece(self) -> Any:
+        """The discrete choices of the last forward pass (copies), or None when the layer is smooth."""
+        return None
+
+    def forward_on_piece(self, x: np.ndarray, piece: Any) -> tuple[np.ndarray, bool]:
+        """Forward with `piece` (from `piece()`) held fixed -> (output, whether x's own choices differ)."""
+        return self.forward(x), False
+
     def describe(self) -> str:
-        return self.kind
+        """One line for `cnn summary`: the type and the options that differ from their defaults."""
+        if self.options is None:
+            return self.type_name
+        defaults = type(self.options)()
+        keys = [f"{k}={v}" for k, v in option_values(self.options).items() if v != getattr(defaults, k)]
+        return " ".join([self.type_name, *keys])
+
+
+def option_values(opts: LayerOptions) -> dict[str, Any]:
+    """A layer's own option values (every field but `type` and `name`)."""
+    return {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name not in ("type", "name")}
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -61,7 +145,23 @@ class Conv2D(Layer):
     the weight gradient. Set `needs_input_grad = False` on a first layer: δX is then not computed.
     """
 
-    kind = "conv"
+    type_name = "conv"
+    name_prefix = "conv"
+    doc = "convolution"
+
+    @dataclass(frozen=True)
+    class Options(LayerOptions):
+        out_channels: int = option(16, min=1, help="filters C_out")
+        kernel_size: int = option(3, min=1, help="kernel side K")
+        stride: int = option(1, min=1, help="step s between windows")
+        padding: int = option(0, min=0, help="zeros added on each side")
+
+    @classmethod
+    def from_options(cls, opts: LayerOptions, input_shape: Shape, rng: np.random.Generator, dtype: type) -> Conv2D:
+        if len(input_shape) != 3:
+            raise ValueError(f"needs an image input (C, H, W), got {tuple(input_shape)}")
+        o = cls.Options(**option_values(opts))
+        return cls(input_shape[0], o.out_channels, o.kernel_size, o.stride, o.padding, rng=rng, dtype=dtype)
 
     def __init__(
         self,
@@ -162,7 +262,8 @@ class ReLU(Layer):
     Input and output (N, ...) of any shape; keeps only the boolean mask 1(S > 0).
     """
 
-    kind = "relu"
+    type_name = "relu"
+    doc = "relu"
 
     def __init__(self) -> None:
         super().__init__()
@@ -181,6 +282,14 @@ class ReLU(Layer):
         assert self._mask is not None, "backward before forward"
         return dout * self._mask
 
+    def piece(self) -> np.ndarray | None:
+        """The mask 1(S > 0) of the last forward pass (a copy)."""
+        return None if self._mask is None else self._mask.copy()
+
+    def forward_on_piece(self, x: np.ndarray, piece: np.ndarray) -> tuple[np.ndarray, bool]:
+        """S · mask for a fixed mask; crossed when 1(S > 0) of this x differs from it."""
+        return x * piece, not np.array_equal(x > 0, piece)
+
 
 class MaxPool2D(Layer):
     """Max-pooling, article §Forward 4: P[n,c,p,q] = max_{u,v} A[n,c, s·p+u, s·q+v].
@@ -191,7 +300,19 @@ class MaxPool2D(Layer):
     Keeps only the arg-max offset u·K + v of each window (uint8).
     """
 
-    kind = "maxpool"
+    type_name = "maxpool"
+    doc = "max-pooling"
+
+    @dataclass(frozen=True)
+    class Options(LayerOptions):
+        kernel_size: int = option(2, min=1, help="window side K")
+        stride: int | None = option(None, min=1, help="step between windows (default: kernel_size)")
+
+    @classmethod
+    def from_options(cls, opts: LayerOptions, input_shape: Shape, rng: np.random.Generator, dtype: type) -> MaxPool2D:
+        if len(input_shape) != 3:
+            raise ValueError(f"needs an image input (C, H, W), got {tuple(input_shape)}")
+        return super().from_options(opts, input_shape, rng, dtype)  # type: ignore[return-value]
 
     def __init__(self, kernel_size: int = 2, stride: int | None = None) -> None:
         super().__init__()
@@ -245,6 +366,21 @@ class MaxPool2D(Layer):
             self._window(dx, o // k, o % k, ho, wo)[...] += dout * (self._argmax == o)
         return dx
 
+    def piece(self) -> np.ndarray | None:
+        """The arg-max offset u·K + v of every window in the last forward pass (a copy)."""
+        return None if self._argmax is None else self._argmax.copy()
+
+    def forward_on_piece(self, x: np.ndarray, piece: np.ndarray) -> tuple[np.ndarray, bool]:
+        """P[n,c,p,q] = A at the fixed arg-max offset of window (p, q); crossed when x's own arg-maxes differ."""
+        k = self.kernel_size
+        ho, wo = piece.shape[2:]
+        out = np.zeros(piece.shape, dtype=x.dtype)
+        for o in range(k * k):
+            out += self._window(x, o // k, o % k, ho, wo) * (piece == o)
+        self.forward(x)  # the real pass, only to see where its arg-maxes are
+        crossed = not np.array_equal(self._argmax, piece)
+        return out, crossed
+
 
 class Flatten(Layer):
     """h = flatten(P), article §Forward 5: h[n, k] = P[n, c, i, j] with k = c·H·W + i·W + j (C order).
@@ -252,7 +388,8 @@ class Flatten(Layer):
     Input (N, C, H, W); output (N, C·H·W). Backward (article §Backprop 3) is the inverse reshape.
     """
 
-    kind = "flatten"
+    type_name = "flatten"
+    doc = "flatten"
 
     def __init__(self) -> None:
         super().__init__()
@@ -279,7 +416,23 @@ class Linear(Layer):
     δb[i] = Σ_n δz[n,i], δW[i,k] = Σ_n δz[n,i] · h[n,k], δh[n,k] = Σ_i W[i,k] · δz[n,i].
     """
 
-    kind = "linear"
+    type_name = "linear"
+    name_prefix = "fc"
+    doc = "linear"
+
+    @dataclass(frozen=True)
+    class Options(LayerOptions):
+        out_features: int = option(10, min=1, help="outputs")
+
+    @classmethod
+    def from_options(cls, opts: LayerOptions, input_shape: Shape, rng: np.random.Generator, dtype: type) -> Linear:
+        if len(input_shape) != 1:
+            raise ValueError(
+                f"a linear layer needs a flat input but gets shape {'×'.join(map(str, input_shape))}; "
+                "put a flatten layer before it"
+            )
+        o = cls.Options(**option_values(opts))
+        return cls(input_shape[0], o.out_features, rng=rng, dtype=dtype)
 
     def __init__(
         self,

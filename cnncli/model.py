@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnncli.config import ConvSpec, FlattenSpec, LinearSpec, MaxPoolSpec, ModelConfig, ReluSpec
+from cnncli.config import ModelConfig
 from cnncli.engine import Engine
 from cnncli.errors import ConfigError
-from cnncli.layers import Conv2D, Flatten, Layer, Linear, MaxPool2D, ReLU, Shape, softmax_cross_entropy
+from cnncli.layers import Layer, Shape, softmax_cross_entropy
+from cnncli.registry import LAYER_TYPES
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class LayerInfo:
     output_shape: Shape
     params: int
     macs: int
+    buffers: int = 0
 
 
 class Sequential:
@@ -54,6 +56,34 @@ class Sequential:
         """Gradients of the last backward pass, same keys as `named_params`."""
         return {f"{layer.name}.{k}": v for layer in self.param_layers() for k, v in layer.grads.items()}
 
+    def named_buffers(self) -> dict[str, np.ndarray]:
+        """Non-trainable state by '<layer>.<buffer>' ('bn1.running_mean'), the live arrays; saved in checkpoints."""
+        return {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.buffers.items()}
+
+    def decayed(self) -> set[str]:
+        """Names of the parameters weight decay applies to (each layer's `decay` keys: 'conv1.W', 'fc1.W')."""
+        return {f"{layer.name}.{k}" for layer in self.param_layers() for k in layer.params if k in layer.decay}
+
+    def load_buffers(self, arrays: dict[str, np.ndarray]) -> None:
+        """Copy arrays (same keys and shapes as `named_buffers`) into the model, keeping their dtype."""
+        for layer in self.layers:
+            for k, v in layer.buffers.items():
+                v[...] = arrays[f"{layer.name}.{k}"]
+
+    # ---- mode ---------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> Sequential:
+        """Training mode (batch statistics, dropout on) for every layer; `eval()` for evaluation mode."""
+        for layer in self.layers:
+            layer.train(mode)
+        return self
+
+    def eval(self) -> Sequential:
+        return self.train(False)
+
+    @property
+    def training(self) -> bool:
+        return all(layer.training for layer in self.layers)
+
     def load_params(self, arrays: dict[str, np.ndarray]) -> None:
         """Copy arrays (same keys and shapes as `named_params`) into the model, keeping its dtype."""
         for layer in self.param_layers():
@@ -62,15 +92,18 @@ class Sequential:
 
     def astype(self, dtype: type) -> Sequential:
         """Convert every parameter (and gradient buffer) to `dtype` in place; returns self."""
-        for layer in self.param_layers():
+        for layer in self.layers:
             for k in layer.params:
                 layer.params[k] = layer.params[k].astype(dtype)
                 layer.grads[k] = np.zeros_like(layer.params[k])
+            for k in layer.buffers:
+                layer.buffers[k] = layer.buffers[k].astype(dtype)
         return self
 
     @property
     def dtype(self) -> np.dtype:
-        return next(iter(self.named_params().values())).dtype
+        arrays = list(self.named_params().values()) or [np.zeros(0, np.float32)]
+        return arrays[0].dtype
 
     # ---- passes -----------------------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -101,13 +134,16 @@ class Sequential:
         return loss, z
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Inference: X (N, *input_shape) -> logits z (N, classes), keeping nothing for a backward pass.
-
-        The fused `Engine` when `self.fast`, else `forward`; the same numbers to float32 rounding.
-        """
-        if self.fast:
-            return self.engine().predict(x)
-        return self.forward(x)
+        """Inference in evaluation mode: X (N, *input_shape) -> logits z (N, classes), keeping nothing for a
+        backward pass. The fused `Engine` when `self.fast`, else `forward`; the same numbers to float32
+        rounding. Each layer's mode is restored afterwards."""
+        modes = [layer.training for layer in self.layers]
+        self.eval()
+        try:
+            return self.engine().predict(x) if self.fast else self.forward(x)
+        finally:
+            for layer, mode in zip(self.layers, modes, strict=True):
+                layer.train(mode)
 
     def engine(self) -> Engine:
         """The fused execution engine of this network (built on first use, rebuilt if `layers` changes)."""
@@ -118,9 +154,7 @@ class Sequential:
 
     def set_input_grad(self, needed: bool) -> None:
         """Whether the first layer computes δX (gradcheck wants it; training does not)."""
-        first = self.layers[0]
-        if hasattr(first, "needs_input_grad"):
-            first.needs_input_grad = needed
+        self.layers[0].needs_input_grad = needed
 
     # ---- description ------------------------------------------------------------------------------
     def summary(self) -> list[LayerInfo]:
@@ -128,8 +162,9 @@ class Sequential:
         for i, layer in enumerate(self.layers):
             out = layer.output_shape(shape)
             n_params = sum(int(v.size) for v in layer.params.values())
+            n_buffers = sum(int(v.size) for v in layer.buffers.values())
             macs = layer.macs(shape)
-            rows.append(LayerInfo(i, layer.name or layer.kind, layer.describe(), out, n_params, macs))
+            rows.append(LayerInfo(i, layer.name or layer.kind, layer.describe(), out, n_params, macs, n_buffers))
             shape = out
         return rows
 
@@ -142,53 +177,36 @@ class Sequential:
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, dtype: type = np.float32) -> Sequential:
-    """Build the network of `cfg`, inferring each layer's input size; He-normal weights from `seed`.
+    """Build the network of `cfg`, inferring each layer's input size; parameters initialised from `seed`.
 
+    Each entry's layer class comes from the registry (`cnncli/registry.py`) by its `type`. Layers with
+    parameters or buffers are named `<prefix><k>` (conv1, conv2, fc1, …) unless the config names them.
     Raises ConfigError naming the layer (`model.layers[i]`) when a layer does not fit its input.
     """
     rng = np.random.default_rng(seed)
     shape: Shape = tuple(cfg.input_shape)
     layers: list[Layer] = []
-    counts = {"conv": 0, "linear": 0}
+    counts: dict[str, int] = {}
     names: set[str] = set()
-    for i, spec in enumerate(cfg.layers):
+    for i, opts in enumerate(cfg.layers):
         path = f"model.layers[{i}]"
-        layer: Layer
-        if isinstance(spec, ConvSpec):
-            counts["conv"] += 1
-            name = spec.name or f"conv{counts['conv']}"
-            if len(shape) != 3:
-                raise ConfigError(f"{path} ({name}): conv needs an image input (C, H, W), got {shape}")
-            layer = Conv2D(shape[0], spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
-                           name=name, rng=rng, dtype=dtype)
-        elif isinstance(spec, LinearSpec):
-            counts["linear"] += 1
-            name = spec.name or f"fc{counts['linear']}"
-            if len(shape) != 1:
-                raise ConfigError(
-                    f"{path} ({name}): a linear layer needs a flat input but gets shape "
-                    f"{'×'.join(map(str, shape))}; put a flatten layer before it"
-                )
-            layer = Linear(shape[0], spec.out_features, name=name, rng=rng, dtype=dtype)
-        elif isinstance(spec, ReluSpec):
-            layer = ReLU()
-        elif isinstance(spec, MaxPoolSpec):
-            if len(shape) != 3:
-                raise ConfigError(f"{path} (maxpool): needs an image input (C, H, W), got {shape}")
-            layer = MaxPool2D(spec.kernel_size, spec.stride)
-        elif isinstance(spec, FlattenSpec):
-            layer = Flatten()
-        else:  # pragma: no cover - the config schema admits no other type
-            raise TypeError(f"unknown layer spec {spec!r}")
-        if layer.params:
+        cls = LAYER_TYPES[opts.type]
+        prefix = cls.name_prefix or cls.type_name
+        counts[prefix] = counts.get(prefix, 0) + 1
+        default_name = f"{prefix}{counts[prefix]}"
+        label = f"{path} ({opts.name or (default_name if cls.name_prefix else opts.type)})"
+        try:
+            layer = cls.from_options(opts, shape, rng, dtype)
+            out = layer.output_shape(shape)
+        except ValueError as e:
+            raise ConfigError(f"{label}: {e}") from None
+        layer.options = opts
+        if layer.params or layer.buffers or opts.name:
+            layer.name = opts.name or default_name
             if layer.name in names:
                 raise ConfigError(f"{path}.name: {layer.name!r} is already used by an earlier layer")
             names.add(layer.name)
-        try:
-            shape = layer.output_shape(shape)
-        except ValueError as e:
-            label = f"{path} ({layer.name})" if layer.name else f"{path} ({layer.kind})"
-            raise ConfigError(f"{label}: {e}") from None
+        shape = out
         layers.append(layer)
     if len(shape) != 1:
         raise ConfigError(

@@ -2,20 +2,24 @@
 
 Optimizers update the model's parameter arrays in place from `model.named_grads()` and keep their buffers
 in a flat dict keyed '<param>.<buffer>' ('conv1.W.momentum'), so a checkpoint stores them as arrays.
-Weight decay (an L2 term λ·θ added to the gradient) applies to weights ('*.W') only, not to biases.
+Weight decay (an L2 term λ·θ added to the gradient) applies to the parameters each layer lists in its `decay`
+(weights 'W', not biases; batch-norm's γ, β neither); buffers are never seen by the optimizer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import numpy as np
 
 from cnncli.config import AdamConfig, OptimizerConfig, ScheduleConfig, SGDConfig
 
 
-def _decays(name: str) -> bool:
-    return name.endswith(".W")
+def _decayed(params: dict[str, np.ndarray], decay: Collection[str] | None) -> frozenset[str]:
+    """The parameters weight decay applies to: `decay` (a model's `Sequential.decayed()`, from each layer's
+    `decay` keys), or when None every '*.W', the built-in layers' rule."""
+    return frozenset(decay) if decay is not None else frozenset(k for k in params if k.endswith(".W"))
 
 
 class SGD:
@@ -24,8 +28,9 @@ class SGD:
     g is the gradient plus weight decay λ·θ for weights.
     """
 
-    def __init__(self, params: dict[str, np.ndarray], cfg: SGDConfig) -> None:
+    def __init__(self, params: dict[str, np.ndarray], cfg: SGDConfig, decay: Collection[str] | None = None) -> None:
         self.cfg = cfg
+        self.decay = _decayed(params, decay)
         self.state: dict[str, np.ndarray] = {}
         if cfg.momentum > 0:
             self.state = {f"{k}.momentum": np.zeros_like(v) for k, v in params.items()}
@@ -34,7 +39,7 @@ class SGD:
         mu, wd = self.cfg.momentum, self.cfg.weight_decay
         for name, theta in params.items():
             g = grads[name]
-            if wd and _decays(name):
+            if wd and name in self.decay:
                 g = g + wd * theta
             if mu > 0:
                 v = self.state[f"{name}.momentum"]
@@ -49,8 +54,9 @@ class SGD:
 class Adam:
     """m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²; θ ← θ − lr·m̂ / (√v̂ + ε), with bias-corrected m̂, v̂."""
 
-    def __init__(self, params: dict[str, np.ndarray], cfg: AdamConfig) -> None:
+    def __init__(self, params: dict[str, np.ndarray], cfg: AdamConfig, decay: Collection[str] | None = None) -> None:
         self.cfg = cfg
+        self.decay = _decayed(params, decay)
         self.state: dict[str, np.ndarray] = {"t": np.zeros((), dtype=np.int64)}
         for k, v in params.items():
             self.state[f"{k}.m"] = np.zeros_like(v)
@@ -64,7 +70,7 @@ class Adam:
         c1, c2 = 1 - b1**t, 1 - b2**t
         for name, theta in params.items():
             g = grads[name]
-            if wd and _decays(name):
+            if wd and name in self.decay:
                 g = g + wd * theta
             m, v = self.state[f"{name}.m"], self.state[f"{name}.v"]
             m *= b1
@@ -77,10 +83,13 @@ class Adam:
 Optimizer = SGD | Adam
 
 
-def make_optimizer(params: dict[str, np.ndarray], cfg: OptimizerConfig) -> Optimizer:
+def make_optimizer(
+    params: dict[str, np.ndarray], cfg: OptimizerConfig, decay: Collection[str] | None = None
+) -> Optimizer:
+    """The optimizer of `cfg` over `params`; weight decay on the names in `decay` (see `_decayed`)."""
     if isinstance(cfg, SGDConfig):
-        return SGD(params, cfg)
-    return Adam(params, cfg)
+        return SGD(params, cfg, decay)
+    return Adam(params, cfg, decay)
 
 
 def learning_rate(base_lr: float, cfg: ScheduleConfig, step: int, steps_per_epoch: int, epochs: int) -> float:

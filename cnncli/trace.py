@@ -40,10 +40,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from cnncli.errors import ConfigError
-from cnncli.gradcheck import DEFAULT_EPS, DEFAULT_TOL, rel_error
+from cnncli.gradcheck import DEFAULT_EPS, DEFAULT_TOL, five_point, forward_on_pieces, pieces, rel_error
 from cnncli.layers import Layer, softmax_cross_entropy
 from cnncli.model import Sequential
 
@@ -288,23 +287,6 @@ class Trace:
 # --------------------------------------------------------------------------------------------- pieces
 
 
-def _pool_windows(a: np.ndarray, layer: Layer) -> np.ndarray:
-    """A (N, C, H, W) -> its pooling windows (N, C, H', W', K·K), window entries in row-major (u, v) order."""
-    k, s = layer.kernel_size, layer.stride  # type: ignore[attr-defined]
-    win = sliding_window_view(a, (k, k), axis=(2, 3))[:, :, ::s, ::s]
-    return win.reshape(*win.shape[:4], k * k)
-
-
-def pool_argmax(a: np.ndarray, layer: Layer) -> np.ndarray:
-    """Arg-max offset u·K + v of every pooling window of A (N, C, H, W) -> (N, C, H', W'); ties: the first."""
-    return _pool_windows(a, layer).argmax(axis=-1)
-
-
-def _pool_gather(a: np.ndarray, argmax: np.ndarray, layer: Layer) -> np.ndarray:
-    """P[n,c,p,q] = A at the given arg-max offset of window (p, q): max-pool on a fixed piece."""
-    return np.take_along_axis(_pool_windows(a, layer), argmax[..., None], axis=-1)[..., 0]
-
-
 def loss_change(z0: np.ndarray, z1: np.ndarray, label: int) -> float:
     """L(z1) − L(z0) for one image's logits (K,), L = −log softmax(z)[label], to full relative precision.
 
@@ -365,9 +347,10 @@ def trace(
     `checks` entries of each gradient are compared with the five-point difference of step `eps` (pass:
     relative error ≤ `tol`); `seed` picks the random entries.
 
-    The model is converted to float64 in place (its parameters keep their values).
+    The model is converted to float64 and set to evaluation mode in place (its parameters keep their values).
     """
     model.astype(np.float64)
+    model.eval()  # evaluation mode, as cnn eval and predict see the network (running statistics, no dropout)
     model.set_input_grad(True)
     layers = model.layers
     names = name_tensors(model)
@@ -385,6 +368,7 @@ def trace(
         acts.append(np.array(layer.forward(acts[-1]), dtype=np.float64, copy=True))
     y = np.array([label])
     loss, dz, p = softmax_cross_entropy(acts[-1], y)
+    piece = pieces(layers)  # the smooth piece of this pass: ReLU masks, pool arg-maxes (Layer.piece)
 
     # ---- backward: deltas[i] = ∂L/∂acts[i]; grads[i] = layer i's parameter gradients.
     deltas: list[np.ndarray | None] = [None] * len(acts)
@@ -397,28 +381,10 @@ def trace(
         deltas[i] = np.array(d, dtype=np.float64, copy=True)
         grads[i] = {k: np.array(v, dtype=np.float64, copy=True) for k, v in layers[i].grads.items()}
 
-    # ---- the smooth piece: ReLU masks and pool arg-maxes of this pass, from the tensors themselves.
-    piece: dict[int, np.ndarray] = {}
-    for i, layer in enumerate(layers):
-        if layer.kind == "relu":
-            piece[i] = acts[i] > 0
-        elif layer.kind == "maxpool":
-            piece[i] = pool_argmax(acts[i], layer)
-
     def logits_from(start: int, a: np.ndarray) -> tuple[np.ndarray, bool]:
         """z (K,) when layer `start` gets input `a`, on the piece; and whether the true pass would leave it."""
-        crossed = False
-        for i in range(start, len(layers)):
-            layer = layers[i]
-            if layer.kind == "relu":
-                crossed = crossed or not np.array_equal(a > 0, piece[i])
-                a = a * piece[i]
-            elif layer.kind == "maxpool":
-                crossed = crossed or not np.array_equal(pool_argmax(a, layer), piece[i])
-                a = _pool_gather(a, piece[i], layer)
-            else:
-                a = layer.forward(a)
-        return a[0], crossed
+        z, crossed = forward_on_pieces(layers[start:], a, piece[start:])
+        return z[0], crossed
 
     # z of the unperturbed pass along each path, computed before any parameter is touched
     base_z = [np.array(logits_from(start, acts[start])[0], copy=True) for start in range(len(acts))]
@@ -433,10 +399,9 @@ def trace(
         numeric = np.empty(len(flat))
         kinks = 0
         for n, f in enumerate(flat):
-            # L(θ + kε) − L(θ) for k = 2, 1, −1, −2, each computed as a change (see `loss_change`)
-            (lp2, c1), (lp1, c2), (lm1, c3), (lm2, c4) = (perturbed_loss(int(f), k * eps) for k in (2, 1, -1, -2))
-            kinks += c1 or c2 or c3 or c4
-            numeric[n] = (8 * (lp1 - lm1) - (lp2 - lm2)) / (12 * eps)
+            # from L(θ + kε) − L(θ), k = 2, 1, −1, −2, each computed as a change (see `loss_change`)
+            numeric[n], crossed = five_point(lambda step, f=int(f): perturbed_loss(f, step), eps)
+            kinks += crossed
         a = analytic.reshape(-1)[flat]
         idx = np.array(np.unravel_index(flat, analytic.shape), dtype=np.int64).T.reshape(len(flat), analytic.ndim)
         return FDCheck(idx, a, numeric, rel_error(a, numeric), int(kinks), eps, tol)

@@ -219,7 +219,7 @@ def train(
         )
     normalizer = Normalizer(cfg.data.normalize, model.input_shape[0])
     params = model.named_params()
-    optimizer = make_optimizer(params, tc.optimizer)
+    optimizer = make_optimizer(params, tc.optimizer, model.decayed())
     state = _State()
 
     if resume is not None:

@@ -16,11 +16,6 @@ import yaml
 from cnncli.config import (
     AdamConfig,
     Config,
-    ConvSpec,
-    FlattenSpec,
-    LinearSpec,
-    MaxPoolSpec,
-    ReluSpec,
     SGDConfig,
     apply_overrides,
     build_config,
@@ -30,6 +25,7 @@ from cnncli.config import (
     load_config,
 )
 from cnncli.errors import CnnError, ConfigError
+from cnncli.layers import Conv2D, Flatten, Linear, MaxPool2D, ReLU
 from cnncli.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,11 +34,11 @@ DIAGRAM = ROOT / "configs" / "seed-diagram.yaml"
 SHIPPED = [SEED, DIAGRAM]
 
 SPEC_CLASSES = {
-    "conv": ConvSpec,
-    "relu": ReluSpec,
-    "maxpool": MaxPoolSpec,
-    "flatten": FlattenSpec,
-    "linear": LinearSpec,
+    "conv": Conv2D.Options,
+    "relu": ReLU.Options,
+    "maxpool": MaxPool2D.Options,
+    "flatten": Flatten.Options,
+    "linear": Linear.Options,
 }
 
 MINIMAL_LAYERS = [{"type": "flatten"}, {"type": "linear", "out_features": 10}]
