@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cnncli.clikit import CONFIG_DEFAULT, ConfigOpt, JsonOpt, out, user_errors
+from cnncli.clikit import CONFIG_DEFAULT, ConfigOpt, JsonOpt, LayersOpt, load_layers, out, user_errors
 
 
 @user_errors
@@ -26,6 +26,7 @@ def bench(
         bool, typer.Option("--reference", help="Time the per-layer reference path instead of the fused engine.")
     ] = False,
     json_out: JsonOpt = False,
+    layers: LayersOpt = None,
 ) -> None:
     """Images per second of a training step (forward, loss, backward, update) and of inference, on random data."""
     import json
@@ -35,6 +36,7 @@ def bench(
     from cnncli.bench import run_bench
     from cnncli.config import load_config
 
+    load_layers(layers)
     cfg = load_config(config)
     res = run_bench(cfg, str(config), batch=batch, eval_batch=eval_batch, steps=steps, repeats=repeats,
                     threads=threads, reference=reference)

@@ -16,7 +16,9 @@ from cnncli.clikit import (
     ConfigOpt,
     DataDirOpt,
     JsonOpt,
+    LayersOpt,
     err,
+    load_layers,
     out,
     prepare_data,
     shape_text,
@@ -47,6 +49,7 @@ def gradcheck(
         int, typer.Option(min=1, help="Tensors larger than this are checked on a random subset this size.")
     ] = 200,
     json_out: JsonOpt = False,
+    layers: LayersOpt = None,
 ) -> None:
     """Compare every analytic gradient (each parameter and the input X) with finite differences, in float64."""
     import json
@@ -58,6 +61,7 @@ def gradcheck(
     from cnncli.gradcheck import gradcheck as run_gradcheck
     from cnncli.model import build_model
 
+    load_layers(layers)
     cfg = load_config(config)
     model = build_model(cfg.model, seed=seed)
     start = time.perf_counter()
@@ -113,13 +117,14 @@ def gradcheck(
 
 
 @user_errors
-def summary(config: ConfigOpt = CONFIG_DEFAULT) -> None:
-    """Each layer with its output shape, parameter count and multiply-adds per image."""
+def summary(config: ConfigOpt = CONFIG_DEFAULT, layers: LayersOpt = None) -> None:
+    """Each layer with its output shape, parameters, buffers and multiply-adds per image."""
     from rich.table import Table
 
     from cnncli.config import load_config
     from cnncli.model import build_model
 
+    load_layers(layers)
     cfg = load_config(config)
     model = build_model(cfg.model, seed=cfg.seed)
     table = Table(title=f"{config} — input {shape_text(model.input_shape)}")
@@ -169,46 +174,25 @@ def train(
     ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Total epochs (also when resuming).")] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Seed of weights, split, order and augmentation.")] = None,
+    layers: LayersOpt = None,
 ) -> None:
     """Train on CIFAR-10; leaves config.yaml, metrics.csv, last.npz and best.npz in the run folder."""
     import signal as _signal
 
-    from cnncli.checkpoint import load_checkpoint
-    from cnncli.config import apply_overrides, build_config, config_to_dict, config_to_yaml, load_config
-    from cnncli.errors import ConfigError
+    from cnncli.config import config_to_yaml
     from cnncli.progress import TrainProgress
-    from cnncli.train import TrainingInterrupted, default_run_dir
-    from cnncli.train import train as run_train
+    from cnncli.train import TrainingInterrupted, plan_run, run_plan
 
+    load_layers(layers)
     overrides = list(set_ or [])
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
     if seed is not None:
         overrides.append(f"seed={seed}")
-    if resume is not None and init is not None:
-        raise ConfigError("--resume and --init exclude each other: --resume continues a run, --init starts a new one")
-
-    resume_ckpt = init_ckpt = None
-    if resume is not None:
-        resume_ckpt = load_checkpoint(resume)
-        if not resume_ckpt.resumable:
-            raise ConfigError(f"{resume}: holds no training state (parameters only); start from it with --init")
-        if config is not None:
-            err.print(f"[yellow]note:[/yellow] --resume uses the config stored in {resume}; ignoring --config")
-        raw = apply_overrides(config_to_dict(resume_ckpt.config), overrides)
-        try:
-            cfg = build_config(raw, name=resume_ckpt.config.name)
-        except ConfigError as e:
-            raise ConfigError(f"{resume}: {e}") from None
-        run_dir = out_dir or resume.parent
-    else:
-        if config is None:
-            raise ConfigError("no config: give --config PATH (e.g. configs/seed.yaml) or --resume CHECKPOINT")
-        cfg = load_config(config, overrides)
-        if init is not None:
-            init_ckpt = load_checkpoint(init)
-        run_dir = out_dir or default_run_dir(cfg)
-
+    plan = plan_run(config, overrides, out_dir=out_dir, resume=resume, init=init)
+    for note in plan.notes:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+    cfg = plan.cfg
     folder = prepare_data(data_dir, cfg)
     out.print("[bold]resolved config[/bold]")
     out.print(config_to_yaml(cfg).rstrip(), markup=False, soft_wrap=True)
@@ -217,14 +201,12 @@ def train(
     # overflow warnings (raised in the engine's worker threads too) would only be noise.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"cnncli\.")
     try:
-        result = run_train(
-            cfg, run_dir, folder, resume=resume_ckpt, resume_path=resume, init=init_ckpt, init_path=init,
-            callbacks=progress,
-        )
+        result = run_plan(plan, folder, callbacks=progress)
     except TrainingInterrupted as e:
         progress.close()
         err.print(f"[yellow]{escape(str(e))}[/yellow]", soft_wrap=True)
         command = f"cnn train --resume {e.path}" + (f" --data-dir {data_dir}" if data_dir else "")
+        command += "".join(f" --layers {p}" for p in layers or [])
         err.print(f"resume with:  {escape(command)}", soft_wrap=True)
         raise typer.Exit(code=128 + _signal.SIGINT) from None
     except KeyboardInterrupt:
@@ -266,6 +248,7 @@ def eval_(
     split: Annotated[str, typer.Option(help="test, train or val (val/train as split by the stored config).")] = "test",
     batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward pass.")] = None,
     json_out: JsonOpt = False,
+    layers: LayersOpt = None,
 ) -> None:
     """Loss, accuracy, per-class accuracy and confusion matrix of a checkpoint."""
     import json
@@ -281,6 +264,7 @@ def eval_(
 
     if split not in ("test", "train", "val"):
         raise ConfigError(f"--split: must be test, train or val, got {split!r}")
+    load_layers(layers)
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config
     model = model_from_checkpoint(ckpt, checkpoint)

@@ -11,14 +11,15 @@ import typer
 from rich.cells import cell_len
 from rich.markup import escape
 
-from cnncli.clikit import CONFIG_DEFAULT, DataDirOpt, out, prepare_data, shape_text, user_errors
+from cnncli.clikit import CONFIG_DEFAULT, DataDirOpt, LayersOpt, load_layers, out, prepare_data, shape_text, user_errors
 
 TRACE_HELP = "\n\n".join([
-    "Walk one CIFAR-10 image through the forward pass and backpropagation in the article's order and notation "
-    "(cnn-forward-backprop-article.md): X, S¹, A¹, P¹, h, z, p, L, then δz = p − y, δb_fc, δW_fc, δh, δP¹, δA¹, "
+    "Walk one CIFAR-10 image through the forward pass and backpropagation in the notation of docs/derivations.md "
+    "(the design article's): X, S¹, A¹, P¹, h, z, p, L, then δz = p − y, δb_fc, δW_fc, δh, δP¹, δA¹, "
     "δS¹, δb¹, δW¹, δX. Deeper configs are walked layer by layer (conv k gives Sᵏ, the ReLU after it Aᵏ, a pool "
     "after that Pᵏ).",
-    "For each tensor: the article's section, its shape (per image: the batch axis is dropped), min / max / mean "
+    "For each tensor: the section of docs/derivations.md that derives it, its shape (per image: the batch axis "
+    "is dropped), min / max / mean "
     "and what it tells. Each gradient is checked on a few entries against a five-point finite difference "
     "(float64, CS231n relative error); exit code 1 if a check fails.",
     "The weights are a checkpoint's, or a config's fresh initialisation (--config, default configs/seed.yaml). "
@@ -61,6 +62,7 @@ def trace(
     ] = None,
     checks: Annotated[int, typer.Option("--checks", min=0, help="Entries of each gradient to check.")] = 5,
     data_dir: DataDirOpt = None,
+    layers: LayersOpt = None,
 ) -> None:
     """See TRACE_HELP (the command's help)."""
     import numpy as np
@@ -76,6 +78,7 @@ def trace(
     from cnncli.trace import trace as run_trace
     from cnncli.train import model_from_checkpoint
 
+    load_layers(layers)
     if split not in ("test", "train"):
         raise ConfigError(f"--split: must be test or train, got {split!r}")
     if checkpoint is not None and config is not None:
@@ -159,7 +162,7 @@ def _print_steps(title: str, steps: list[Any], with_checks: bool) -> None:
             fd = f"{mark} {c.max_rel_error:.1e} [dim]({len(c.errors)})[/dim]{kinks}"
         rows.append((s.symbol.text, s.section, shape_text(s.shape) if s.shape else "scalar",
                      "" if scalar else _num(mn), "" if scalar else _num(mx), _num(mean), fd, "; ".join(s.facts)))
-    w = [max(cell_len(r[i]) for r in rows + [("", "article", "shape", "min", "max", "mean/value", "", "")])
+    w = [max(cell_len(r[i]) for r in rows + [("", "docs/derivations.md", "shape", "min", "max", "mean/value", "", "")])
          for i in range(6)]
 
     def pad(text: str, width: int, right: bool = False) -> str:
@@ -171,7 +174,7 @@ def _print_steps(title: str, steps: list[Any], with_checks: bool) -> None:
         nums = "  ".join(pad(c, w[i], right=True) for i, c in enumerate(cells[2:6], start=2))
         return f"  {'[bold]' + sym + '[/bold]' if bold else sym}  {escape(pad(cells[1], w[1]))}  {nums}"
 
-    head = ("", "article", "shape", "min", "max", "mean/value")
+    head = ("", "docs/derivations.md", "shape", "min", "max", "mean/value")
     fd_head = "  finite differences: max rel. error (entries)" if with_checks else ""
     out.print(f"\n[bold underline]{escape(title)}[/bold underline]")
     out.print(f"[dim]{line(head, bold=False)}{fd_head}[/dim]", soft_wrap=True)
@@ -193,6 +196,7 @@ def plot(
         typer.Option("--confusion/--no-confusion", help="Also evaluate best.npz on the test set (needs the data)."),
     ] = True,
     data_dir: DataDirOpt = None,
+    layers: LayersOpt = None,
 ) -> None:
     r"""Learning curves (loss, accuracy, learning rate per epoch, from metrics.csv) and the test-set confusion
     matrix of best.npz, as PNGs: learning_curves.png, confusion.png (needs the viz extra: pip install
@@ -204,6 +208,7 @@ def plot(
     from cnncli.preprocess import Normalizer
     from cnncli.train import model_from_checkpoint
 
+    load_layers(layers)
     metrics = read_metrics(run_dir)
     require_matplotlib()
     target = out_dir or run_dir

@@ -97,7 +97,7 @@ def blas_info() -> dict[str, Any]:
 
 
 @contextmanager
-def _blas_threads(n: int | None) -> Iterator[None]:
+def blas_threads(n: int | None) -> Iterator[None]:
     """Run the block with BLAS limited to `n` threads (None: as it is), then restore its count."""
     pools = _blas_pools()
     if n is None or not pools or all(lib.num_threads == n for lib in pools):
@@ -144,7 +144,7 @@ def _worker_pool(workers: int) -> ThreadPoolExecutor:
 def _image_view(a: np.ndarray, n: int, shape: Shape) -> np.ndarray:
     """Rows (N, C·H·W) seen as channels-major images (C, N, H, W) when `shape` is (C, H, W); else `a`.
 
-    Flatten's C order, k = c·H·W + i·W + j (article §Forward 5), is exactly this view, so a conv stage writes
+    Flatten's C order, k = c·H·W + i·W + j (docs/derivations.md#flatten), is exactly this view, so a conv stage writes
     its output straight into the next linear layer's input rows and reads δh from its gradient rows.
     """
     if len(shape) == 3 and a.ndim == 2:
@@ -159,8 +159,8 @@ def _pool_windows(a: np.ndarray, k: int, s: int, ho: int, wo: int) -> list[np.nd
 
 
 def _pool_forward(windows: list[np.ndarray], out: np.ndarray, masks: np.ndarray | None) -> None:
-    """out = the element-wise max of the windows, pairwise (article §Forward 4); masks[q] = 1(window q = max)
-    for q < Q − 1 (the backward pass routes to the first of them that holds)."""
+    """out = the element-wise max of the windows, pairwise (docs/derivations.md#max-pooling);
+    masks[q] = 1(window q = max) for q < Q − 1 (the backward pass routes to the first of them that holds)."""
     if len(windows) == 1:
         np.copyto(out, windows[0])
     else:
@@ -174,7 +174,7 @@ def _pool_forward(windows: list[np.ndarray], out: np.ndarray, masks: np.ndarray 
 
 def _route_to_argmax(delta: np.ndarray, masks: np.ndarray, dwin: list[np.ndarray], overlap: bool,
                      peel: np.ndarray | None) -> None:
-    """δ of each window to its first arg-max (article §Backprop 4), ties to the first offset as MaxPool2D.
+    """δ of each window to its first arg-max (docs/derivations.md#max-pooling), ties to the first offset as MaxPool2D.
 
     Offset q takes δ where masks[q] holds and no earlier offset took it: take = δ · masks[q], δ −= take
     (exact: δ − δ = 0); the last offset gets what is left. Disjoint windows write their slot (`dwin[q]`,
@@ -260,7 +260,7 @@ class _Stage:
         raise NotImplementedError
 
     def _relu_grad(self, buf: _Buffers, dout: np.ndarray, into: np.ndarray) -> None:
-        """into = δout · 1(out > 0), article §Backprop 5 (out > 0 exactly where the ReLU's input is); or δout."""
+        """into = δout · 1(out > 0), docs/derivations.md#relu (out > 0 exactly where the ReLU's input is); or δout."""
         if self.relu:
             np.greater(buf.out, 0, out=buf.relu_mask)
             np.multiply(dout, buf.relu_mask, out=into)
@@ -271,10 +271,11 @@ class _Stage:
 class _ConvStage(_Stage):
     """Conv2D, optionally with ReLU and one MaxPool2D after it (either order), as one stage.
 
-    Forward (article §Forward 2–4): S = W (C_out, C·K·K) @ cols (C·K·K, M), one product over the micro-batch's
-    im2col columns; with a pool P = max over each window of S, then out = ReLU(P + b); without, ReLU(S + b).
-    Backward (article §Backprop 4–6): δ = δout · 1(out > 0), δb = Σ δ, δS = δ routed to each window's first
-    arg-max, δW = δS @ colsᵀ, δX = the kernel offsets of δcols = Wᵀ @ δS added back onto the padded input.
+    Forward (docs/derivations.md#convolution, #max-pooling): S = W (C_out, C·K·K) @ cols (C·K·K, M), one
+    product over the micro-batch's im2col columns; with a pool P = max over each window of S, then
+    out = ReLU(P + b); without, ReLU(S + b). Backward (#relu, #max-pooling, #convolution):
+    δ = δout · 1(out > 0), δb = Σ δ, δS = δ routed to each window's first arg-max, δW = δS @ colsᵀ,
+    δX = the kernel offsets of δcols = Wᵀ @ δS added back onto the padded input.
 
     Column order: with non-overlapping pool windows (pool stride ≥ pool kernel) the columns run
     (a, b, n, p, q) for conv output pixel (s_p·p + a, s_p·q + b): window offset (a, b) is one contiguous slice
@@ -382,7 +383,7 @@ class _ConvStage(_Stage):
         w = self.conv.params["W"]
         delta = buf.delta
         if self.relu:
-            np.greater(buf.post, 0, out=buf.relu_mask)  # 1(out > 0) = 1(ReLU input > 0), article §Backprop 5
+            np.greater(buf.post, 0, out=buf.relu_mask)  # 1(out > 0) = 1(ReLU input > 0), docs/derivations.md#relu
             np.multiply(dout, buf.relu_mask, out=delta)
         else:
             np.copyto(delta, dout)
@@ -396,7 +397,7 @@ class _ConvStage(_Stage):
         if not self.need_dx:
             return None
         # δX[n,c',x,y] = Σ_{c,u,v} W[c,c',u,v] · δS[n,c,i,j] over s·i+u−pad = x, s·j+v−pad = y
-        # (article §Backprop 6): δcols = Wᵀ @ δS, then each kernel offset added back at its place.
+        # (docs/derivations.md#convolution): δcols = Wᵀ @ δS, then each kernel offset added back at its place.
         w_t = w.reshape(w.shape[0], -1).T  # (C·K·K, C_out)
         if self.conv.stride == 1:
             self._dx_pitch(buf, w_t)
@@ -484,7 +485,7 @@ class _PoolStage(_Stage):
 
 
 class _LinearStage(_Stage):
-    """Linear, optionally with ReLU: z = h @ Wᵀ + b (article §Forward 6); backward article §Backprop 2."""
+    """Linear, optionally with ReLU: z = h @ Wᵀ + b, and its backward (docs/derivations.md#linear)."""
 
     def __init__(self, linear: Linear, relu: bool, layers: tuple[Layer, ...], in_shape: Shape) -> None:
         self.linear, self.relu, self.layers, self.in_shape = linear, relu, layers, in_shape
@@ -669,7 +670,7 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
 
 def _softmax_xent(z: np.ndarray, y: np.ndarray, total: int) -> tuple[float, np.ndarray]:
     """Σ_n −log p[n, y_n] over the micro-batch, and δz = (p − onehot(y)) / total, the whole batch's N
-    (article §Forward 7, §Backprop 1; the same operations as `softmax_cross_entropy`)."""
+    (docs/derivations.md#softmax-and-cross-entropy; the same operations as `softmax_cross_entropy`)."""
     shifted = z - z.max(axis=1, keepdims=True)
     log_norm = np.log(np.exp(shifted).sum(axis=1))  # (N,)
     rows = np.arange(z.shape[0])
@@ -751,7 +752,7 @@ class Engine:
         limited to one thread throughout, so each product is computed the same way whatever the thread count
         (in whole-batch mode, one job whose products BLAS spreads over the worker threads)."""
         blas = (self.threads or default_threads()) if self.whole_batch() else 1
-        with _blas_threads(blas):
+        with blas_threads(blas):
             if len(jobs) == 1:
                 jobs[0](0)
                 return

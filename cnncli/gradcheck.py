@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from cnncli.engine import blas_threads
 from cnncli.layers import Layer, softmax_cross_entropy
 from cnncli.model import Sequential
 
@@ -127,7 +128,9 @@ def gradcheck(
     if y is None:
         y = rng.integers(0, n_classes, size=x.shape[0])
 
-    with frozen_buffers(model):
+    # One BLAS thread: the products of a small float64 batch are tiny, and a multi-threaded BLAS spends
+    # most of its time waking threads (10× slower on two busy cores).
+    with frozen_buffers(model), blas_threads(1):
         z = model.forward(x)
         _, dz, _ = softmax_cross_entropy(z, y)
         base_state = pieces(model.layers)

@@ -1,6 +1,6 @@
 """The network's layers, one class each, forward and backward side by side.
 
-Notation follows the article (`shared/seed/cnn-forward-backprop-article.md`): the first conv layer maps the
+Notation follows docs/derivations.md (the design article's): the first conv layer maps the
 input X to the pre-activation S¹, ReLU gives A¹, max-pooling P¹, flatten h, the FC layer z, softmax p, and
 δ[·] = ∂L/∂(·). Every array is batched: N is the batch size, images are (N, C, H, W).
 
@@ -19,6 +19,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from cnncli.options import LayerOptions, NoOptions, option
+from cnncli.registry import register_layer
 
 Shape = tuple[int, ...]
 
@@ -133,8 +134,9 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+@register_layer
 class Conv2D(Layer):
-    """2-D convolution (cross-correlation, as the article writes it), article §Forward 2 and §Backprop 6.
+    """2-D convolution (cross-correlation, as the article writes it), docs/derivations.md#convolution.
 
     S[n, c, i, j] = Σ_{c', u, v} W[c, c', u, v] · X[n, c', s·i + u − pad, s·j + v − pad] + b[c]
 
@@ -256,8 +258,9 @@ class Conv2D(Layer):
         return dxp[:, :, p : p + h, p : p + w] if p else dxp
 
 
+@register_layer
 class ReLU(Layer):
-    """A = max(0, S), article §Forward 3; backward δS = δA · 1(S > 0), article §Backprop 5.
+    """A = max(0, S), docs/derivations.md#relu; backward δS = δA · 1(S > 0).
 
     Input and output (N, ...) of any shape; keeps only the boolean mask 1(S > 0).
     """
@@ -291,11 +294,12 @@ class ReLU(Layer):
         return x * piece, not np.array_equal(x > 0, piece)
 
 
+@register_layer
 class MaxPool2D(Layer):
-    """Max-pooling, article §Forward 4: P[n,c,p,q] = max_{u,v} A[n,c, s·p+u, s·q+v].
+    """Max-pooling, docs/derivations.md#max-pooling: P[n,c,p,q] = max_{u,v} A[n,c, s·p+u, s·q+v].
 
     Input (N, C, H, W); output (N, C, H', W') with H' = (H − K) // stride + 1 (rows and columns that no
-    window covers are dropped). Backward (article §Backprop 4) routes each window's gradient to exactly one
+    window covers are dropped). Backward (docs/derivations.md#max-pooling) routes each window's gradient to exactly one
     position, its arg-max; when several entries tie, the first in row-major order (u, then v) takes it.
     Keeps only the arg-max offset u·K + v of each window (uint8).
     """
@@ -382,10 +386,88 @@ class MaxPool2D(Layer):
         return out, crossed
 
 
-class Flatten(Layer):
-    """h = flatten(P), article §Forward 5: h[n, k] = P[n, c, i, j] with k = c·H·W + i·W + j (C order).
+@register_layer
+class AvgPool2D(Layer):
+    """Average pooling, docs/derivations.md#average-pooling:
 
-    Input (N, C, H, W); output (N, C·H·W). Backward (article §Backprop 3) is the inverse reshape.
+    P[n,c,p,q] = (1/K²) Σ_{u,v} Xpad[n, c, s·p + u, s·q + v]
+
+    with Xpad the input zero-padded by `padding` on each side; the zeros count in the divisor K² (PyTorch's
+    count_include_pad=True). Input (N, C, H, W); output (N, C, H', W'), H' = (H + 2·pad − K) // s + 1.
+    Backward: each window's δP/K² goes to every entry of the window (overlapping windows add). No cache but
+    the input shape.
+    """
+
+    type_name = "avgpool"
+    doc = "average-pooling"
+
+    @dataclass(frozen=True)
+    class Options(LayerOptions):
+        kernel_size: int = option(2, min=1, help="window side K")
+        stride: int | None = option(None, min=1, help="step between windows (default: kernel_size)")
+        padding: int = option(0, min=0, help="zeros added on each side, at most kernel_size // 2")
+
+    def __init__(self, kernel_size: int = 2, stride: int | None = None, padding: int = 0) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride if stride is not None else kernel_size
+        self.padding = padding
+        self._x_shape: Shape | None = None
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        if len(input_shape) != 3:
+            raise ValueError(f"needs an image input (C, H, W), got {tuple(input_shape)}")
+        if self.padding > self.kernel_size // 2:
+            raise ValueError(f"padding {self.padding} is more than half the kernel {self.kernel_size}")
+        c, h, w = input_shape
+        ho = _conv_out(h, self.kernel_size, self.stride, self.padding)
+        wo = _conv_out(w, self.kernel_size, self.stride, self.padding)
+        if ho < 1 or wo < 1:
+            raise ValueError(
+                f"output would be empty: input {c}×{h}×{w} with kernel {self.kernel_size}, "
+                f"stride {self.stride}, padding {self.padding}"
+            )
+        return (c, ho, wo)
+
+    def macs(self, input_shape: Shape) -> int:
+        c, ho, wo = self.output_shape(input_shape)
+        return c * ho * wo * self.kernel_size**2
+
+    def _windows(self, a: np.ndarray, ho: int, wo: int) -> list[np.ndarray]:
+        """The K² strided views a[:, :, s·p + u, s·q + v] of a padded (N, C, H + 2p, W + 2p) array."""
+        k, s = self.kernel_size, self.stride
+        return [a[:, :, u : u + s * (ho - 1) + 1 : s, v : v + s * (wo - 1) + 1 : s] for u in range(k) for v in range(k)]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """X (N, C, H, W) -> P (N, C, H', W')."""
+        p = self.padding
+        _, ho, wo = self.output_shape(x.shape[1:])
+        xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else x
+        out = np.zeros((x.shape[0], x.shape[1], ho, wo), dtype=x.dtype)
+        for win in self._windows(xp, ho, wo):
+            out += win
+        out /= self.kernel_size**2
+        self._x_shape = x.shape
+        return out
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """δP (N, C, H', W') -> δX (N, C, H, W): δX[n,c,x,y] = Σ over the windows holding (x, y) of δP/K²."""
+        assert self._x_shape is not None, "backward before forward"
+        n, c, h, w = self._x_shape
+        p = self.padding
+        ho, wo = dout.shape[2:]
+        dxp = np.zeros((n, c, h + 2 * p, w + 2 * p), dtype=dout.dtype)
+        share = dout / self.kernel_size**2
+        for win in self._windows(dxp, ho, wo):
+            win += share
+        return dxp[:, :, p : p + h, p : p + w] if p else dxp
+
+
+@register_layer
+class Flatten(Layer):
+    """h = flatten(P), docs/derivations.md#flatten: h[n, k] = P[n, c, i, j] with k = c·H·W + i·W + j (C order).
+
+    Input (N, C, H, W); output (N, C·H·W). Backward (docs/derivations.md#flatten) is the inverse reshape.
     """
 
     type_name = "flatten"
@@ -409,10 +491,11 @@ class Flatten(Layer):
         return dout.reshape(self._x_shape)
 
 
+@register_layer
 class Linear(Layer):
-    """Fully connected layer, article §Forward 6: z[n, i] = Σ_k W[i, k] · h[n, k] + b[i].
+    """Fully connected layer, docs/derivations.md#linear: z[n, i] = Σ_k W[i, k] · h[n, k] + b[i].
 
-    Parameters: W (out, in), b (out,). Input h (N, in); output z (N, out). Backward, article §Backprop 2:
+    Parameters: W (out, in), b (out,). Input h (N, in); output z (N, out). Backward, docs/derivations.md#linear:
     δb[i] = Σ_n δz[n,i], δW[i,k] = Σ_n δz[n,i] · h[n,k], δh[n,k] = Σ_i W[i,k] · δz[n,i].
     """
 
@@ -485,7 +568,8 @@ class Linear(Layer):
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
-    """p = softmax(z) row by row, article §Forward 7; z (N, K) -> p (N, K). Stable: shifts by the row max."""
+    """p = softmax(z) row by row (docs/derivations.md#softmax-and-cross-entropy); z (N, K) -> p (N, K).
+    Stable: shifts by the row max."""
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
 
@@ -493,8 +577,8 @@ def softmax(z: np.ndarray) -> np.ndarray:
 def softmax_cross_entropy(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean cross-entropy of softmax(z) against integer labels, and its gradient.
 
-    L = (1/N) Σ_n −log p[n, y_n] (article §Forward 7, averaged over the batch); δz = (p − onehot(y)) / N
-    (article §Backprop 1, with the 1/N of the mean).
+    L = (1/N) Σ_n −log p[n, y_n] (averaged over the batch); δz = (p − onehot(y)) / N
+    (with the 1/N of the mean; docs/derivations.md#softmax-and-cross-entropy).
 
     z (N, K) logits, y (N,) integer labels in [0, K) -> (loss, δz (N, K), p (N, K)).
     """

@@ -1,9 +1,10 @@
 """The layer types a config may name: the built-in ones and those of `--layers` files.
 
-`LAYER_TYPES` maps a YAML `type` to its `Layer` class; config parsing, model building, the engine, gradcheck,
-trace, summary and checkpoints all find a layer type through it. A `--layers FILE` is imported as the
-user's own Python code (by design: it is theirs, named on the command line, never by a config or a
-checkpoint, which stay data); every `Layer` subclass it defines with a `type_name` is registered.
+`LAYER_TYPES` maps a YAML `type` to its `Layer` class. The built-in classes register themselves with the
+`@register_layer` decorator where they are defined (importing `cnncli` loads them); config parsing, model
+building, the engine, gradcheck, trace, summary and checkpoints all find a layer type here. A `--layers FILE`
+is imported as the user's own Python code (by design: it is theirs, named on the command line, never by a
+config or a checkpoint, which stay data); every `Layer` subclass it defines with a `type_name` is registered.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from cnncli.errors import ConfigError
-from cnncli.layers import Conv2D, Flatten, Layer, Linear, MaxPool2D, ReLU
 from cnncli.options import LayerOptions
 
-BUILTIN: tuple[type[Layer], ...] = (Conv2D, ReLU, MaxPool2D, Flatten, Linear)
+if TYPE_CHECKING:
+    from cnncli.layers import Layer
+
+L = TypeVar("L", bound="type[Layer]")
 
 LAYER_TYPES: dict[str, type[Layer]] = {}
 _SOURCES: dict[str, str] = {}  # type name -> where it was defined ("built-in" or the file)
@@ -25,6 +29,10 @@ _LOADED: dict[Path, list[str]] = {}
 
 
 def _check_declaration(cls: type[Layer], source: str) -> None:
+    from cnncli.layers import Layer
+
+    if not (isinstance(cls, type) and issubclass(cls, Layer)):
+        raise ConfigError(f"{source}: {cls!r} is not a subclass of cnncli.Layer")
     name = cls.type_name
     if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"{source}: {cls.__name__}.type_name must be a short word such as 'swish', got {name!r}")
@@ -39,8 +47,10 @@ def _check_declaration(cls: type[Layer], source: str) -> None:
         raise ConfigError(f"{source}: {cls.__name__}.Options: every key needs a default ({e})") from None
 
 
-def register_layer(cls: type[Layer], source: str = "built-in") -> type[Layer]:
-    """Add a layer class under its `type_name`; ConfigError when the name is taken by another class."""
+def register_layer(cls: L, source: str = "built-in") -> L:
+    """Add a layer class under its `type_name`; ConfigError when the name is taken by another class.
+
+    The built-in layers use it as a class decorator (`@register_layer`), so a type is declared in one place."""
     _check_declaration(cls, source)
     name = cls.type_name
     if name in LAYER_TYPES and LAYER_TYPES[name] is not cls:
@@ -52,16 +62,14 @@ def register_layer(cls: type[Layer], source: str = "built-in") -> type[Layer]:
     return cls
 
 
-for _cls in BUILTIN:
-    register_layer(_cls)
-
-
 def load_layer_file(path: Path | str) -> list[str]:
     """Import a user's layer file and register its Layer subclasses; returns their type names.
 
     One-line ConfigError for a file that is missing, is not Python or defines no layer, and for a type name
     that clashes; an exception raised by the file's own code while importing keeps its traceback.
     """
+    from cnncli.layers import Layer
+
     path = Path(path)
     key = path.resolve()
     if key in _LOADED:
@@ -100,3 +108,34 @@ def load_layer_file(path: Path | str) -> list[str]:
 
 def layer_class(type_name: str) -> type[Layer]:
     return LAYER_TYPES[type_name]
+
+
+def _bounds_text(meta: dict) -> str:
+    parts = []
+    for key, sign in (("min", "≥"), ("gt", ">"), ("max", "≤"), ("lt", "<")):
+        if key in meta:
+            parts.append(f"{sign} {meta[key]}")
+    if "choices" in meta:
+        parts.append(" \\| ".join(meta["choices"]))
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def layer_reference() -> str:
+    """The README's table of layer types and their keys, made from the declarations themselves (every type
+    also takes `name`)."""
+    lines = ["| `type` | keys: default (bounds), meaning | derived in |", "|---|---|---|"]
+    for name, cls in LAYER_TYPES.items():
+        keys = []
+        for f in dataclasses.fields(cls.Options):
+            if f.name in ("type", "name"):
+                continue
+            default = f.default
+            if default is None or isinstance(default, bool):
+                default = "null" if default is None else str(default).lower()
+            text = f"`{f.name}`: {default}{_bounds_text(dict(f.metadata))}"
+            if f.metadata.get("help"):
+                text += f", {f.metadata['help']}"
+            keys.append(text)
+        doc = f"[derivations](docs/derivations.md#{cls.doc})" if cls.doc else ""
+        lines.append(f"| `{name}` | {'; '.join(keys) or '—'} | {doc} |")
+    return "\n".join(lines) + "\n"

@@ -1,32 +1,33 @@
-"""One image through the network, step by step, in the article's order and notation (`cnn trace`).
+"""One image through the network, step by step, in the notation of docs/derivations.md (`cnn trace`).
 
-The article (`shared/seed/cnn-forward-backprop-article.md`) walks the forward pass
+For the article's network the walk is the forward pass
 
-    X → S¹ (conv1, §Forward 2) → A¹ (ReLU, §3) → P¹ (max-pool, §4) → h (flatten, §5) → z (FC, §6)
-      → p (softmax, §7) → L (cross-entropy, §7)
+    X → S¹ (conv1, §convolution) → A¹ (§relu) → P¹ (§max-pooling) → h (§flatten) → z (§linear)
+      → p → L (§softmax-and-cross-entropy)
 
-and then back-propagates δ[·] = ∂L/∂(·) in reverse (§Backprop 1–6):
+and then backpropagation of δ[·] = ∂L/∂(·) in reverse:
 
     δz = p − y, δb_fc, δW_fc, δh, δP¹, δA¹, δS¹, δb¹, δW¹, δX.
 
-`trace` runs exactly that on one image with the model's own layers (their public `forward` / `backward`, in
-float64), keeps every intermediate tensor under the article's symbol, and checks each gradient against finite
+Each step cites the section of docs/derivations.md that derives it (its anchor, the layer's `doc`).
+`trace` runs the model's own layers on one image (their public `forward` / `backward`, in float64, in
+evaluation mode), keeps every intermediate tensor under its symbol, and checks each gradient against finite
 differences. Other configs are walked the same way, layer by layer: the k-th conv layer gives Sᵏ, the ReLU
 after it Aᵏ, a max-pool after that Pᵏ (so for the diagram config, P¹ feeds conv2 and conv2 gives S², A²);
 the flatten output is h, the network's output z; a single linear layer's parameters are W_fc, b_fc
-(several: W_<name>, b_<name>, and the hidden ones' outputs zᵐ, aᵐ).
+(several: W_<name>, b_<name>, and the hidden ones' outputs zᵐ, aᵐ); any other layer's output is
+'<type><index>'.
 
-Shapes drop the batch axis: every tensor is one image's, as the article writes them (S¹ 16×32×32, h 4096).
-The article's §Backprop 1 is per image (L = −Σ y log p, δz = p − y), which is the model's mean loss for a
-batch of one, so the numbers are the same.
+Shapes drop the batch axis: every tensor is one image's (S¹ 16×32×32, h 4096). For a batch of one the
+mean loss is the image's loss, so δz = p − y.
 
 Finite differences: for a gradient δT, a few entries t of T (the largest |δT| first, then random ones) are
 stepped by ±ε, ±2ε, the rest of the network re-run from T, and the five-point centred difference
-(8·(L(t+ε) − L(t−ε)) − (L(t+2ε) − L(t−2ε))) / 12ε compared with δT[t]. Each perturbed pass is evaluated on
-the unperturbed pass's smooth piece (fixed ReLU masks 1(S > 0) and pool arg-maxes, recomputed here from the
-tensors themselves) so that a kink of ReLU/max-pool never spoils a check; a step that would have crossed one
-is counted in `FDCheck.kinks`. The changes of L are computed as changes (`loss_change`), not as differences
-of two rounded losses, so tiny gradients of a confident or badly wrong prediction still check to ~1e-10.
+(`cnncli.gradcheck.five_point`) compared with δT[t]. Each perturbed pass is evaluated on the unperturbed
+pass's smooth piece (each layer's `piece()`, held by `forward_on_piece`; the same code as `cnn gradcheck`)
+so that a kink of ReLU/max-pool never spoils a check; a step that would have crossed one is counted in
+`FDCheck.kinks`. The changes of L are computed as changes (`loss_change`), not as differences of two
+rounded losses, so tiny gradients of a confident or badly wrong prediction still check to ~1e-10.
 Relative error is CS231n's (`cnncli.gradcheck.rel_error`).
 
 Library code: returns data, never prints (the CLI renders it).
@@ -38,9 +39,11 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from cnncli.engine import blas_threads
 from cnncli.errors import ConfigError
 from cnncli.gradcheck import DEFAULT_EPS, DEFAULT_TOL, five_point, forward_on_pieces, pieces, rel_error
 from cnncli.layers import Layer, softmax_cross_entropy
@@ -182,11 +185,11 @@ class FDCheck:
 
 @dataclass(frozen=True)
 class Step:
-    """One quantity of the walk: its symbol, where the article derives it, its value and what it tells.
+    """One quantity of the walk: its symbol, where docs/derivations.md derives it, its value and what it tells.
 
-    `value` is one image's tensor (no batch axis), float64. `section` is the article's section within its
-    part ('§2 conv1': forward pass for forward quantities and parameters, backpropagation for gradients; see
-    `citation`); `facts` are short telling observations; `check` is the finite-difference check of a gradient
+    `value` is one image's tensor (no batch axis), float64. `section` is the docs section and the layer
+    ('§convolution conv1'; see `citation`); `facts` are short telling observations; `check` is the
+    finite-difference check of a gradient
     (None for forward quantities and parameters).
     """
 
@@ -207,8 +210,9 @@ class Step:
 
     @property
     def citation(self) -> str:
-        """'Forward pass §2 conv1', 'Backpropagation §4 max-pool', …"""
-        return f"{'Backpropagation' if self.phase == 'backward' else 'Forward pass'} {self.section}"
+        """'docs/derivations.md#convolution (backward, conv1)', …: where the quantity is derived."""
+        anchor, _, what = self.section.removeprefix("§").partition(" ")
+        return f"{DOCS}#{anchor} ({self.phase}{', ' + what if what else ''})"
 
     @property
     def stats(self) -> tuple[float, float, float]:
@@ -307,15 +311,14 @@ def loss_change(z0: np.ndarray, z1: np.ndarray, label: int) -> float:
 # --------------------------------------------------------------------------------------------- the walk
 
 
-FORWARD_SECTIONS = {"conv": 2, "relu": 3, "maxpool": 4, "flatten": 5, "linear": 6}  # article §Forward pass
-BACKWARD_SECTIONS = {"linear": 2, "flatten": 3, "maxpool": 4, "relu": 5, "conv": 6}  # article §Backpropagation
+DOCS = "docs/derivations.md"
 
 
 def _section(layer: Layer, index: int, backward: bool = False) -> str:
-    """The article's section of a layer within the forward pass or backpropagation: '§2 conv1', '§5 ReLU', …"""
-    number = (BACKWARD_SECTIONS if backward else FORWARD_SECTIONS).get(layer.kind)
-    what = {"relu": "ReLU", "maxpool": "max-pool", "flatten": "flatten"}.get(layer.kind, layer.name or layer.kind)
-    return f"§{number} {what}" if number else f"layer {index} ({layer.kind})"
+    """Where docs/derivations.md derives a layer (its `doc` anchor) and which layer: '§convolution conv1',
+    '§relu', …; the forward pass and backpropagation of a layer share one section."""
+    anchor = layer.doc or layer.kind
+    return f"§{anchor} {layer.name}".rstrip() if layer.name else f"§{anchor}"
 
 
 def _pick(a: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -328,7 +331,15 @@ def _pick(a: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([top, np.sort(rest)])
 
 
-def trace(
+def trace(model: Sequential, x: np.ndarray, label: int, classes: tuple[str, ...] | None = None, **options: Any
+          ) -> Trace:
+    """Walk one image forward and backward through `model`, in float64, and check every gradient (see
+    `_trace` for the options); BLAS runs on one thread, which is fastest for one image's small products."""
+    with blas_threads(1):
+        return _trace(model, x, label, classes, **options)
+
+
+def _trace(
     model: Sequential,
     x: np.ndarray,
     label: int,
@@ -342,7 +353,7 @@ def trace(
 ) -> Trace:
     """Walk one image forward and backward through `model`, in float64, and check every gradient.
 
-    x (C, H, W): the normalised image X (article §Forward 1); label: its class (y = onehot(label));
+    x (C, H, W): the normalised image X; label: its class (y = onehot(label));
     classes: class names (default '0', '1', …); image: the raw uint8 pixels (C, H, W), kept for pictures.
     `checks` entries of each gradient are compared with the five-point difference of step `eps` (pass:
     relative error ≤ `tol`); `seed` picks the random entries.
@@ -431,7 +442,7 @@ def trace(
         return fd_check(grads[i][k], perturbed)
 
     # ---- the forward steps
-    steps: list[Step] = [Step(_sym("X"), "forward", "§1 input", acts[0][0], _facts_x(acts[0][0]))]
+    steps: list[Step] = [Step(_sym("X"), "forward", "§notation-and-shapes input", acts[0][0], _facts_x(acts[0][0]))]
     for i, layer in enumerate(layers):
         sym = names[i].output
         value = acts[i + 1][0]
@@ -440,9 +451,11 @@ def trace(
     probs = p[0]
     ranked = [int(c) for c in np.argsort(-probs, kind="stable")]
     top = [(c, classes[c], float(probs[c])) for c in ranked]
-    steps.append(Step(_sym("p"), "forward", "§7 softmax", probs.copy(), _facts_p(top, label, classes)))
     steps.append(
-        Step(_sym("L"), "forward", "§7 cross-entropy", np.array(loss),
+        Step(_sym("p"), "forward", "§softmax-and-cross-entropy p", probs.copy(), _facts_p(top, label, classes))
+    )
+    steps.append(
+        Step(_sym("L"), "forward", "§softmax-and-cross-entropy L", np.array(loss),
              (f"−log p[{classes[label]}] = {loss:.4g}",))
     )
     # ---- parameters (for the notebook; not part of the walk's table)
@@ -453,7 +466,7 @@ def trace(
     # ---- the backward steps, in the article's order: δz, then per layer (reverse) δb, δW, δ(input)
     dz_sym = names[-1].output.grad()
     steps.append(
-        Step(dz_sym, "backward", "§1 softmax + CE", deltas[-1][0],
+        Step(dz_sym, "backward", "§softmax-and-cross-entropy δz", deltas[-1][0],
              _facts_dz(deltas[-1][0], label, classes), check_activation(len(layers)))
     )
     for i in reversed(range(len(layers))):

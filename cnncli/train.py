@@ -27,7 +27,7 @@ import numpy as np
 from cnncli import data as data_mod
 from cnncli.atomic import atomic_write
 from cnncli.checkpoint import Checkpoint, apply_optim, apply_params, load_checkpoint, save_checkpoint
-from cnncli.config import Config, config_to_yaml
+from cnncli.config import Config, apply_overrides, build_config, config_to_dict, config_to_yaml, load_config
 from cnncli.errors import CnnError, ConfigError, TrainingDiverged
 from cnncli.evaluate import EvalResult, evaluate
 from cnncli.model import Sequential, build_model
@@ -329,6 +329,59 @@ def train(
         test=test,
         seconds=time.perf_counter() - t_start,
     )
+
+
+@dataclass
+class RunPlan:
+    """What `cnn train` is asked to do, resolved: the config, the run folder, and what it starts from."""
+
+    cfg: Config
+    run_dir: Path
+    resume: Checkpoint | None = None
+    resume_path: Path | None = None
+    init: Checkpoint | None = None
+    init_path: Path | None = None
+    notes: list[str] = field(default_factory=list)  # things the user should know (an ignored option)
+
+
+def plan_run(
+    config: Path | None,
+    overrides: list[str],
+    *,
+    out_dir: Path | None = None,
+    resume: Path | None = None,
+    init: Path | None = None,
+) -> RunPlan:
+    """Resolve `cnn train`'s options into a `RunPlan`.
+
+    --resume continues a run from its checkpoint, with the stored config (overrides re-applied, e.g. more
+    epochs) and its folder; --init starts a new run of `config` from a checkpoint's weights; otherwise a new
+    run of `config`. ConfigError / CheckpointError name what is wrong.
+    """
+    if resume is not None and init is not None:
+        raise ConfigError("--resume and --init exclude each other: --resume continues a run, --init starts a new one")
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        if not ckpt.resumable:
+            raise ConfigError(f"{resume}: holds no training state (parameters only); start from it with --init")
+        raw = apply_overrides(config_to_dict(ckpt.config), overrides)
+        try:
+            cfg = build_config(raw, name=ckpt.config.name)
+        except ConfigError as e:
+            raise ConfigError(f"{resume}: {e}") from None
+        notes = [f"--resume uses the config stored in {resume}; ignoring --config"] if config is not None else []
+        return RunPlan(cfg, out_dir or resume.parent, resume=ckpt, resume_path=resume, notes=notes)
+    if config is None:
+        raise ConfigError("no config: give --config PATH (e.g. configs/seed.yaml) or --resume CHECKPOINT")
+    cfg = load_config(config, overrides)
+    init_ckpt = load_checkpoint(init) if init is not None else None
+    return RunPlan(cfg, out_dir or default_run_dir(cfg), init=init_ckpt, init_path=init)
+
+
+def run_plan(plan: RunPlan, data_folder: Path, callbacks: Callbacks | None = None) -> TrainResult:
+    """`train` what `plan` says."""
+    return train(plan.cfg, plan.run_dir, data_folder, resume=plan.resume, resume_path=plan.resume_path,
+                 init=plan.init, init_path=plan.init_path, callbacks=callbacks)
 
 
 def model_from_checkpoint(ckpt: Checkpoint, source: Path) -> Sequential:

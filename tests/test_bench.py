@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cnncli.bench import run_bench
 from cnncli.cli import app
 from cnncli.config import load_config
-from cnncli.engine import _blas_threads, blas_info
+from cnncli.engine import blas_info, blas_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"
@@ -90,6 +90,6 @@ def test_blas_thread_limit_is_restored() -> None:
     if not info["controllable"]:
         pytest.skip("no OpenBLAS thread control in this numpy")
     before = info["threads"]
-    with _blas_threads(1):
+    with blas_threads(1):
         assert blas_info()["threads"] == 1
     assert blas_info()["threads"] == before

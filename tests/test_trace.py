@@ -261,7 +261,7 @@ def _rows(stdout: str, symbols: list[str]) -> list[int]:
     lines = stdout.splitlines()
     found = []
     for sym in symbols:
-        hits = [i for i, line in enumerate(lines) if re.match(rf"^\s+{re.escape(sym)}\s+§\d", line)]
+        hits = [i for i, line in enumerate(lines) if re.match(rf"^\s+{re.escape(sym)}\s+§[a-z]", line)]
         assert hits, f"no row for {sym}:\n{stdout}"
         found.append(hits[0])
     return found
@@ -306,7 +306,7 @@ def test_cli_trace_diagram_walks_the_extra_layer(real_cifar_dir: Path) -> None:
     assert rows == sorted(rows)
     lines = out.splitlines()
     assert re.search(r"\s32×16×16\s", lines[_rows(out, ["S²"])[0]])
-    assert "§6 conv2" in lines[_rows(out, ["δP¹"])[0]], "δP¹ comes out of conv2's backward pass"
+    assert "§convolution conv2" in lines[_rows(out, ["δP¹"])[0]], "δP¹ comes out of conv2's backward pass"
     assert "FAIL" not in out and "all pass" in out and "test image 7" in out
 
 
