@@ -5,9 +5,10 @@ Needs Pillow, an optional extra (``pip install 'cnncli[images]'``); without it e
 
 Decoding (`decode_image`, shared by the `folder` data set and by anything that classifies image files):
 only PNG and JPEG are opened (the content decides, not the name); the EXIF orientation is applied; the
-image is converted to 1 channel (``L``) or 3 (``RGB``; an alpha channel is dropped); when its size differs
-from the target it is scaled so that it covers the target and centre-cropped (bilinear, antialiased, as
-`PIL.ImageOps.fit` does). An image already at the target size keeps its exact pixels.
+image is converted to 1 channel (``L``) or 3 (``RGB``; an alpha channel is dropped; 16-bit grey keeps its
+high byte); when its size differs from the target it is scaled so that it covers the target and
+centre-cropped (bilinear, antialiased, as `PIL.ImageOps.fit` does). An image already at the target size
+keeps its exact pixels.
 
 A `folder` data set is a directory with one sub-folder per class, like torchvision's ``ImageFolder``::
 
@@ -101,6 +102,9 @@ def decode_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
                     raise DataError(f"{path}: {width}×{height} pixels, more than the {MAX_PIXELS:,} accepted")
                 img.load()
                 img = ops.exif_transpose(img)
+                if img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit grey: keep the high byte
+                    wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
+                    img = image_mod.fromarray(wide.astype(np.uint8))  # (Pillow's convert would clip at 255)
                 img = img.convert("L" if c == 1 else "RGB")
                 if img.size != (w, h):
                     img = ops.fit(img, (w, h), method=image_mod.Resampling.BILINEAR)

@@ -508,6 +508,14 @@ def test_grey_resize_and_crop(tmp_path: Path) -> None:
     assert (flat[0] == 10).all() and (flat[1] == 200).all()
 
 
+def test_16_bit_grey_keeps_its_high_byte(tmp_path: Path) -> None:
+    v = np.arange(64, dtype=np.uint16).reshape(8, 8) * 4
+    Image.fromarray(v * 257).save(tmp_path / "deep.png")  # 16-bit PNG: v·257 is v in both bytes
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    out = images.decode_image(tmp_path / "deep.png", (3, 8, 8))
+    assert all(np.array_equal(out[ch], v) for ch in range(3))
+
+
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     """Stored 40 wide × 20 high, left half black, EXIF orientation 6 (shown rotated 90° clockwise): the image
     to use is 20 wide × 40 high with the black half on top."""
