@@ -3,7 +3,6 @@ summary, train, eval. Each parses its options, calls the library and renders the
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,15 +26,31 @@ from cnncli.clikit import (
 
 
 @user_errors
-def download(data_dir: DataDirOpt = None) -> None:
-    """Download, verify and extract CIFAR-10 (nothing happens when it is already there)."""
+def download(
+    data_dir: DataDirOpt = None,
+    dataset: Annotated[str, typer.Option(help="cifar10, cifar100, mnist or fashion-mnist.")] = "cifar10",
+) -> None:
+    """Download, verify and extract a data set (nothing happens when it is already there).
+
+    Mirrors: $CNNCLI_CIFAR10_URL, $CNNCLI_CIFAR100_URL (archives), $CNNCLI_MNIST_URL, $CNNCLI_FASHION_MNIST_URL.
+
+    Overall deadline: $CNNCLI_DOWNLOAD_DEADLINE seconds (default 7200, 0 = none).
+
+    Minimum rate: $CNNCLI_DOWNLOAD_MIN_RATE bytes/s (default 1024, 0 = none) over $CNNCLI_DOWNLOAD_RATE_WINDOW s (30).
+
+    A download stopped by a limit keeps its .part file; the next run resumes it."""
     from cnncli import data
+    from cnncli.config import DataConfig
+    from cnncli.errors import ConfigError
     from cnncli.progress import byte_progress
 
+    if dataset not in data.DOWNLOADABLE:
+        raise ConfigError(f"--dataset: must be one of {', '.join(data.DOWNLOADABLE)}, got {dataset!r}")
+    data_cfg = DataConfig(dataset=dataset)
     target = data.resolve_data_dir(data_dir, None)
-    with byte_progress("cifar-10-python.tar.gz") as update:
-        folder = data.ensure_cifar10(target, url=os.environ.get("CNNCLI_CIFAR10_URL"), progress=update)
-    err.print(f"CIFAR-10 ready in {escape(str(folder))}", soft_wrap=True)
+    with byte_progress(data.download_label(data_cfg)) as update:
+        folder = data.ensure_dataset(data_cfg, target, update)
+    err.print(f"{data.TITLES[dataset]} ready in {escape(str(folder))}", soft_wrap=True)
 
 
 @user_errors
@@ -269,15 +284,17 @@ def eval_(
     cfg = ckpt.config
     model = model_from_checkpoint(ckpt, checkpoint)
     folder = prepare_data(data_dir, cfg)
-    ds = data.load_cifar10(folder, train=split != "test", test=split == "test")
+    ds = data.load_dataset(cfg.data, folder, train=split != "test", test=split == "test")
     if split == "test":
         x, y = ds.test_x, ds.test_y
+        if not len(x):
+            raise ConfigError(f"--split test: {folder} has no test images (a folder data set needs a test/ folder)")
     else:
         s = data.make_splits(ds.train_x, ds.train_y, val_size=cfg.data.val_size, limit=cfg.data.limit, seed=cfg.seed)
         x, y = (s.val_x, s.val_y) if split == "val" else (s.train_x, s.train_y)
         if not len(x):
             raise ConfigError(f"--split {split}: empty for this checkpoint (data.val_size is {cfg.data.val_size})")
-    normalizer = Normalizer(cfg.data.normalize, model.input_shape[0])
+    normalizer = Normalizer(data.normalization_for(cfg.data, folder, cfg.seed), model.input_shape[0])
     res = evaluate(model, x, y, normalizer, batch_size or cfg.train.eval_batch_size, ds.classes)
     if json_out:
         out.print_json(json.dumps({"checkpoint": str(checkpoint), "split": split, **res.to_dict()}))

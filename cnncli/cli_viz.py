@@ -99,12 +99,12 @@ def trace(
         source = f"{config} (fresh weights, seed {cfg.seed})"
 
     folder = prepare_data(data_dir, cfg)
-    ds = data.load_cifar10(folder, train=split == "train", test=split == "test")
+    ds = data.load_dataset(cfg.data, folder, train=split == "train", test=split == "test")
     xs, ys = (ds.test_x, ds.test_y) if split == "test" else (ds.train_x, ds.train_y)
     image, label = pick_image(xs, ys, index, split)
     if tuple(image.shape) != tuple(model.input_shape):
         raise ConfigError(f"model.input_shape: {list(model.input_shape)} does not match the images {list(image.shape)}")
-    x = Normalizer(cfg.data.normalize, model.input_shape[0])(image[None])[0]
+    x = Normalizer(data.normalization_for(cfg.data, folder, cfg.seed), model.input_shape[0])(image[None])[0]
     t = run_trace(model, x, label, ds.classes, checks=checks, image=image)
 
     out.print(
@@ -220,8 +220,8 @@ def plot(
         model = model_from_checkpoint(ckpt, best)
         cfg = ckpt.config
         folder = prepare_data(data_dir, cfg)
-        ds = data.load_cifar10(folder, train=False, test=True)
-        normalizer = Normalizer(cfg.data.normalize, model.input_shape[0])
+        ds = data.load_dataset(cfg.data, folder, train=False, test=True)
+        normalizer = Normalizer(data.normalization_for(cfg.data, folder, cfg.seed), model.input_shape[0])
         res = evaluate(model, ds.test_x, ds.test_y, normalizer, cfg.train.eval_batch_size, ds.classes)
         written.append(confusion_png(res.confusion, res.classes, target / "confusion.png",
                                      title=f"{name}/best.npz on the test set"))

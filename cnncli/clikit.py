@@ -7,7 +7,6 @@ The import graph runs one way: `cnncli/cli.py` (the Typer app) imports the comma
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -81,11 +80,11 @@ def shape_text(shape: tuple[int, ...]) -> str:
 
 
 def prepare_data(data_dir: Path | None, cfg: Any) -> Path:
-    """Resolve the data dir (--data-dir > $CNNCLI_DATA > data.dir > cache) and download if needed."""
+    """Resolve the data dir (--data-dir > $CNNCLI_DATA > data.dir > cache; folder: --data-dir > data.dir) and
+    download the config's data set if needed (mirror: $CNNCLI_<SET>_URL > data.url)."""
     from cnncli import data
     from cnncli.progress import byte_progress
 
-    target = data.resolve_data_dir(data_dir, cfg.data.dir)
-    url = os.environ.get("CNNCLI_CIFAR10_URL") or cfg.data.url
-    with byte_progress("cifar-10-python.tar.gz") as update:
-        return data.ensure_cifar10(target, url=url, progress=update)
+    target = data.resolve_data_dir(data_dir, cfg.data.dir, cfg.data.dataset)
+    with byte_progress(data.download_label(cfg.data)) as update:
+        return data.ensure_dataset(cfg.data, target, update)

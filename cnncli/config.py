@@ -50,14 +50,26 @@ class AugmentConfig:
     crop_padding: int = field(default=4, metadata={"min": 0})  # random crop after zero padding; 0 = off
 
 
+DATASET_NAMES = ("cifar10", "cifar100", "mnist", "fashion-mnist", "folder")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = field(default="cifar10", metadata={"choices": ("cifar10",)})
-    dir: str | None = None  # where CIFAR-10 lives or is downloaded to (after --data-dir and $CNNCLI_DATA)
-    url: str | None = None  # a mirror of the official archive (after $CNNCLI_CIFAR10_URL)
+    dataset: str = field(default="cifar10", metadata={"choices": DATASET_NAMES})
+    # Where the data set lives or is downloaded to (after --data-dir and $CNNCLI_DATA); for `folder`, the image
+    # folder itself (after --data-dir; $CNNCLI_DATA does not apply).
+    dir: str | None = None
+    # A mirror (after $CNNCLI_CIFAR10_URL, $CNNCLI_CIFAR100_URL, $CNNCLI_MNIST_URL, $CNNCLI_FASHION_MNIST_URL):
+    # the archive's URL for cifar10/cifar100, the URL of the folder holding the four .gz files for the MNISTs.
+    url: str | None = None
+    labels: str = field(default="fine", metadata={"choices": ("fine", "coarse")})  # cifar100: 100 or 20 classes
+    # folder: channels (1 or 3), height, width every image is converted to (resized, centre-cropped)
+    image_size: tuple[int, ...] = field(default=(3, 32, 32), metadata={"min": 1, "len": 3})
     val_size: int = field(default=5000, metadata={"min": 0})  # held out from the training images
     limit: int | None = field(default=None, metadata={"min": 1})  # use only the first N training images
-    normalize: NormalizeConfig = NormalizeConfig()
+    # {mean: [...], std: [...]}, or `auto`: computed from the training split (after data.limit and data.val_size);
+    # a run stores the computed mean and std in its config.yaml and checkpoints.
+    normalize: NormalizeConfig | str = field(default=NormalizeConfig(), metadata={"choices": ("auto",)})
     augment: AugmentConfig = AugmentConfig()
 
 
@@ -165,6 +177,8 @@ def _convert(value: Any, tp: Any, meta: Any, path: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        if isinstance(value, str) and str in args:  # a mapping-or-keyword union: data.normalize: auto
+            return _convert(value, str, meta, path)
         return _convert(value, args[0], meta, path)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

@@ -1,6 +1,11 @@
-"""CIFAR-10: where it lives, getting it (download, verify, extract), loading it safely, and splitting it.
+"""Data sets: where they live, getting them, loading them safely, their shapes, normalisation, splits.
 
-The data folder holds ``cifar-10-batches-py/`` (as extracted from the official archive)::
+The entry points for every data set (``data.dataset``: cifar10, cifar100, mnist, fashion-mnist, folder) are
+`resolve_data_dir`, `ensure_dataset`, `load_dataset` (-> `Dataset`), `dataset_shape`,
+`compute_normalization` / `resolve_normalization` and `make_splits`. CIFAR-10 itself is implemented here;
+CIFAR-100 and the MNISTs in `cnncli.datasets`, image folders in `cnncli.images`.
+
+For CIFAR-10 the data folder holds ``cifar-10-batches-py/`` (as extracted from the official archive)::
 
     batches.meta                    {b'label_names': [b'airplane', ...], ...}
     data_batch_1 ... data_batch_5   {b'data': uint8 (10000, 3072), b'labels': [int] * 10000, ...}
@@ -14,17 +19,23 @@ Nothing here prints; downloads report through a ``progress(done_bytes, total_byt
 from __future__ import annotations
 
 import codecs
+import dataclasses
+import math
 import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cnncli import download as _download
-from cnncli.errors import DataError
+from cnncli.config import DATASET_NAMES
+from cnncli.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from cnncli.config import DataConfig
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -58,13 +69,24 @@ def default_cache_dir() -> Path:
     return base / "cnncli"
 
 
-def resolve_data_dir(cli_dir: Path | None, config_dir: str | Path | None) -> Path:
+def resolve_data_dir(cli_dir: Path | None, config_dir: str | Path | None, dataset: str = "cifar10") -> Path:
     """The data folder, by precedence: `cli_dir` (``--data-dir``) > env ``CNNCLI_DATA`` > `config_dir`
     (``data.dir``) > `default_cache_dir()`.
 
-    The result may be the folder holding ``cifar-10-batches-py/`` or that folder itself (see
-    `find_extracted`). Empty strings count as unset; ``~`` is expanded. Nothing is created or checked.
+    The result may be the folder holding ``cifar-10-batches-py/`` (``cifar-100-python/``, ``mnist/``,
+    ``fashion-mnist/``) or that folder itself (see `find_extracted`). For ``dataset == "folder"`` the result is
+    the image folder: `cli_dir` > `config_dir`, neither ``CNNCLI_DATA`` (a cache of downloads) nor the cache
+    applies, and a `ConfigError` says that one is needed. Empty strings count as unset; ``~`` is expanded.
+    Nothing is created or checked.
     """
+    if dataset == "folder":
+        for candidate in (cli_dir, config_dir):
+            if candidate is not None and str(candidate) != "":
+                return Path(candidate).expanduser()
+        raise ConfigError(
+            "data.dir: missing; data.dataset folder needs the image folder (one sub-folder per class) as "
+            "data.dir in the config or --data-dir"
+        )
     env = os.environ.get("CNNCLI_DATA")
     for candidate in (cli_dir, env, config_dir):
         if candidate is not None and str(candidate) != "":
@@ -111,6 +133,7 @@ def ensure_cifar10(
     retries: int = 3,
     backoff: float = 1.0,
     timeout: float = 30.0,
+    limits: _download.Limits | None = None,
 ) -> Path:
     """Return the extracted CIFAR-10 folder, downloading and extracting it into `data_dir` if needed.
 
@@ -135,6 +158,8 @@ def ensure_cifar10(
         Expected archive size in bytes (None: not checked).
     retries, backoff, timeout
         Extra attempts for transient failures, seconds before the first retry (doubling), socket timeout.
+    limits : cnncli.download.Limits, optional
+        Overall deadline and minimum rate; None reads them from the environment.
 
     Returns
     -------
@@ -167,6 +192,7 @@ def ensure_cifar10(
         backoff=backoff,
         timeout=timeout,
         hint=WAYS_OUT,
+        limits=limits,
     )
 
 
@@ -211,7 +237,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         except KeyError:
             raise DataError(
                 f"{self._path}: refusing to unpickle forbidden global {module}.{name} "
-                "(a CIFAR-10 file holds only arrays and lists; the file may have been tampered with)"
+                "(a CIFAR data file holds only arrays and lists; the file may have been tampered with)"
             ) from None
 
 
@@ -226,7 +252,7 @@ def _unpickle(path: Path) -> Any:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from e
     except Exception as e:  # a damaged pickle can fail in many ways (EOFError, UnpicklingError, ...)
         detail = _download.one_line(e) or "no detail"
-        raise DataError(f"{path} is damaged or not a CIFAR-10 file ({type(e).__name__}: {detail})") from e
+        raise DataError(f"{path} is damaged or not a CIFAR data file ({type(e).__name__}: {detail})") from e
 
 
 def _get(record: dict, key: str, path: Path) -> Any:
@@ -306,21 +332,21 @@ def load_classes(path: Path) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class Cifar10:
-    """The data set in memory.
+class Dataset:
+    """A data set in memory (any of `DATASETS`).
 
     Attributes
     ----------
     train_x : np.ndarray
-        uint8 (N, 3, 32, 32); N = 50000 (0 if not requested).
+        uint8 (N, C, H, W); for CIFAR-10 (N, 3, 32, 32) with N = 50000 (0 if not requested).
     train_y : np.ndarray
-        int64 (N,), values in 0..9.
+        int64 (N,), values in 0..len(classes)-1.
     test_x : np.ndarray
-        uint8 (M, 3, 32, 32); M = 10000 (0 if not requested).
+        uint8 (M, C, H, W); CIFAR-10: M = 10000 (0 if not requested or the data set has no test split).
     test_y : np.ndarray
         int64 (M,).
     classes : tuple of str
-        The 10 class names, index = label.
+        The class names, index = label.
     """
 
     train_x: np.ndarray
@@ -328,6 +354,9 @@ class Cifar10:
     test_x: np.ndarray
     test_y: np.ndarray
     classes: tuple[str, ...]
+
+
+Cifar10 = Dataset  # the name of this class before there were other data sets
 
 
 def _load_batches(folder: Path, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -342,7 +371,7 @@ def _load_batches(folder: Path, names: tuple[str, ...]) -> tuple[np.ndarray, np.
     return x, y
 
 
-def load_cifar10(folder: Path, *, train: bool = True, test: bool = True) -> Cifar10:
+def load_cifar10(folder: Path, *, train: bool = True, test: bool = True) -> Dataset:
     """Load the extracted folder (from `ensure_cifar10` / `find_extracted`). Reads only; writes nothing.
 
     Parameters
@@ -354,7 +383,7 @@ def load_cifar10(folder: Path, *, train: bool = True, test: bool = True) -> Cifa
 
     Returns
     -------
-    Cifar10
+    Dataset
         uint8 images (N, 3, 32, 32) and int64 labels; 50000 train and 10000 test images.
 
     Raises
@@ -366,7 +395,233 @@ def load_cifar10(folder: Path, *, train: bool = True, test: bool = True) -> Cifa
     classes = load_classes(folder / META_FILE)
     train_x, train_y = _load_batches(folder, TRAIN_FILES if train else ())
     test_x, test_y = _load_batches(folder, (TEST_FILE,) if test else ())
-    return Cifar10(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes)
+    return Dataset(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes)
+
+
+# -------------------------------------------------------------------------------------- every data set
+
+DATASETS = DATASET_NAMES  # the values of data.dataset: cifar10, cifar100, mnist, fashion-mnist, folder
+DOWNLOADABLE = DATASETS[:-1]
+TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "mnist": "MNIST", "fashion-mnist": "Fashion-MNIST",
+          "folder": "image folder"}
+URL_ENV = {"cifar10": "CNNCLI_CIFAR10_URL", "cifar100": "CNNCLI_CIFAR100_URL", "mnist": "CNNCLI_MNIST_URL",
+           "fashion-mnist": "CNNCLI_FASHION_MNIST_URL"}
+_STATIC_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28),
+                  "fashion-mnist": (1, 28, 28)}
+
+
+def _known(name: str) -> str:
+    if name not in DATASETS:
+        raise ConfigError(f"data.dataset: must be one of {', '.join(DATASETS)}, got {name!r}")
+    return name
+
+
+def _idx_source(name: str) -> Any:
+    from cnncli import datasets
+
+    return datasets.MNIST if name == "mnist" else datasets.FASHION_MNIST
+
+
+def dataset_url(data_cfg: DataConfig) -> str | None:
+    """The mirror to download from: ``$CNNCLI_<SET>_URL`` (`URL_ENV`) > ``data.url`` > None (official)."""
+    env = URL_ENV.get(data_cfg.dataset)
+    return (os.environ.get(env) if env else None) or data_cfg.url or None
+
+
+def download_label(data_cfg: DataConfig) -> str:
+    """What a download progress bar is called: the archive's name, or the data set's title."""
+    from cnncli import datasets
+
+    return {"cifar10": ARCHIVE_NAME, "cifar100": datasets.CIFAR100.archive}.get(
+        data_cfg.dataset, TITLES.get(data_cfg.dataset, data_cfg.dataset)
+    )
+
+
+def dataset_shape(data_cfg: DataConfig, folder: Path | None = None) -> tuple[tuple[int, int, int], int]:
+    """(input shape (C, H, W), number of classes) of the data set `data_cfg` names, without loading it.
+
+    Static for the downloadable sets: CIFAR-10 (3, 32, 32), 10; CIFAR-100 (3, 32, 32), 100 (``data.labels:
+    fine``) or 20 (``coarse``); MNIST and Fashion-MNIST (1, 28, 28), 10. For ``folder``: ``data.image_size``
+    and the number of class sub-folders of `folder` (default ``data.dir``), which is listed (no image read).
+
+    Raises
+    ------
+    ConfigError
+        Unknown data set, a bad ``data.image_size``, or ``folder`` without a folder.
+    DataError
+        The folder is missing or has no class sub-folders.
+    """
+    name = _known(data_cfg.dataset)
+    if name == "folder":
+        from cnncli import images
+
+        shape = images.check_image_size(tuple(data_cfg.image_size))
+        root = folder if folder is not None else resolve_data_dir(None, data_cfg.dir, dataset="folder")
+        return shape, len(images.folder_classes(Path(root)))
+    if name == "cifar100":
+        from cnncli import datasets
+
+        return _STATIC_SHAPES[name], datasets.CIFAR100_FINE if data_cfg.labels == "fine" else datasets.CIFAR100_COARSE
+    return _STATIC_SHAPES[name], NUM_CLASSES  # cifar10, mnist, fashion-mnist: 10 classes each
+
+
+def ensure_dataset(
+    data_cfg: DataConfig,
+    target_dir: Path,
+    progress: Callable[[int, int | None], None] | None = None,
+    **options: Any,
+) -> Path:
+    """The folder `load_dataset` reads, downloading the data set into `target_dir` first if needed.
+
+    `target_dir` comes from ``resolve_data_dir(cli_dir, data_cfg.dir, data_cfg.dataset)``. An existing copy
+    is used as is (no network, nothing written). Otherwise CIFAR-10/CIFAR-100 are downloaded and extracted
+    (`ensure_cifar10`, `cnncli.datasets.ensure_archive_set`) and the MNISTs' four files fetched
+    (`cnncli.datasets.ensure_idx_set`) from `dataset_url(data_cfg)` or the official mirrors: resumed, md5-checked,
+    under the download limits of `cnncli.download.limits_from_env`. For ``folder`` nothing is downloaded:
+    `target_dir` is checked to be a folder with class sub-folders, and Pillow to be installed.
+
+    Parameters
+    ----------
+    data_cfg : DataConfig
+        ``cfg.data``.
+    target_dir : Path
+        The data folder.
+    progress : callable, optional
+        ``progress(done_bytes, total_bytes_or_None)`` during downloads (per file for the MNISTs).
+    **options
+        Passed to the downloader: retries, backoff, timeout, limits (and md5 / size / md5s in tests).
+
+    Raises
+    ------
+    DataError
+        One line naming the URL or file and what the user can do.
+    """
+    name = _known(data_cfg.dataset)
+    url = dataset_url(data_cfg)
+    if name == "cifar10":
+        return ensure_cifar10(Path(target_dir), url, progress, **options)
+    if name == "folder":
+        from cnncli import images
+
+        images.require_pillow()
+        images.folder_classes(Path(target_dir))
+        return Path(target_dir)
+    from cnncli import datasets
+
+    if name == "cifar100":
+        return datasets.ensure_archive_set(datasets.CIFAR100, Path(target_dir), url, progress, **options)
+    return datasets.ensure_idx_set(_idx_source(name), Path(target_dir), url, progress, **options)
+
+
+def load_dataset(data_cfg: DataConfig, folder: Path, *, train: bool = True, test: bool = True) -> Dataset:
+    """Load the data set `data_cfg` names from `folder` (from `ensure_dataset`). Reads only, executes nothing.
+
+    Parameters
+    ----------
+    data_cfg : DataConfig
+        ``cfg.data``: the data set, ``labels`` (CIFAR-100), ``image_size`` (folder).
+    folder : Path
+        The extracted / downloaded folder, or the image folder.
+    train, test : bool
+        Which parts to read; a part not requested comes back as empty arrays (0, C, H, W) / (0,).
+
+    Returns
+    -------
+    Dataset
+        uint8 images (N, C, H, W) with (C, H, W) = `dataset_shape(data_cfg)[0]`, int64 labels, class names.
+
+    Raises
+    ------
+    DataError
+        A missing, unreadable, damaged or tampered file (named), or labels out of range.
+    """
+    name = _known(data_cfg.dataset)
+    folder = Path(folder)
+    if name == "cifar10":
+        return load_cifar10(folder, train=train, test=test)
+    if name == "folder":
+        from cnncli import images
+
+        tx, ty, vx, vy, classes = images.load_image_folder(folder, data_cfg.image_size, train=train, test=test)
+        return Dataset(train_x=tx, train_y=ty, test_x=vx, test_y=vy, classes=classes)
+    from cnncli import datasets
+
+    if name == "cifar100":
+        return datasets.load_cifar100(folder, labels=data_cfg.labels, train=train, test=test)
+    return datasets.load_idx_set(_idx_source(name), folder, train=train, test=test)
+
+
+# --------------------------------------------------------------------------------------- normalisation
+
+
+def compute_normalization(train_x: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images on the [0, 1] scale (pixel / 255).
+
+    A 256-bin histogram n(v) per channel is counted in chunks of `chunk` images (no float copy of the
+    images); with N pixels, S1 = Σ v·n(v) and S2 = Σ v²·n(v) as exact integers, mean = S1 / (255 N) and
+    std = sqrt(N·S2 − S1²) / (255 N): the population standard deviation over every pixel of every image, with
+    one rounding each (a constant channel gets exactly 0).
+
+    Parameters
+    ----------
+    train_x : np.ndarray
+        uint8 (N, C, H, W), N >= 1.
+
+    Returns
+    -------
+    (mean, std) : tuple of C floats each
+    """
+    if train_x.dtype != np.uint8 or train_x.ndim != 4 or len(train_x) == 0:
+        raise DataError(f"normalisation statistics need uint8 images (N, C, H, W), N >= 1; got {train_x.shape} "
+                        f"{train_x.dtype}")
+    channels = train_x.shape[1]
+    counts = np.zeros((channels, 256), dtype=np.int64)
+    for start in range(0, len(train_x), chunk):
+        block = train_x[start : start + chunk]
+        for c in range(channels):
+            counts[c] += np.bincount(block[:, c].ravel(), minlength=256)
+    means, stds = [], []
+    for row in counts.tolist():  # Python ints: N·S2 exceeds int64 for large sets
+        n = sum(row)
+        s1 = sum(v * k for v, k in enumerate(row))
+        s2 = sum(v * v * k for v, k in enumerate(row))
+        means.append(s1 / (255 * n))
+        stds.append(math.sqrt(n * s2 - s1 * s1) / (255 * n))
+    return tuple(means), tuple(stds)
+
+
+def resolve_normalization(data_cfg: DataConfig, train_x: np.ndarray) -> DataConfig:
+    """`data_cfg` unchanged unless ``data.normalize: auto``; then a copy whose ``normalize`` is a
+    `NormalizeConfig` with the mean and std of `train_x` (`compute_normalization`), to be stored and reused.
+
+    Raises
+    ------
+    DataError
+        A channel whose training pixels are all equal (std 0: nothing to normalise by).
+    """
+    if data_cfg.normalize != "auto":
+        return data_cfg
+    from cnncli.config import NormalizeConfig
+
+    mean, std = compute_normalization(train_x)
+    flat = [c for c, s in enumerate(std) if s == 0.0]
+    if flat:
+        raise DataError(
+            f"data.normalize: auto: channel {flat[0]} of the {len(train_x)} training images is constant "
+            f"(value {mean[flat[0]] * 255:.0f}), so its std is 0; give data.normalize.mean and std instead"
+        )
+    return dataclasses.replace(data_cfg, normalize=NormalizeConfig(mean=mean, std=std))
+
+
+def normalization_for(data_cfg: DataConfig, folder: Path, seed: int) -> Any:
+    """The `NormalizeConfig` to use: ``data.normalize`` itself, or for ``auto`` the statistics of the
+    training split (`load_dataset` train part, then `make_splits` with ``data.limit``, ``data.val_size`` and
+    `seed`, as training does). For commands that get a config that was not resolved by a run."""
+    if data_cfg.normalize != "auto":
+        return data_cfg.normalize
+    ds = load_dataset(data_cfg, folder, train=True, test=False)
+    splits = make_splits(ds.train_x, ds.train_y, val_size=data_cfg.val_size, limit=data_cfg.limit, seed=seed)
+    return resolve_normalization(data_cfg, splits.train_x).normalize
 
 
 # ----------------------------------------------------------------------------------------------- splits

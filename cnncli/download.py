@@ -1,7 +1,12 @@
-"""HTTP download mechanics behind `cnncli.data.ensure_cifar10`: resume, retry, verify, extract, lock.
+"""HTTP download mechanics behind `cnncli.data.ensure_dataset`: resume, retry, limits, verify, extract, lock.
 
-Everything here is generic (no CIFAR-10 constants) and silent: progress goes through a callback, failures
+Everything here is generic (no data-set constants) and silent: progress goes through a callback, failures
 become `DataError` with a one-line message that names the URL or file.
+
+Besides the socket timeout (per receive), every download has an overall deadline and a minimum rate
+(`Limits`, from the environment: ``CNNCLI_DOWNLOAD_DEADLINE``, ``CNNCLI_DOWNLOAD_MIN_RATE``,
+``CNNCLI_DOWNLOAD_RATE_WINDOW``), so a server that trickles cannot keep a download waiting forever; a download
+stopped by either keeps its ``.part`` file for the next run to resume.
 
 Layout in the target folder ``dest``, while work is in progress::
 
@@ -18,6 +23,7 @@ import contextlib
 import errno
 import hashlib
 import http.client
+import math
 import os
 import re
 import shutil
@@ -28,10 +34,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from cnncli.errors import DataError
+from cnncli.errors import ConfigError, DataError
 
 try:  # POSIX only; elsewhere the temp+rename steps still keep the cache consistent
     import fcntl
@@ -107,28 +114,138 @@ def _int_header(value: str | None) -> int | None:
         return None
 
 
+# ------------------------------------------------------------------------------------------------ limits
+
+ENV_DEADLINE = "CNNCLI_DOWNLOAD_DEADLINE"
+ENV_MIN_RATE = "CNNCLI_DOWNLOAD_MIN_RATE"
+ENV_RATE_WINDOW = "CNNCLI_DOWNLOAD_RATE_WINDOW"
+DEFAULT_DEADLINE = 7200.0  # seconds for everything one `ensure` call downloads
+DEFAULT_MIN_RATE = 1024.0  # bytes per second, averaged over each window
+DEFAULT_RATE_WINDOW = 30.0  # seconds
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long a download may take as a whole, and how slow it may get.
+
+    The socket timeout alone bounds each receive, so a server that sends a byte every few seconds would keep a
+    download alive forever; these two limits end it. Both are checked whenever bytes arrive (and the socket
+    timeout bounds the wait for the next ones), so a download stops at most `timeout` seconds after a limit
+    is passed.
+
+    Attributes
+    ----------
+    deadline : float or None
+        Seconds for the whole download: every attempt, retry, back-off and mirror of one call (None: no limit).
+    min_rate : float
+        Bytes per second; a download averaging less over any `rate_window` seconds stops (0: no limit).
+    rate_window : float
+        Seconds over which the rate is averaged (> 0).
+    """
+
+    deadline: float | None = DEFAULT_DEADLINE
+    min_rate: float = DEFAULT_MIN_RATE
+    rate_window: float = DEFAULT_RATE_WINDOW
+
+
+def limits_from_env(environ: Mapping[str, str] | None = None) -> Limits:
+    """`Limits` from ``CNNCLI_DOWNLOAD_DEADLINE`` (seconds, 0 = none; default 7200),
+    ``CNNCLI_DOWNLOAD_MIN_RATE`` (bytes/s, 0 = none; default 1024) and ``CNNCLI_DOWNLOAD_RATE_WINDOW``
+    (seconds; default 30). Unset or empty means the default; anything else that is not a number >= 0 (> 0 for
+    the window) is a `ConfigError` naming the variable."""
+    env = os.environ if environ is None else environ
+
+    def number(name: str, default: float, positive: bool = False) -> float:
+        text = env.get(name, "").strip()
+        if not text:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            kind = "a number of seconds greater than 0" if positive else "a number >= 0 (0 turns the limit off)"
+            raise ConfigError(f"{name}={text!r}: expected {kind}")
+        return value
+
+    deadline = number(ENV_DEADLINE, DEFAULT_DEADLINE)
+    return Limits(
+        deadline=deadline or None,
+        min_rate=number(ENV_MIN_RATE, DEFAULT_MIN_RATE),
+        rate_window=number(ENV_RATE_WINDOW, DEFAULT_RATE_WINDOW, positive=True),
+    )
+
+
+class DownloadLimitError(DataError):
+    """A download passed its overall deadline (`limit == "deadline"`) or fell below the minimum rate
+    (`limit == "rate"`); the partial file is kept for the next run to resume."""
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class _LimitHit(Exception):
+    """`Limits` stopped the download; `which` is "deadline" or "rate", the message the reason."""
+
+    def __init__(self, which: str, reason: str) -> None:
+        super().__init__(reason)
+        self.which = which
+
+
+def _deadline_hit(limits: Limits) -> _LimitHit:
+    return _LimitHit(
+        "deadline", f"not finished within the overall deadline of {limits.deadline:g} s (set {ENV_DEADLINE} "
+        "to allow more, 0 for none)"
+    )
+
+
+def _past(deadline_at: float | None) -> bool:
+    return deadline_at is not None and time.monotonic() >= deadline_at
+
+
+# ---------------------------------------------------------------------------------------------- download
+
+
 def _attempt(
-    url: str, part: Path, *, size: int | None, progress: ProgressFn | None, timeout: float
+    url: str,
+    part: Path,
+    *,
+    size: int | None,
+    max_size: int | None,
+    progress: ProgressFn | None,
+    timeout: float,
+    limits: Limits,
+    deadline_at: float | None,
 ) -> None:
-    """One HTTP request: resume `part` if it has bytes, else start it. Raises `_Transient`/`_Permanent`."""
+    """One HTTP request: resume `part` if it has bytes, else start it.
+
+    Raises `_Transient`, `_Permanent` or `_LimitHit`; on any of them the bytes received so far stay in `part`
+    (unless they are known to be wrong).
+    """
     offset = part.stat().st_size if part.exists() else 0
     if size is not None and offset == size:
         return  # complete from an earlier run (e.g. interrupted during extraction); md5 decides
-    if size is not None and offset > size:
+    if (size is not None and offset > size) or (max_size is not None and offset > max_size):
         part.unlink()
         offset = 0
+    if _past(deadline_at):
+        raise _deadline_hit(limits)
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     request = urllib.request.Request(url, headers=headers)
+    wait = timeout if deadline_at is None else max(0.01, min(timeout, deadline_at - time.monotonic()))
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        response = urllib.request.urlopen(request, timeout=wait)
     except urllib.error.HTTPError as e:
         e.close()
         if e.code == 416 and offset:
             return  # nothing left to send: the partial file is complete (md5 decides)
         raise _classify(e) from e
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        if _past(deadline_at):
+            raise _deadline_hit(limits) from e
         raise _classify(e) from e
     except ValueError as e:  # unknown URL type, malformed URL
         raise _Permanent(one_line(e)) from e
@@ -154,16 +271,29 @@ def _attempt(
             with contextlib.suppress(FileNotFoundError):
                 part.unlink()
             raise _Permanent(f"the server offers {total:,} bytes, expected {size:,} (wrong file?)")
+        if max_size is not None and total is not None and total > max_size:
+            with contextlib.suppress(FileNotFoundError):
+                part.unlink()
+            raise _Permanent(f"the server offers {total:,} bytes, more than the {max_size:,} expected at most")
         expected_total = total if total is not None else size
+        limit = size if size is not None else max_size
 
+        # read1 returns as soon as some bytes arrive (read(n) would wait for all n), so the limits are
+        # checked while a slow server trickles.
+        read = getattr(response, "read1", None) or response.read
         done = offset
+        window_start, window_bytes = time.monotonic(), 0
         with open(part, mode) as f:
             if progress is not None:
                 progress(done, expected_total)
             while True:
+                if _past(deadline_at):
+                    raise _deadline_hit(limits)
                 try:
-                    chunk = response.read(CHUNK_BYTES)
+                    chunk = read(CHUNK_BYTES)
                 except (http.client.HTTPException, OSError, ValueError) as e:
+                    if _past(deadline_at):
+                        raise _deadline_hit(limits) from e
                     raise _classify(e) from e
                 if not chunk:
                     break
@@ -171,12 +301,65 @@ def _attempt(
                 done += len(chunk)
                 if progress is not None:
                     progress(done, expected_total)
-                if size is not None and done > size:
+                if limit is not None and done > limit:
                     f.close()
                     part.unlink()
-                    raise _Permanent(f"the server sent more than the expected {size:,} bytes (wrong file?)")
+                    raise _Permanent(f"the server sent more than the expected {limit:,} bytes (wrong file?)")
+                window_bytes += len(chunk)
+                now = time.monotonic()
+                if limits.min_rate and now - window_start >= limits.rate_window:
+                    if window_bytes / (now - window_start) < limits.min_rate:
+                        raise _LimitHit(
+                            "rate",
+                            f"slower than the minimum rate: {window_bytes:,} bytes in {now - window_start:.1f} s, "
+                            f"below {limits.min_rate:,.0f} bytes/s (set {ENV_MIN_RATE} to change it, 0 for "
+                            f"none; averaged over {ENV_RATE_WINDOW} = {limits.rate_window:g} s)",
+                        )
+                    window_start, window_bytes = now, 0
     if total is not None and done < total:
         raise _Transient(f"connection dropped after {done:,} of {total:,} bytes")
+
+
+class _Failed(Exception):
+    """`_fetch` gave up; the message is the reason, `limit` the `Limits` entry that stopped it (or None)."""
+
+    def __init__(self, reason: str, limit: str | None = None) -> None:
+        super().__init__(reason)
+        self.limit = limit
+
+
+def _fetch(
+    url: str,
+    part: Path,
+    *,
+    size: int | None,
+    max_size: int | None,
+    progress: ProgressFn | None,
+    retries: int,
+    backoff: float,
+    timeout: float,
+    limits: Limits,
+    deadline_at: float | None,
+) -> None:
+    """`download` without the message formatting: raises `_Failed` with the bare reason."""
+    attempts = max(0, retries) + 1
+    for attempt in range(attempts):
+        try:
+            _attempt(url, part, size=size, max_size=max_size, progress=progress, timeout=timeout, limits=limits,
+                     deadline_at=deadline_at)
+            return
+        except _LimitHit as e:
+            kept = part.stat().st_size if part.exists() else 0
+            raise _Failed(f"{e}; kept the {kept:,} bytes received in {part}: run again to resume", e.which) from e
+        except _Transient as e:
+            if attempt + 1 >= attempts:
+                raise _Failed(f"{e} (after {attempts} attempts)") from e
+        except _Permanent as e:
+            raise _Failed(str(e)) from e
+        pause = backoff * 2**attempt
+        if deadline_at is not None:
+            pause = max(0.0, min(pause, deadline_at - time.monotonic()))
+        time.sleep(pause)
 
 
 def download(
@@ -184,11 +367,14 @@ def download(
     part: Path,
     *,
     size: int | None,
+    max_size: int | None = None,
     progress: ProgressFn | None = None,
     retries: int = 3,
     backoff: float = 1.0,
     timeout: float = 30.0,
     hint: str = "",
+    limits: Limits | None = None,
+    deadline_at: float | None = None,
 ) -> None:
     """Download `url` into `part`, resuming what is already there and retrying transient failures.
 
@@ -201,6 +387,8 @@ def download(
         200 instead of 206 makes the download restart from byte 0.
     size : int or None
         Expected total size in bytes (None: unknown). A server announcing another size is refused.
+    max_size : int or None
+        When `size` is unknown: the most bytes accepted (a server announcing or sending more is refused).
     progress : callable, optional
         ``progress(done_bytes, total_bytes_or_None)``, called as bytes arrive.
     retries : int
@@ -212,23 +400,29 @@ def download(
         Socket timeout in seconds for connecting and for each read.
     hint : str
         Appended to the error message (what the user can do instead).
+    limits : Limits, optional
+        Overall deadline and minimum rate; None reads them from the environment (`limits_from_env`).
+    deadline_at : float, optional
+        `time.monotonic()` value at which the deadline passes, when a caller shares one deadline between
+        several downloads; None starts ``limits.deadline`` now.
 
     Raises
     ------
     DataError
         One line naming the URL, the reason and `hint`. `part` is kept (resumable) unless it is known bad.
+        A `DownloadLimitError` (a DataError) when a limit stopped it, saying which.
     """
-    attempts = max(0, retries) + 1
-    for attempt in range(attempts):
-        try:
-            _attempt(url, part, size=size, progress=progress, timeout=timeout)
-            return
-        except _Transient as e:
-            if attempt + 1 >= attempts:
-                raise DataError(_failure(url, f"{e} (after {attempts} attempts)", hint)) from e
-        except _Permanent as e:
-            raise DataError(_failure(url, str(e), hint)) from e
-        time.sleep(backoff * 2**attempt)
+    limits = limits_from_env() if limits is None else limits
+    if deadline_at is None and limits.deadline is not None:
+        deadline_at = time.monotonic() + limits.deadline
+    try:
+        _fetch(url, part, size=size, max_size=max_size, progress=progress, retries=retries, backoff=backoff,
+               timeout=timeout, limits=limits, deadline_at=deadline_at)
+    except _Failed as e:
+        message = _failure(url, str(e), hint)
+        if e.limit is not None:
+            raise DownloadLimitError(message, e.limit) from e
+        raise DataError(message) from e
 
 
 def _failure(url: str, reason: str, hint: str) -> str:
@@ -244,16 +438,21 @@ def file_md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify(path: Path, *, url: str, md5: str | None, size: int | None) -> None:
-    """Check size and md5 of the downloaded file; on mismatch delete it and raise `DataError`."""
+def _mismatch(path: Path, md5: str | None, size: int | None) -> str | None:
+    """What is wrong with a downloaded file's size or md5 (None: nothing)."""
     actual_size = path.stat().st_size
-    problem = None
     if size is not None and actual_size != size:
-        problem = f"is {actual_size:,} bytes, expected {size:,}"
-    elif md5 is not None:
+        return f"is {actual_size:,} bytes, expected {size:,}"
+    if md5 is not None:
         actual = file_md5(path)
         if actual.lower() != md5.lower():
-            problem = f"has md5 {actual}, expected {md5.lower()}"
+            return f"has md5 {actual}, expected {md5.lower()}"
+    return None
+
+
+def verify(path: Path, *, url: str, md5: str | None, size: int | None) -> None:
+    """Check size and md5 of the downloaded file; on mismatch delete it and raise `DataError`."""
+    problem = _mismatch(path, md5, size)
     if problem is not None:
         path.unlink()
         raise DataError(
@@ -362,6 +561,20 @@ def file_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _locked_folder(dest: Path, lock_name: str, hint: str) -> contextlib.ExitStack:
+    """Create `dest` and hold ``dest/<lock_name>``; an OS failure -> DataError naming `dest`."""
+    stack = contextlib.ExitStack()
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(file_lock(dest / lock_name))
+    except OSError as e:
+        stack.close()
+        raise DataError(
+            f"cannot write to the data folder {dest}: {_os_reason(e)}" + (f"; {hint}" if hint else "")
+        ) from e
+    return stack
+
+
 def fetch_and_extract(
     url: str,
     dest: Path,
@@ -371,17 +584,19 @@ def fetch_and_extract(
     is_complete: Callable[[Path], bool],
     md5: str | None,
     size: int | None,
+    max_size: int | None = None,
     progress: ProgressFn | None = None,
     retries: int = 3,
     backoff: float = 1.0,
     timeout: float = 30.0,
     hint: str = "",
+    limits: Limits | None = None,
 ) -> Path:
     """Download `url` to ``dest/<archive_name>.part``, verify, extract ``folder_name/`` into `dest`.
 
     Holds ``dest/.<archive_name>.lock`` throughout, and returns at once (no network) when another process
     put a complete ``dest/folder_name`` in place while this one waited for the lock. The archive is deleted
-    after a successful extraction.
+    after a successful extraction. `max_size` and `limits` as in `download`.
 
     Returns
     -------
@@ -389,21 +604,131 @@ def fetch_and_extract(
         ``dest / folder_name``.
     """
     final = dest / folder_name
-    with contextlib.ExitStack() as stack:
-        try:
-            dest.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(file_lock(dest / f".{archive_name}.lock"))
-        except OSError as e:
-            raise DataError(
-                f"cannot write to the data folder {dest}: {_os_reason(e)}" + (f"; {hint}" if hint else "")
-            ) from e
+    with _locked_folder(dest, f".{archive_name}.lock", hint):
         if final.is_dir() and is_complete(final):
             return final  # another process finished while we waited
         remove_stale_extractions(dest, folder_name)
         part = dest / f"{archive_name}.part"
-        download(url, part, size=size, progress=progress, retries=retries, backoff=backoff,
-                 timeout=timeout, hint=hint)
+        download(url, part, size=size, max_size=max_size, progress=progress, retries=retries, backoff=backoff,
+                 timeout=timeout, hint=hint, limits=limits)
         verify(part, url=url, md5=md5, size=size)
         extract(part, dest, folder_name, is_complete=is_complete)
         part.unlink()
         return final
+
+
+def join_url(base: str, name: str) -> str:
+    """``base`` (a folder URL, with or without the trailing slash) + ``name``."""
+    return base.rstrip("/") + "/" + name
+
+
+def fetch_files(
+    bases: list[str],
+    dest: Path,
+    files: Mapping[str, str | None],
+    *,
+    max_size: int | None,
+    progress: ProgressFn | None = None,
+    retries: int = 3,
+    backoff: float = 1.0,
+    timeout: float = 30.0,
+    hint: str = "",
+    limits: Limits | None = None,
+) -> Path:
+    """Download each of `files` (name -> md5) that ``dest`` lacks, from the first mirror in `bases` that works.
+
+    For each missing file: ``dest/<name>.part`` is downloaded (resumed when present) from ``bases[0]/<name>``,
+    then, should that fail or serve a file with the wrong md5, from the next mirror, and so on; a file is
+    renamed to ``dest/<name>`` only after its md5 matched, so ``dest`` never holds an unverified file under
+    its final name. Files already in ``dest`` were verified when they were put there and are not fetched
+    again. One deadline covers every file and mirror; when it passes, no further mirror is tried.
+    Holds ``dest.parent/.<dest.name>.lock`` throughout.
+
+    Parameters
+    ----------
+    bases : list of str
+        Mirror folder URLs, tried in order.
+    dest : Path
+        The data set's folder; created if needed.
+    files : mapping
+        File name -> expected md5 (None: not checked).
+    max_size : int or None
+        The most bytes accepted per file.
+    progress, retries, backoff, timeout, hint, limits
+        As in `download`.
+
+    Returns
+    -------
+    Path
+        `dest`.
+
+    Raises
+    ------
+    DataError
+        One line naming the file, each mirror's reason and `hint`; a `DownloadLimitError` when the deadline
+        passed (every `.part` is kept).
+    """
+    limits = limits_from_env() if limits is None else limits
+    deadline_at = None if limits.deadline is None else time.monotonic() + limits.deadline
+    with _locked_folder(dest.parent, f".{dest.name}.lock", hint):
+        created = not dest.exists()
+        try:
+            dest.mkdir(exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot write to the data folder {dest}: {_os_reason(e)}") from e
+        try:
+            _fetch_each(bases, dest, files, max_size=max_size, progress=progress, retries=retries, backoff=backoff,
+                        timeout=timeout, hint=hint, limits=limits, deadline_at=deadline_at)
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):
+                    dest.rmdir()  # only when empty: a failure before the first byte leaves no new folder
+            raise
+    return dest
+
+
+def _fetch_each(
+    bases: list[str],
+    dest: Path,
+    files: Mapping[str, str | None],
+    *,
+    max_size: int | None,
+    progress: ProgressFn | None,
+    retries: int,
+    backoff: float,
+    timeout: float,
+    hint: str,
+    limits: Limits,
+    deadline_at: float | None,
+) -> None:
+    """The loop of `fetch_files` over files and mirrors (the caller holds the lock)."""
+    for name, md5 in files.items():
+        final = dest / name
+        if final.is_file():
+            continue
+        part = dest / f"{name}.part"
+        reasons = []
+        for base in bases:
+            url = join_url(base, name)
+            try:
+                _fetch(url, part, size=None, max_size=max_size, progress=progress, retries=retries,
+                       backoff=backoff, timeout=timeout, limits=limits, deadline_at=deadline_at)
+            except _Failed as e:
+                reasons.append(f"{url}: {e}")
+                if e.limit == "deadline":
+                    raise DownloadLimitError(_files_failure(name, reasons, hint), e.limit) from e
+                continue
+            problem = _mismatch(part, md5, None)
+            if problem is not None:
+                part.unlink()
+                reasons.append(f"{url}: the file {problem} (deleted it)")
+                continue
+            os.replace(part, final)
+            break
+        else:
+            raise DataError(_files_failure(name, reasons, hint))
+
+
+def _files_failure(name: str, reasons: list[str], hint: str) -> str:
+    tried = "; ".join(reasons)
+    return one_line(f"cannot download {name} ({tried})" + (f"; {hint}" if hint else ""))

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +190,7 @@ def train(
     init_path: Path | None = None,
     callbacks: Callbacks | None = None,
 ) -> TrainResult:
-    """Train `cfg`'s model on the CIFAR-10 found in `data_folder` (the extracted batches folder).
+    """Train `cfg`'s model on the data set `cfg.data` names, found in `data_folder` (from `ensure_dataset`).
 
     Writes into `run_dir`: config.yaml, metrics.csv, last.npz (after every epoch, and on Ctrl-C), best.npz
     (best validation accuracy; the last epoch when there is no validation set). Raises TrainingDiverged on
@@ -200,10 +200,12 @@ def train(
     t_start = time.perf_counter()
     tc = cfg.train
 
-    dataset = data_mod.load_cifar10(data_folder)
+    dataset = data_mod.load_dataset(cfg.data, data_folder)
     splits = data_mod.make_splits(
         dataset.train_x, dataset.train_y, val_size=cfg.data.val_size, limit=cfg.data.limit, seed=cfg.seed
     )
+    # data.normalize: auto -> the statistics of the training split, stored in the run's config and checkpoints
+    cfg = replace(cfg, data=data_mod.resolve_normalization(cfg.data, splits.train_x))
     n_classes = len(dataset.classes)
 
     model = build_model(cfg.model, seed=cfg.seed)

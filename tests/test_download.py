@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import shutil
 import subprocess
@@ -11,112 +12,24 @@ import sys
 import tarfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fileserver import FileServer
 from helpers import closed_port_url
 from typer.testing import CliRunner
 
 from cnncli import data
 from cnncli.cli import app
-from cnncli.errors import DataError
+from cnncli.download import DownloadLimitError, Limits, limits_from_env
+from cnncli.errors import ConfigError, DataError
 
 FOLDER = "cifar-10-batches-py"
 FILES = ("batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
          "test_batch")
 PART = "cifar-10-python.tar.gz.part"
 FAST = {"backoff": 0.01, "timeout": 10.0}
-
-
-# --------------------------------------------------------------------------------------------- server
-
-
-class FileServer:
-    """HTTP/1.0 server on 127.0.0.1 with Range support and scripted misbehaviour; records every request."""
-
-    PIECE = 16 * 1024
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.requests: list[dict] = []
-        self.fail_first = 0  # answer 500 to this many requests
-        self.drop_first = 0  # send half the body to this many requests, then close the connection
-        self.ignore_range = False  # answer 200 with the whole file even to a Range request
-        self.delay = 0.0  # seconds to sleep per 16 KiB piece
-        self._lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def url(self, name: str = "cifar-10-python.tar.gz") -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
-
-    def gets(self) -> list[dict]:
-        with self._lock:
-            return list(self.requests)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:  # keep the test output quiet
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                record = {"path": self.path, "range": self.headers.get("Range"), "status": None, "sent": 0}
-                with server._lock:
-                    server.requests.append(record)
-                    n = len(server.requests)
-                body = server.files.get(self.path.lstrip("/"))
-                if body is None:
-                    record["status"] = 404
-                    self.send_error(404)
-                    return
-                if n <= server.fail_first:
-                    record["status"] = 500
-                    self.send_error(500)
-                    return
-                start, status = 0, 200
-                rng = record["range"]
-                if rng and not server.ignore_range:
-                    start = int(rng.removeprefix("bytes=").rstrip("-"))
-                    if start >= len(body):
-                        record["status"] = 416
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(body)}")
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                    status = 206
-                record["status"] = status
-                self.send_response(status)
-                self.send_header("Content-Type", "application/gzip")
-                self.send_header("Content-Length", str(len(body) - start))
-                if status == 206:
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                self.end_headers()
-                end = len(body)
-                if n <= server.drop_first:
-                    end = start + (len(body) - start) // 2
-                try:
-                    for i in range(start, end, server.PIECE):
-                        piece = body[i : min(i + server.PIECE, end)]
-                        self.wfile.write(piece)
-                        record["sent"] += len(piece)
-                        if server.delay:
-                            time.sleep(server.delay)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client went away (Ctrl-C test)
-                self.close_connection = True
-
-        return Handler
 
 
 @pytest.fixture
@@ -516,3 +429,90 @@ def test_cli_download_with_data_present(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert len([line for line in result.output.splitlines() if line.strip()]) <= 1, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# ------------------------------------------------------------------------------- trickling servers
+
+
+def _trickling(server: FileServer, tiny: dict) -> dict:
+    """The server sends the first 5,000 bytes at once, then one byte every 20 ms (50 bytes/s)."""
+    src = serve(server, tiny)
+    server.trickle, server.trickle_after = 0.02, 5000
+    return src
+
+
+def _assert_resumes_after_limit(server: FileServer, tiny: dict, src: dict, tmp_path: Path) -> None:
+    """After a limit stopped the download: the .part holds a prefix of the archive and the next run resumes it."""
+    assert leftovers(tmp_path) == [PART] and not (tmp_path / FOLDER).exists()
+    kept = (tmp_path / PART).read_bytes()
+    assert 5000 <= len(kept) < src["size"] and tiny["archive"].startswith(kept)
+    server.trickle = 0.0
+    folder = data.ensure_cifar10(tmp_path, src["url"], md5=src["md5"], size=src["size"], **FAST)
+    assert server.gets()[-1]["range"] == f"bytes={len(kept)}-" and server.gets()[-1]["status"] == 206
+    assert_tiny_extracted(folder, tiny)
+    assert leftovers(tmp_path) == []
+
+
+def test_trickle_stopped_by_the_deadline_then_resumed(server: FileServer, tiny: dict, tmp_path: Path) -> None:
+    src = _trickling(server, tiny)
+    limits = Limits(deadline=1.0, min_rate=0.0, rate_window=30.0)  # only the deadline can stop it
+    with pytest.raises(DownloadLimitError) as e:
+        data.ensure_cifar10(tmp_path, src["url"], md5=src["md5"], size=src["size"], limits=limits, **FAST)
+    msg = str(e.value)
+    assert e.value.limit == "deadline"
+    assert "deadline of 1 s" in msg and "CNNCLI_DOWNLOAD_DEADLINE" in msg and "minimum rate" not in msg
+    assert src["url"] in msg and str(tmp_path / PART) in msg and "resume" in msg and "\n" not in msg
+    assert len(server.gets()) == 1  # a limit is not retried
+    _assert_resumes_after_limit(server, tiny, src, tmp_path)
+
+
+def test_trickle_stopped_by_the_minimum_rate_then_resumed(server: FileServer, tiny: dict, tmp_path: Path) -> None:
+    src = _trickling(server, tiny)
+    limits = Limits(deadline=None, min_rate=2000.0, rate_window=0.5)  # only the rate can stop it
+    with pytest.raises(DownloadLimitError) as e:
+        data.ensure_cifar10(tmp_path, src["url"], md5=src["md5"], size=src["size"], limits=limits, **FAST)
+    msg = str(e.value)
+    assert e.value.limit == "rate"
+    assert "minimum rate" in msg and "2,000 bytes/s" in msg and "CNNCLI_DOWNLOAD_MIN_RATE" in msg
+    assert "deadline" not in msg and "\n" not in msg
+    _assert_resumes_after_limit(server, tiny, src, tmp_path)
+
+
+def test_fast_download_passes_the_same_limits(server: FileServer, tiny: dict, tmp_path: Path) -> None:
+    """The limits of the two tests above do not stop a download that does not trickle."""
+    src = serve(server, tiny)
+    server.delay = 0.01  # several reads, spread over more than one rate window
+    limits = Limits(deadline=30.0, min_rate=2000.0, rate_window=0.02)
+    folder = data.ensure_cifar10(tmp_path, src["url"], md5=src["md5"], size=src["size"], limits=limits, **FAST)
+    assert_tiny_extracted(folder, tiny)
+
+
+def test_limits_from_environment() -> None:
+    assert limits_from_env({}) == Limits(deadline=7200.0, min_rate=1024.0, rate_window=30.0)
+    env = {"CNNCLI_DOWNLOAD_DEADLINE": "0", "CNNCLI_DOWNLOAD_MIN_RATE": "1e4", "CNNCLI_DOWNLOAD_RATE_WINDOW": " 5 "}
+    assert limits_from_env(env) == Limits(deadline=None, min_rate=10000.0, rate_window=5.0)
+    for name, value in [("CNNCLI_DOWNLOAD_DEADLINE", "soon"), ("CNNCLI_DOWNLOAD_DEADLINE", "-1"),
+                        ("CNNCLI_DOWNLOAD_MIN_RATE", "nan"), ("CNNCLI_DOWNLOAD_RATE_WINDOW", "0")]:
+        with pytest.raises(ConfigError, match=f"{name}='{value}'"):
+            limits_from_env({name: value})
+
+
+def test_cli_download_trickle_deadline_from_environment(server: FileServer, tiny: dict, tmp_path: Path) -> None:
+    """The real `cnn download` in a subprocess (MNIST: its files have no fixed size, so any content is fetched
+    until the md5 check): the deadline comes from the environment; one line; the .part is kept."""
+    name = "train-images-idx3-ubyte.gz"
+    server.files[f"mnist/{name}"] = tiny["archive"]
+    server.trickle, server.trickle_after = 0.02, 5000
+    exe = Path(sys.executable).parent / "cnn"
+    env = {**os.environ, "CNNCLI_MNIST_URL": server.url("mnist/"), "CNNCLI_DOWNLOAD_DEADLINE": "1"}
+    env.pop("CNNCLI_DATA", None)
+    proc = subprocess.run([str(exe), "download", "--dataset", "mnist", "--data-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("MNIST:")]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "deadline of 1 s" in lines[0] and "CNNCLI_DOWNLOAD_DEADLINE" in lines[0] and name in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == [f"{name}.part"]
+    kept = (tmp_path / "mnist" / f"{name}.part").read_bytes()
+    assert len(kept) >= 5000 and tiny["archive"].startswith(kept)
