@@ -368,13 +368,14 @@ class _ConvStage(_Stage):
         return _pool_windows(s4, self.pool.kernel_size, self.pool.stride, ph, pw)
 
     def forward(self, buf: _Buffers, train: bool) -> None:
-        w, b = self.conv.params["W"], self.conv.params["b"]
+        w, b = self.conv.params["W"], self.conv.params.get("b")
         np.copyto(buf.cols, buf.src)  # im2col, one strided copy
         np.matmul(w.reshape(w.shape[0], -1), buf.cols2, out=buf.s2)  # S = W (C_out, C·K·K) @ cols (C·K·K, M)
         if self.pool is not None:
             _pool_forward(buf.windows, buf.post, buf.masks if train else None)
         post = buf.post
-        post += b[:, None, None, None]
+        if b is not None:
+            post += b[:, None, None, None]
         if self.relu:
             np.maximum(post, 0, out=post)
         np.copyto(buf.out, post)
@@ -387,7 +388,8 @@ class _ConvStage(_Stage):
             np.multiply(dout, buf.relu_mask, out=delta)
         else:
             np.copyto(delta, dout)
-        np.sum(delta, axis=(1, 2, 3), out=grads["b"])  # δb[c] = Σ_{n,i,j} δS[n,c,i,j]
+        if "b" in grads:
+            np.sum(delta, axis=(1, 2, 3), out=grads["b"])  # δb[c] = Σ_{n,i,j} δS[n,c,i,j]
         if self.pool is not None:
             if not self.blocked:
                 buf.ds2.fill(0)
@@ -506,9 +508,10 @@ class _LinearStage(_Stage):
         return buf
 
     def forward(self, buf: _Buffers, train: bool) -> None:
-        w, b = self.linear.params["W"], self.linear.params["b"]
+        w, b = self.linear.params["W"], self.linear.params.get("b")
         np.matmul(buf.x, w.T, out=buf.out)  # z (N, out) = h (N, in) @ Wᵀ
-        buf.out += b
+        if b is not None:
+            buf.out += b
         if self.relu:
             np.maximum(buf.out, 0, out=buf.out)
 
@@ -517,7 +520,8 @@ class _LinearStage(_Stage):
         if self.relu:
             self._relu_grad(buf, dout, buf.delta)
             delta = buf.delta
-        np.sum(delta, axis=0, out=grads["b"])  # δb[i] = Σ_n δz[n,i]
+        if "b" in grads:
+            np.sum(delta, axis=0, out=grads["b"])  # δb[i] = Σ_n δz[n,i]
         np.matmul(delta.T, buf.x, out=grads["W"])  # δW[i,k] = Σ_n δz[n,i] · h[n,k]
         if not self.need_dx:
             return None

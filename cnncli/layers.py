@@ -157,13 +157,15 @@ class Conv2D(Layer):
         kernel_size: int = option(3, min=1, help="kernel side K")
         stride: int = option(1, min=1, help="step s between windows")
         padding: int = option(0, min=0, help="zeros added on each side")
+        bias: bool = option(True, help="learn a bias b (false before a batch-norm, which has its own shift)")
 
     @classmethod
     def from_options(cls, opts: LayerOptions, input_shape: Shape, rng: np.random.Generator, dtype: type) -> Conv2D:
         if len(input_shape) != 3:
             raise ValueError(f"needs an image input (C, H, W), got {tuple(input_shape)}")
         o = cls.Options(**option_values(opts))
-        return cls(input_shape[0], o.out_channels, o.kernel_size, o.stride, o.padding, rng=rng, dtype=dtype)
+        return cls(input_shape[0], o.out_channels, o.kernel_size, o.stride, o.padding, rng=rng, dtype=dtype,
+                   bias=o.bias)
 
     def __init__(
         self,
@@ -175,6 +177,7 @@ class Conv2D(Layer):
         name: str = "conv",
         rng: np.random.Generator | None = None,
         dtype: type = np.float32,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self.name = name
@@ -185,7 +188,9 @@ class Conv2D(Layer):
         fan_in = in_channels * kernel_size * kernel_size
         # He/Kaiming normal: std = sqrt(2 / fan_in), the scale that keeps ReLU activations' variance steady.
         w = rng.standard_normal((out_channels, in_channels, kernel_size, kernel_size)) * np.sqrt(2.0 / fan_in)
-        self.params = {"W": w.astype(dtype), "b": np.zeros(out_channels, dtype=dtype)}
+        self.params = {"W": w.astype(dtype)}
+        if bias:
+            self.params["b"] = np.zeros(out_channels, dtype=dtype)
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._cols: np.ndarray | None = None
         self._x_shape: Shape | None = None
@@ -229,7 +234,8 @@ class Conv2D(Layer):
         cols, ho, wo = self._im2col(x)
         w_mat = self.params["W"].reshape(self.out_channels, -1)  # (C_out, C_in·K·K)
         out = w_mat @ cols  # (C_out, N·H'·W')
-        out += self.params["b"][:, None]
+        if "b" in self.params:
+            out += self.params["b"][:, None]
         self._cols, self._x_shape = cols, x.shape
         return out.reshape(self.out_channels, n, ho, wo).transpose(1, 0, 2, 3)
 
@@ -244,7 +250,8 @@ class Conv2D(Layer):
         k, s, p = self.kernel_size, self.stride, self.padding
         c_out, ho, wo = dout.shape[1:]
         dout_mat = dout.transpose(1, 0, 2, 3).reshape(c_out, -1)  # (C_out, N·H'·W')
-        self.grads["b"] = dout_mat.sum(axis=1)
+        if "b" in self.params:
+            self.grads["b"] = dout_mat.sum(axis=1)
         self.grads["W"] = (dout_mat @ self._cols.T).reshape(self.params["W"].shape)
         if not self.needs_input_grad:
             return None
@@ -506,6 +513,7 @@ class Linear(Layer):
     @dataclass(frozen=True)
     class Options(LayerOptions):
         out_features: int = option(10, min=1, help="outputs")
+        bias: bool = option(True, help="learn a bias b")
 
     @classmethod
     def from_options(cls, opts: LayerOptions, input_shape: Shape, rng: np.random.Generator, dtype: type) -> Linear:
@@ -515,7 +523,7 @@ class Linear(Layer):
                 "put a flatten layer before it"
             )
         o = cls.Options(**option_values(opts))
-        return cls(input_shape[0], o.out_features, rng=rng, dtype=dtype)
+        return cls(input_shape[0], o.out_features, rng=rng, dtype=dtype, bias=o.bias)
 
     def __init__(
         self,
@@ -524,6 +532,7 @@ class Linear(Layer):
         name: str = "fc",
         rng: np.random.Generator | None = None,
         dtype: type = np.float32,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self.name = name
@@ -532,7 +541,9 @@ class Linear(Layer):
         rng = rng if rng is not None else np.random.default_rng(0)
         # He/Kaiming normal, std = sqrt(2 / fan_in), as for the conv layers.
         w = rng.standard_normal((out_features, in_features)) * np.sqrt(2.0 / in_features)
-        self.params = {"W": w.astype(dtype), "b": np.zeros(out_features, dtype=dtype)}
+        self.params = {"W": w.astype(dtype)}
+        if bias:
+            self.params["b"] = np.zeros(out_features, dtype=dtype)
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._x: np.ndarray | None = None
 
@@ -555,16 +566,115 @@ class Linear(Layer):
     def forward(self, x: np.ndarray) -> np.ndarray:
         """h (N, in) -> z (N, out)."""
         self._x = x
-        return x @ self.params["W"].T + self.params["b"]
+        z = x @ self.params["W"].T
+        return z + self.params["b"] if "b" in self.params else z
 
     def backward(self, dout: np.ndarray) -> np.ndarray | None:
         """δz (N, out) -> δh (N, in); fills grads W (out, in), b (out,)."""
         assert self._x is not None, "backward before forward"
         self.grads["W"] = dout.T @ self._x
-        self.grads["b"] = dout.sum(axis=0)
+        if "b" in self.params:
+            self.grads["b"] = dout.sum(axis=0)
         if not self.needs_input_grad:
             return None
         return dout @ self.params["W"]
+
+
+@register_layer
+class BatchNorm(Layer):
+    """Batch normalisation, docs/derivations.md#batch-normalisation, over channels for images and over
+    features for vectors: x (N, C, H, W) with statistics over the M = N·H·W values of each channel, or
+    x (N, D) over the M = N values of each feature.
+
+    Training mode: μ = mean, σ² = biased variance of the batch; x̂ = (x − μ) / √(σ² + ε); y = γ·x̂ + β; the
+    running statistics move by r ← (1 − momentum)·r + momentum·(batch value), the variance's with the
+    unbiased M/(M − 1)·σ². Evaluation mode: the running mean and variance instead of the batch's.
+    Parameters γ (C,) ones, β (C,) zeros, not weight-decayed; buffers running_mean (C,) zeros, running_var
+    (C,) ones. Backward (training): δγ = Σ δy·x̂, δβ = Σ δy, δx = γ/(M·√(σ²+ε)) · (M·δy − Σδy − x̂·Σ(δy·x̂)),
+    the three paths through x̂, μ and σ² summed; evaluation: δx = γ·δy/√(r_var + ε). Keeps x̂ and 1/√(σ²+ε).
+    """
+
+    type_name = "batchnorm"
+    name_prefix = "bn"
+    doc = "batch-normalisation"
+    decay = ()
+
+    @dataclass(frozen=True)
+    class Options(LayerOptions):
+        momentum: float = option(0.1, gt=0, max=1, help="weight of the batch in the running statistics")
+        eps: float = option(1e-5, gt=0, help="ε added to the variance")
+
+    def __init__(self, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self._xhat: np.ndarray | None = None
+        self._inv_std: np.ndarray | None = None
+
+    def build(self, input_shape: Shape, rng: np.random.Generator, dtype: type) -> None:
+        if len(input_shape) not in (1, 3):
+            raise ValueError(f"needs images (C, H, W) or vectors (D,), got shape {tuple(input_shape)}")
+        c = input_shape[0]
+        self.params = {"gamma": np.ones(c, dtype=dtype), "beta": np.zeros(c, dtype=dtype)}
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self.buffers = {"running_mean": np.zeros(c, dtype=dtype), "running_var": np.ones(c, dtype=dtype)}
+
+    def couples_batch(self) -> bool:
+        return self.training  # batch statistics, and forward moves the running ones
+
+    def describe(self) -> str:
+        return f"batchnorm momentum {self.momentum:g}, ε {self.eps:g}"
+
+    def macs(self, input_shape: Shape) -> int:
+        return int(np.prod(input_shape))
+
+    @staticmethod
+    def _axes(x: np.ndarray) -> tuple[int, ...]:
+        return (0, 2, 3) if x.ndim == 4 else (0,)
+
+    @staticmethod
+    def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
+        return v.reshape(1, -1, 1, 1) if ndim == 4 else v.reshape(1, -1)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """x (N, C, H, W) or (N, D) -> y, the same shape."""
+        axes = self._axes(x)
+        m = x.size // x.shape[1]
+        if self.training:
+            if m < 2:
+                from cnncli.errors import ConfigError
+
+                raise ConfigError(
+                    f"{self.name or 'batchnorm'}: batch-norm in training mode needs more than one value per "
+                    f"channel, got a batch of {x.shape[0]} of shape {tuple(x.shape[1:])} (variance undefined); "
+                    "use a larger train.batch_size"
+                )
+            mu = x.mean(axis=axes)
+            var = ((x - self._per_channel(mu, x.ndim)) ** 2).mean(axis=axes)
+            rm, rv, mom = self.buffers["running_mean"], self.buffers["running_var"], self.momentum
+            rm *= 1 - mom
+            rm += (mom * mu).astype(rm.dtype)
+            rv *= 1 - mom
+            rv += (mom * var * m / (m - 1)).astype(rv.dtype)
+        else:
+            mu, var = self.buffers["running_mean"], self.buffers["running_var"]
+        inv_std = 1.0 / np.sqrt(var + self.eps)
+        xhat = (x - self._per_channel(mu, x.ndim)) * self._per_channel(inv_std, x.ndim)
+        self._xhat, self._inv_std, self._train_pass = xhat, inv_std.astype(x.dtype), self.training
+        return self._per_channel(self.params["gamma"], x.ndim) * xhat + self._per_channel(self.params["beta"], x.ndim)
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """δy -> δx (same shape); fills grads gamma (C,), beta (C,)."""
+        assert self._xhat is not None and self._inv_std is not None, "backward before forward"
+        xhat, axes, nd = self._xhat, self._axes(dout), dout.ndim
+        self.grads["gamma"] = (dout * xhat).sum(axis=axes)
+        self.grads["beta"] = dout.sum(axis=axes)
+        scale = self._per_channel(self.params["gamma"] * self._inv_std, nd)
+        if not self._train_pass:
+            return scale * dout
+        m = dout.size // dout.shape[1]
+        mean_d = self._per_channel(self.grads["beta"] / m, nd)
+        mean_dx = self._per_channel(self.grads["gamma"] / m, nd)
+        return scale * (dout - mean_d - xhat * mean_dx)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
