@@ -24,3 +24,42 @@ app.command(name="eval")(cli_train.eval_)
 app.command()(cli_bench.bench)
 app.command(help=cli_viz.TRACE_HELP)(cli_viz.trace)
 app.command()(cli_viz.plot)
+
+app.info.context_settings = {"help_option_names": ["-h", "--help"]}
+
+
+def _version(value: bool) -> None:
+    if value:
+        from cnncli import __version__
+
+        typer.echo(f"cnn (cnncli) {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Train convolutional networks on CIFAR-10 in pure NumPy, every pass written by hand."""
+
+
+# Click's own usage errors (a bad option value, an unknown option) as one line, like every other error.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def main() -> None:
+    """The `cnn` console script: the app, with Click's usage errors printed as one line (exit 2)."""
+    import sys
+
+    from cnncli.clikit import err
+
+    try:
+        code = app(standalone_mode=False)
+    except _CLICK_ERROR as e:  # type: ignore[misc]
+        ctx = getattr(e, "ctx", None)
+        where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        err.print(f"[red]error:[/red] {e.format_message()}{where}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
