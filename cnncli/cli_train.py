@@ -169,8 +169,13 @@ def train(
     ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Total epochs (also when resuming).")] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Seed of weights, split, order and augmentation.")] = None,
+    tensorboard: Annotated[
+        bool,
+        typer.Option("--tensorboard", help="Write TensorBoard event files into the run folder (train.tensorboard; "
+                     "needs the tensorboard extra)."),
+    ] = False,
 ) -> None:
-    """Train on CIFAR-10; leaves config.yaml, metrics.csv, last.npz and best.npz in the run folder."""
+    """Train on CIFAR-10; leaves config.yaml, metrics.csv, run.json, last.npz and best.npz in the run folder."""
     import signal as _signal
 
     from cnncli.checkpoint import load_checkpoint
@@ -185,6 +190,8 @@ def train(
         overrides.append(f"train.epochs={epochs}")
     if seed is not None:
         overrides.append(f"seed={seed}")
+    if tensorboard:
+        overrides.append("train.tensorboard=true")
     if resume is not None and init is not None:
         raise ConfigError("--resume and --init exclude each other: --resume continues a run, --init starts a new one")
 
@@ -219,7 +226,7 @@ def train(
     try:
         result = run_train(
             cfg, run_dir, folder, resume=resume_ckpt, resume_path=resume, init=init_ckpt, init_path=init,
-            callbacks=progress,
+            callbacks=progress, overrides=overrides,
         )
     except TrainingInterrupted as e:
         progress.close()
