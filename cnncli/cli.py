@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from cnncli import cli_bench, cli_train, cli_viz
+from cnncli import cli_bench, cli_sweep, cli_train, cli_viz
 
 app = typer.Typer(
     name="cnn",
@@ -24,3 +24,5 @@ app.command(name="eval")(cli_train.eval_)
 app.command()(cli_bench.bench)
 app.command(help=cli_viz.TRACE_HELP)(cli_viz.trace)
 app.command()(cli_viz.plot)
+app.add_typer(cli_sweep.sweep_app, name="sweep")
+app.command()(cli_sweep.runs)
