@@ -216,6 +216,10 @@ def train(
             init_ckpt = load_checkpoint(init)
         run_dir = out_dir or default_run_dir(cfg)
 
+    if cfg.train.tensorboard:
+        from cnncli.tb import require_writer
+
+        require_writer()
     folder = prepare_data(data_dir, cfg)
     out.print("[bold]resolved config[/bold]")
     out.print(config_to_yaml(cfg).rstrip(), markup=False, soft_wrap=True)

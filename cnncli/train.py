@@ -292,6 +292,10 @@ def train(
         apply_params(init, model, init_path or Path("init checkpoint"))
 
     _check_monitors(cfg, len(splits.val_x))
+    if tc.tensorboard:
+        from cnncli.tb import TensorBoardLog, require_writer
+
+        require_writer()  # before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
     last_path, best_path = run_dir / "last.npz", run_dir / "best.npz"
@@ -322,8 +326,6 @@ def train(
 
     tb = None
     if tc.tensorboard:
-        from cnncli.tb import TensorBoardLog
-
         tb = TensorBoardLog(run_dir, model, purge_step=state.step if resume is not None else None)
     with _deferred_sigint() as stop, _recorded(record), (closing(tb) if tb is not None else nullcontext()):
         for epoch in range(state.epoch, tc.epochs):
