@@ -120,8 +120,11 @@ def sweep(
                            "for the HParams view (tensorboard --logdir SWEEP_FOLDER).")
     ] = False,
 ) -> None:
-    """Run a sweep: every trial an ordinary run folder under the sweep folder; Ctrl-C stops cleanly (running
-    trials save a resumable checkpoint) and the same command continues; at the end, the table of trials."""
+    """Run a sweep (also: cnn sweep CONFIG …). Every trial is an ordinary run folder under the sweep folder.
+
+    Ctrl-C or SIGTERM stops cleanly: running trials save a resumable last.npz, and the same command continues
+    the study (finished trials are not repeated; a cut-off trial resumes from its last.npz on the machine that
+    holds it, else reruns). At the end: the table of trials, best first."""
     from cnncli import sweep as sw
     from cnncli.errors import ConfigError
 
@@ -146,7 +149,11 @@ def sweep(
               soft_wrap=True)
     outcome = None
     if todo:
-        folder = prepare_data(data_dir, base)
+        try:
+            folder = prepare_data(data_dir, base)
+        except KeyboardInterrupt:
+            err.print("[yellow]aborted[/yellow] before any trial started")
+            raise typer.Exit(code=128 + signal.SIGINT) from None
         n_workers = min(workers, todo)
         n_threads = threads or sw.default_threads(n_workers)
         out.print(f"{n_workers} worker process(es), {n_threads} engine thread(s) each")

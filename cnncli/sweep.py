@@ -366,6 +366,13 @@ def masked_url(url: str) -> str:
     return u.set(password=None).render_as_string(hide_password=False) if u.password else url
 
 
+def with_driver(url: str) -> str:
+    """'postgresql://…' names the psycopg (3) driver that the sweep extra installs, whatever SQLAlchemy's default."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
 def open_storage(url: str | None, sweep_dir: Path) -> Any:
     """The Optuna storage: the journal file in the sweep folder by default; a database URL (RDBStorage with a
     heartbeat); or the path of a journal file. ConfigError names --storage when it cannot be opened."""
@@ -379,6 +386,7 @@ def open_storage(url: str | None, sweep_dir: Path) -> Any:
             return JournalStorage(JournalFileBackend(str(path)))
         except OSError as e:
             raise ConfigError(f"--storage {path}: cannot open the journal file ({e.strerror or e})") from None
+    url = with_driver(url)
     last: Exception | None = None
     for attempt in range(5):  # several machines may create the tables at the same moment
         try:
@@ -745,8 +753,8 @@ def _work(job: dict[str, Any], emit: Callable[[dict[str, Any]], None], stop: thr
         return stop.is_set() or os.getppid() != ppid
 
     class TrialCallbacks(Callbacks):
-        def __init__(self, trial: Any) -> None:
-            self.trial, self.forwarded, self.history = trial, False, []
+        def __init__(self, trial: Any, epochs: int) -> None:
+            self.trial, self.epochs, self.forwarded, self.history = trial, epochs, False, []
 
         def on_batch(self, *args: Any) -> None:
             if stopping() and not self.forwarded:  # a stop asked before the loop's own Ctrl-C handler was up
@@ -760,7 +768,7 @@ def _work(job: dict[str, Any], emit: Callable[[dict[str, Any]], None], stop: thr
             if value is None:
                 return
             self.trial.report(value, m.epoch)
-            if self.trial.should_prune():
+            if m.epoch < self.epochs and self.trial.should_prune():  # not after the last epoch: nothing to save
                 raise StopRun("pruned", f"pruned after epoch {m.epoch}")
 
     while not stopping():
@@ -813,12 +821,13 @@ def _work(job: dict[str, Any], emit: Callable[[dict[str, Any]], None], stop: thr
         with atomic_write(run_dir / OVERRIDES_FILE, binary=False) as f:
             f.write(json.dumps({"study": job["name"], "trial": trial.number, "params": shown, "seed": seed,
                                 "overrides": overrides, "retry_of": ua.get("retry_of")}, indent=1) + "\n")
-        cb = TrialCallbacks(trial)
         t0 = time.perf_counter()
         state, value, best_epoch, test_acc, error = "finished", None, None, None, None
+        cb = TrialCallbacks(trial, 0)
         try:
             with _heartbeat(study._storage, trial._trial_id):
                 cfg = load_config(spec.config, overrides)
+                cb.epochs = cfg.train.epochs
                 resume = load_checkpoint(resume_from) if resume_from is not None else None
                 if resume is not None and not resume.resumable:
                     resume, resume_from = None, None
