@@ -1,5 +1,5 @@
-"""The `cnn` command line: the Typer app and its commands. Commands live in `cli_train`, `cli_bench` and
-`cli_viz` (parse, call the library, render); the import graph runs one way, from here to them to
+"""The `cnn` command line: the Typer app and its commands. Commands live in `cli_train`, `cli_bench`,
+`cli_viz` and `cli_sweep` (parse, call the library, render); the import graph runs one way, from here to them to
 `cnncli/clikit.py`. The CLI modules are the only ones that talk to the terminal."""
 
 from __future__ import annotations

@@ -298,7 +298,7 @@ def runs(
     table = Table(title=f"{len(found)} run(s) under {folder}")
     for col, right in (("run", False), ("config", False), ("overrides", False), ("epochs", True),
                        ("best val acc", True), ("test acc", True), ("time", True), ("state", False)):
-        table.add_column(col, justify="right" if right else "left")
+        table.add_column(col, justify="right" if right else "left", overflow="fold")
     for r in found:
         epochs = f"{r.epochs_done}/{r.epochs}" if r.epochs else str(r.epochs_done)
         if r.stopped_early:

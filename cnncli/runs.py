@@ -221,7 +221,7 @@ IGNORED_IN_GROUPS = ("seed", "name", "train.tensorboard")
 
 
 def group_runs(runs: list[RunSummary]) -> list[tuple[str, list[RunSummary]]]:
-    """Runs whose configs are equal but for the seed, as (label, runs) in first-seen order.
+    """Runs whose configs are equal but for the seed, as (label, runs), ordered by the values that differ.
 
     The label names the config values that differ between the groups (`train.optimizer.lr=0.01`), or the
     config name when there is a single group.
@@ -238,8 +238,13 @@ def group_runs(runs: list[RunSummary]) -> list[tuple[str, list[RunSummary]]]:
     firsts = [flats[keys[k][0]] for k in order]
     all_keys = sorted({k for f in firsts for k in f} - set(IGNORED_IN_GROUPS))
     varying = [k for k in all_keys if len({json.dumps(f.get(k), default=str) for f in firsts}) > 1]
+    def rank(first: dict[str, Any]) -> tuple:
+        return tuple((0, v, "") if isinstance(v, int | float) and not isinstance(v, bool) else (1, 0, str(v))
+                     for v in (first.get(k) for k in varying))
+
+    pairs = sorted(zip(order, firsts, strict=True), key=lambda p: rank(p[1]))  # by the varying values
     groups = []
-    for ident, first in zip(order, firsts, strict=True):
+    for ident, first in pairs:
         members = [runs[i] for i in keys[ident]]
         if varying:
             label = " ".join(f"{short_key(k, varying)}={_show(first.get(k))}" for k in varying)

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import queue
+import re
 import signal
 import socket
 import statistics
@@ -356,14 +357,8 @@ def target_trials(spec: SweepSpec, trials: int | None) -> int:
 
 
 def masked_url(url: str) -> str:
-    """The storage URL without its password (what sweep.json keeps)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        u = make_url(url)
-    except Exception:  # noqa: BLE001  (not an SQLAlchemy URL: keep it as it is)
-        return url
-    return u.set(password=None).render_as_string(hide_password=False) if u.password else url
+    """The storage URL without its password (what sweep.json keeps and messages show)."""
+    return re.sub(r"^([A-Za-z][\w+.-]*://[^:/@]*):[^@/]*@", r"\1@", url)
 
 
 def with_driver(url: str) -> str:
@@ -386,18 +381,17 @@ def open_storage(url: str | None, sweep_dir: Path) -> Any:
             return JournalStorage(JournalFileBackend(str(path)))
         except OSError as e:
             raise ConfigError(f"--storage {path}: cannot open the journal file ({e.strerror or e})") from None
-    url = with_driver(url)
     last: Exception | None = None
     for attempt in range(5):  # several machines may create the tables at the same moment
         try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            return optuna.storages.RDBStorage(with_driver(url), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                                               engine_kwargs={"pool_pre_ping": True})
         except ImportError as e:
             raise ConfigError(f"--storage {masked_url(url)}: the database driver is missing ({e}); "
                               "pip install 'cnncli[sweep]'") from None
         except Exception as e:  # noqa: BLE001  (SQLAlchemy's errors: bad URL, refused connection, a race)
             last = e
-            if "Could not parse" in str(e) or "Can't load plugin" in str(e):
+            if type(e).__name__ not in ("IntegrityError", "ProgrammingError"):  # not two creators racing
                 break
             time.sleep(0.5 * (attempt + 1))
     msg = str(last).strip().splitlines()[0] if last and str(last).strip() else repr(last)
@@ -431,6 +425,8 @@ def open_study(storage: Any, name: str, spec: SweepSpec | None, create: bool = T
 
 def write_sweep_file(sweep_dir: Path, spec: SweepSpec, name: str, storage_url: str | None) -> Path:
     """sweep.json: the spec, the study name and where the study lives (no password)."""
+    if storage_url and "://" not in storage_url:
+        storage_url = str(Path(storage_url).resolve())  # a journal file named relative to where the command ran
     payload = {"format": 1, "name": name, "storage": masked_url(storage_url) if storage_url else None,
                "spec": spec.to_json()}
     path = Path(sweep_dir) / SWEEP_FILE
@@ -994,8 +990,6 @@ def prepare(
     storage_url: str | None,
 ) -> Any:
     """Open (or start) the study, write sweep.json and recover this host's cut-off trials; returns the study."""
-    storage = open_storage(storage_url, sweep_dir)
-    study = open_study(storage, name, spec)
     info = read_json_file(Path(sweep_dir) / SWEEP_FILE)
     if info is not None and info.get("name") not in (None, name):
         raise ConfigError(f"--out {sweep_dir}: holds the sweep {info.get('name')!r}; give another --out")
@@ -1003,6 +997,8 @@ def prepare(
             != spec.identity():
         raise ConfigError(f"--out {sweep_dir}: holds another sweep ({SweepSpec.from_json(info['spec']).describe()}); "
                           "give another --out")
+    storage = open_storage(storage_url, sweep_dir)
+    study = open_study(storage, name, spec)
     write_sweep_file(sweep_dir, spec, name, storage_url)
     recover(study)
     return study

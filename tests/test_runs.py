@@ -101,8 +101,8 @@ def test_grouping_ignores_the_seed_and_labels_what_differs(tmp_path: Path) -> No
                        ("r3", ["train.optimizer.lr=0.03", "seed=0"])):
         _fake_run(tmp_path / name, sets, [0.2])
     groups = group_runs(list_runs(tmp_path))
-    assert [(label, [r.path.name for r in rs]) for label, rs in groups] == [("lr=0.1", ["r1", "r2"]),
-                                                                             ("lr=0.03", ["r3"])]
+    assert [(label, [r.path.name for r in rs]) for label, rs in groups] == [("lr=0.03", ["r3"]),
+                                                                             ("lr=0.1", ["r1", "r2"])]
     assert short_key("model.layers[0].out_channels", ["model.layers[0].out_channels",
                                                       "model.layers[3].out_channels"]) == "layers[0].out_channels"
 
