@@ -1,12 +1,12 @@
-"""The `cnn` command line: the Typer app and its commands. Commands live in `cli_train`, `cli_bench` and
-`cli_viz` (parse, call the library, render); the import graph runs one way, from here to them to
+"""The `cnn` command line: the Typer app and its commands. Commands live in `cli_train`, `cli_bench`,
+`cli_viz` and `cli_sweep` (parse, call the library, render); the import graph runs one way, from here to them to
 `cnncli/clikit.py`. The CLI modules are the only ones that talk to the terminal."""
 
 from __future__ import annotations
 
 import typer
 
-from cnncli import cli_bench, cli_train, cli_viz
+from cnncli import cli_bench, cli_sweep, cli_train, cli_viz
 
 app = typer.Typer(
     name="cnn",
@@ -24,6 +24,8 @@ app.command(name="eval")(cli_train.eval_)
 app.command()(cli_bench.bench)
 app.command(help=cli_viz.TRACE_HELP)(cli_viz.trace)
 app.command()(cli_viz.plot)
+app.add_typer(cli_sweep.sweep_app, name="sweep")
+app.command()(cli_sweep.runs)
 
 app.info.context_settings = {"help_option_names": ["-h", "--help"]}
 

@@ -190,8 +190,13 @@ def train(
     epochs: Annotated[int | None, typer.Option(min=1, help="Total epochs (also when resuming).")] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Seed of weights, split, order and augmentation.")] = None,
     layers: LayersOpt = None,
+    tensorboard: Annotated[
+        bool,
+        typer.Option("--tensorboard", help="Write TensorBoard event files into the run folder (train.tensorboard; "
+                     "needs the tensorboard extra)."),
+    ] = False,
 ) -> None:
-    """Train on CIFAR-10; leaves config.yaml, metrics.csv, last.npz and best.npz in the run folder."""
+    """Train on CIFAR-10; leaves config.yaml, metrics.csv, run.json, last.npz and best.npz in the run folder."""
     import signal as _signal
 
     from cnncli.config import config_to_yaml
@@ -204,10 +209,16 @@ def train(
         overrides.append(f"train.epochs={epochs}")
     if seed is not None:
         overrides.append(f"seed={seed}")
+    if tensorboard:
+        overrides.append("train.tensorboard=true")
     plan = plan_run(config, overrides, out_dir=out_dir, resume=resume, init=init)
     for note in plan.notes:
         err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     cfg = plan.cfg
+    if cfg.train.tensorboard:
+        from cnncli.tb import require_writer
+
+        require_writer()
     folder = prepare_data(data_dir, cfg)
     out.print("[bold]resolved config[/bold]")
     out.print(config_to_yaml(cfg).rstrip(), markup=False, soft_wrap=True)
@@ -216,7 +227,7 @@ def train(
     # overflow warnings (raised in the engine's worker threads too) would only be noise.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"cnncli\.")
     try:
-        result = run_plan(plan, folder, callbacks=progress)
+        result = run_plan(plan, folder, callbacks=progress, overrides=overrides)
     except TrainingInterrupted as e:
         progress.close()
         err.print(f"[yellow]{escape(str(e))}[/yellow]", soft_wrap=True)

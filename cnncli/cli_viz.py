@@ -187,20 +187,63 @@ def _print_steps(title: str, steps: list[Any], with_checks: bool) -> None:
 
 @user_errors
 def plot(
-    run_dir: Annotated[
-        Path, typer.Argument(metavar="RUN_DIR", help="A run folder written by cnn train (metrics.csv, best.npz).")
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(metavar="RUN…", help="Run folders written by cnn train, or folders holding several (a sweep)."),
     ],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Where the PNGs go. Default: RUN_DIR.")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Where the PNGs go. Default: RUN (one folder), else here.")
+    ] = None,
     confusion: Annotated[
         bool,
-        typer.Option("--confusion/--no-confusion", help="Also evaluate best.npz on the test set (needs the data)."),
+        typer.Option("--confusion/--no-confusion", help="One run: also evaluate best.npz on the test set (needs the "
+                     "data)."),
     ] = True,
     data_dir: DataDirOpt = None,
     layers: LayersOpt = None,
 ) -> None:
-    r"""Learning curves (loss, accuracy, learning rate per epoch, from metrics.csv) and the test-set confusion
-    matrix of best.npz, as PNGs: learning_curves.png, confusion.png (needs the viz extra: pip install
-    'cnncli\[viz]')."""
+    r"""Pictures of runs (needs the viz extra: pip install 'cnncli\[viz]'). One run folder: its learning curves
+    (learning_curves.png) and the test-set confusion matrix of best.npz (confusion.png). Several, or a sweep
+    folder: compare.png overlays their curves, runs that differ only in the seed drawn as mean ± spread."""
+    from cnncli.plot import read_metrics, require_matplotlib
+    from cnncli.runs import find_runs
+
+    single = len(run_dirs) == 1 and (not run_dirs[0].is_dir() or (run_dirs[0] / "metrics.csv").exists()
+                                     or not find_runs(run_dirs[0]))
+    if single:
+        load_layers(layers)
+        _plot_one(run_dirs[0], out_dir, confusion, data_dir)
+        return
+    from cnncli.plot import RunFolderError, compare_curves_png
+    from cnncli.runs import group_runs, summarize_run
+
+    folders: list[Path] = []
+    for d in run_dirs:
+        found = find_runs(d)
+        if not found:
+            read_metrics(d)  # names what is wrong with it
+        folders.extend(f for f in found if f not in folders)
+    summaries, metrics = [], {}
+    for f in folders:
+        try:
+            metrics[f] = read_metrics(f)
+        except RunFolderError:
+            continue  # a run that has no finished epoch yet
+        summaries.append(summarize_run(f))
+    if not summaries:
+        read_metrics(folders[0])
+    require_matplotlib()
+    groups = [(label, [metrics[r.path] for r in rs]) for label, rs in group_runs(summaries)]
+    target = out_dir or (run_dirs[0] if len(run_dirs) == 1 else Path("."))
+    title = f"{run_dirs[0].resolve().name}: " if len(run_dirs) == 1 else ""
+    heading = f"{title}{len(summaries)} runs in {len(groups)} groups, mean ± sample std over seeds"
+    path = compare_curves_png(groups, target / "compare.png", title=heading)
+    skipped = len(folders) - len(summaries)
+    note = f" ({skipped} run(s) without a finished epoch left out)" if skipped else ""
+    out.print(f"wrote {escape(str(path))}: {len(summaries)} runs in {len(groups)} groups{note}")
+
+
+def _plot_one(run_dir: Path, out_dir: Path | None, confusion: bool, data_dir: Path | None) -> None:
     from cnncli import data
     from cnncli.checkpoint import load_checkpoint
     from cnncli.evaluate import evaluate
@@ -208,7 +251,6 @@ def plot(
     from cnncli.preprocess import Normalizer
     from cnncli.train import model_from_checkpoint
 
-    load_layers(layers)
     metrics = read_metrics(run_dir)
     require_matplotlib()
     target = out_dir or run_dir

@@ -95,13 +95,32 @@ OptimizerConfig = Union[SGDConfig, AdamConfig]  # noqa: UP007
 OPTIMIZER_TYPES: dict[str, type] = {"sgd": SGDConfig, "adam": AdamConfig}
 
 
+# Per-epoch numbers that early stopping and the plateau schedule can watch; accuracies improve upwards.
+MONITORED = ("val_acc", "val_loss", "train_acc", "train_loss")
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
-    type: str = field(default="cosine", metadata={"choices": ("constant", "step", "cosine")})
+    type: str = field(default="cosine", metadata={"choices": ("constant", "step", "cosine", "plateau")})
     warmup_epochs: float = field(default=0.0, metadata={"min": 0})  # linear ramp from ~0 to lr, per step
     step_size: int = field(default=5, metadata={"min": 1})  # step: multiply by gamma every step_size epochs
     gamma: float = field(default=0.1, metadata={"gt": 0})
-    min_lr: float = field(default=0.0, metadata={"min": 0})  # cosine: floor of the decay
+    min_lr: float = field(default=0.0, metadata={"min": 0})  # cosine: floor of the decay; plateau: lowest lr
+    # plateau: multiply the lr by `factor` once `monitor` has not improved by more than `min_delta` for
+    # `patience` epochs in a row (as Keras's ReduceLROnPlateau, without cooldown)
+    factor: float = field(default=0.1, metadata={"gt": 0, "lt": 1})
+    patience: int = field(default=2, metadata={"min": 1})
+    monitor: str = field(default="val_loss", metadata={"choices": MONITORED})
+    min_delta: float = field(default=1.0e-4, metadata={"min": 0})
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop once `metric` has not improved by more than `min_delta` for `patience` epochs in a row."""
+
+    metric: str = field(default="val_acc", metadata={"choices": MONITORED})
+    patience: int = field(default=3, metadata={"min": 1})
+    min_delta: float = field(default=0.0, metadata={"min": 0})
 
 
 @dataclass(frozen=True)
@@ -111,6 +130,8 @@ class TrainConfig:
     eval_batch_size: int = field(default=1000, metadata={"min": 1})
     optimizer: OptimizerConfig = SGDConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    early_stopping: EarlyStoppingConfig | None = None  # off unless given
+    tensorboard: bool = False  # event files in the run folder (needs the tensorboard extra)
 
 
 @dataclass(frozen=True)

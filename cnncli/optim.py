@@ -9,7 +9,7 @@ Weight decay (an L2 term λ·θ added to the gradient) applies to the parameters
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -92,12 +92,52 @@ def make_optimizer(
     return Adam(params, cfg, decay)
 
 
-def learning_rate(base_lr: float, cfg: ScheduleConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
+def mode_of(metric: str) -> str:
+    """'max' for accuracies, 'min' for losses: the direction in which `metric` improves."""
+    return "max" if metric.endswith("_acc") else "min"
+
+
+def improves(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    """Whether `value` beats `best` by more than `min_delta` in direction `mode` (anything beats None)."""
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def plateau_lr(base_lr: float, cfg: ScheduleConfig, monitored: Sequence[float]) -> float:
+    """The plateau schedule's learning rate after the epochs whose `cfg.monitor` values are `monitored`.
+
+    Replays the rule over the history, so the result depends on the recorded values only (a resumed run
+    gets the same learning rate): an epoch that does not improve on the best value so far by more than
+    min_delta adds one to a counter, an improving one resets it; when the counter reaches `patience`,
+    the learning rate is multiplied by `factor` (never below min_lr) and the counter restarts.
+    """
+    lr, best, waited = base_lr, None, 0
+    mode = mode_of(cfg.monitor)
+    for value in monitored:
+        if improves(value, best, mode, cfg.min_delta):
+            best, waited = value, 0
+            continue
+        waited += 1
+        if waited >= cfg.patience:
+            lr, waited = max(lr * cfg.factor, cfg.min_lr), 0
+    return lr
+
+
+def learning_rate(
+    base_lr: float,
+    cfg: ScheduleConfig,
+    step: int,
+    steps_per_epoch: int,
+    epochs: int,
+    monitored: Sequence[float] = (),
+) -> float:
     """The learning rate for optimizer step `step` (0-based) of a run of `epochs` epochs.
 
     Warm-up ramps linearly over the first warmup_epochs·steps_per_epoch steps, reaching base_lr at its end
-    (step s gets base_lr·(s+1)/warmup_steps). Then: constant; step (×gamma every step_size epochs); or cosine
-    from base_lr down to min_lr at the end of the last epoch.
+    (step s gets base_lr·(s+1)/warmup_steps). Then: constant; step (×gamma every step_size epochs); cosine
+    from base_lr down to min_lr at the end of the last epoch; or plateau, from `monitored` (the value of
+    cfg.monitor of each epoch completed so far, see `plateau_lr`).
     """
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if step < warmup:
@@ -106,6 +146,8 @@ def learning_rate(base_lr: float, cfg: ScheduleConfig, step: int, steps_per_epoc
         return base_lr
     if cfg.type == "step":
         return base_lr * cfg.gamma ** (step // steps_per_epoch // cfg.step_size)
+    if cfg.type == "plateau":
+        return plateau_lr(base_lr, cfg, monitored)
     total = max(epochs * steps_per_epoch - warmup, 1)
     progress = min((step - warmup) / total, 1.0)
     return cfg.min_lr + 0.5 * (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))

@@ -267,3 +267,65 @@ def trace_png(trace: Trace, path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=12)
     return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------ several runs
+
+
+@dataclass(frozen=True)
+class CurveBand:
+    """One group's curve over epochs: mean and sample standard deviation over its runs (seeds)."""
+
+    epoch: np.ndarray  # (E,) epochs that at least one run reached
+    mean: np.ndarray  # (E,)
+    std: np.ndarray  # (E,) 0 where a single run has the epoch
+    count: np.ndarray  # (E,) runs that reached each epoch
+
+
+def band(curves: list[tuple[np.ndarray, np.ndarray]]) -> CurveBand:
+    """Pool (epochs (E_i,), values (E_i,)) of several runs per epoch; NaN values (no validation) are left out."""
+    per: dict[int, list[float]] = {}
+    for epochs, values in curves:
+        for e, v in zip(epochs.tolist(), values.tolist(), strict=True):
+            if math.isfinite(v):
+                per.setdefault(int(e), []).append(float(v))
+    es = sorted(per)
+    vals = [np.array(per[e]) for e in es]
+    return CurveBand(
+        epoch=np.array(es, dtype=np.int64),
+        mean=np.array([v.mean() for v in vals]),
+        std=np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals]),
+        count=np.array([len(v) for v in vals], dtype=np.int64),
+    )
+
+
+def compare_curves_png(groups: list[tuple[str, list[Metrics]]], path: Path, title: str = "") -> Path:
+    """Overlay the learning curves of groups of runs (label, the runs' metrics): per group the mean over its
+    runs (seeds) as a line and mean ± one sample standard deviation as a band. Panels: validation accuracy,
+    validation loss and training loss against the epoch (training accuracy instead when no run validated)."""
+    has_val = any(m.has_validation for _, ms in groups for m in ms)
+    panels = [("val_acc", "validation accuracy (%)", 100.0), ("val_loss", "validation loss", 1.0)] if has_val else \
+        [("train_acc", "training accuracy (%)", 100.0)]
+    panels.append(("train_loss", "training loss", 1.0))
+    fig = _new_figure((4.6 * len(panels), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for i, (label, ms) in enumerate(groups):
+        colour = f"C{i % 10}"
+        for ax, (column, _, scale) in zip(axes, panels, strict=True):
+            b = band([(m.epoch, getattr(m, column)) for m in ms])
+            if not len(b.epoch):
+                continue
+            n = int(b.count.max())
+            ax.plot(b.epoch, scale * b.mean, color=colour, marker="o" if len(b.epoch) <= 30 else None, ms=3,
+                    label=f"{label} ({n} run{'s' if n > 1 else ''})")
+            if n > 1:
+                ax.fill_between(b.epoch, scale * (b.mean - b.std), scale * (b.mean + b.std), color=colour, alpha=0.2,
+                                linewidth=0)
+    for ax, (_, name, _) in zip(axes, panels, strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title or "mean ± sample std over seeds")
+    return _save(fig, path)

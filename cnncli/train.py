@@ -5,6 +5,10 @@ b of epoch e from `default_rng([seed, e, b])`, so (seed, epoch, batch) is the wh
 stopped after any batch resumes bit-for-bit. Ctrl-C is deferred to the end of the running step (the update
 is never half-applied); a second Ctrl-C aborts at once.
 
+Early stopping and the plateau schedule are functions of the recorded per-epoch history (which the
+checkpoint stores), so a resumed run stops after the same epoch and uses the same learning rates as one
+that was never stopped. `run.json` in the run folder says how the run ended (see cnncli/runs.py).
+
 No output here: progress goes to a `Callbacks` object (the CLI renders it).
 """
 
@@ -16,8 +20,8 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,12 +31,21 @@ import numpy as np
 from cnncli import data as data_mod
 from cnncli.atomic import atomic_write
 from cnncli.checkpoint import Checkpoint, apply_optim, apply_params, load_checkpoint, save_checkpoint
-from cnncli.config import Config, apply_overrides, build_config, config_to_dict, config_to_yaml, load_config
+from cnncli.config import (
+    Config,
+    EarlyStoppingConfig,
+    apply_overrides,
+    build_config,
+    config_to_dict,
+    config_to_yaml,
+    load_config,
+)
 from cnncli.errors import CnnError, ConfigError, TrainingDiverged
 from cnncli.evaluate import EvalResult, evaluate
 from cnncli.model import Sequential, build_model
-from cnncli.optim import learning_rate, make_optimizer
+from cnncli.optim import improves, learning_rate, make_optimizer, mode_of
 from cnncli.preprocess import Normalizer, augment
+from cnncli.runs import write_run_file
 
 METRIC_FIELDS = (
     "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s",
@@ -77,6 +90,7 @@ class TrainResult:
     best_val_acc: float | None
     test: EvalResult | None
     seconds: float
+    stopped_early: int | None = None  # the epoch early stopping ended the run after
 
 
 class Callbacks:
@@ -94,6 +108,58 @@ class Callbacks:
     def on_epoch_end(self, metrics: EpochMetrics, is_best: bool) -> None: ...
 
     def on_test(self) -> None: ...
+
+
+class StopRun(Exception):  # noqa: N818  (a request, not an error)
+    """Raised by a callback (e.g. a sweep's pruner in `on_epoch_end`) to end the run; run.json records `state`
+    ("pruned"), and train() re-raises it to the caller."""
+
+    def __init__(self, state: str, reason: str = "") -> None:
+        super().__init__(reason or state)
+        self.state = state
+
+
+def stops_early(values: Sequence[float], cfg: EarlyStoppingConfig) -> bool:
+    """Whether early stopping ends a run whose `cfg.metric` took `values`, epoch by epoch, so far.
+
+    An epoch improves when it beats the best earlier value by more than min_delta (upwards for accuracies,
+    downwards for losses); the run stops once the last `patience` epochs in a row did not improve.
+    """
+    best, waited = None, 0
+    mode = mode_of(cfg.metric)
+    for value in values:
+        if improves(value, best, mode, cfg.min_delta):
+            best, waited = value, 0
+        else:
+            waited += 1
+    return waited >= cfg.patience
+
+
+def _check_monitors(cfg: Config, n_val: int) -> None:
+    """Early stopping and the plateau schedule may watch validation numbers only when there is a validation set."""
+    watched = []
+    if cfg.train.early_stopping is not None:
+        watched.append(("train.early_stopping.metric", cfg.train.early_stopping.metric))
+    if cfg.train.schedule.type == "plateau":
+        watched.append(("train.schedule.monitor", cfg.train.schedule.monitor))
+    for key, metric in watched:
+        if metric.startswith("val_") and n_val == 0:
+            raise ConfigError(f"{key}: {metric} needs a validation set, but data.val_size is 0")
+
+
+@contextmanager
+def _recorded(record: Callable[..., None]) -> Iterator[None]:
+    """run.json says 'running' inside the block, and how it ended when an exception leaves it."""
+    record("running")
+    try:
+        yield
+    except StopRun as e:
+        record(e.state)
+        raise
+    except BaseException as e:
+        state = "interrupted" if isinstance(e, TrainingInterrupted | KeyboardInterrupt) else "failed"
+        record(state, error=None if state == "interrupted" else (str(e) if isinstance(e, CnnError) else repr(e)))
+        raise
 
 
 class TrainingInterrupted(CnnError):
@@ -189,12 +255,15 @@ def train(
     init: Checkpoint | None = None,
     init_path: Path | None = None,
     callbacks: Callbacks | None = None,
+    overrides: Sequence[str] | None = None,
 ) -> TrainResult:
     """Train `cfg`'s model on the data set `cfg.data` names, found in `data_folder` (from `ensure_dataset`).
 
     Writes into `run_dir`: config.yaml, metrics.csv, last.npz (after every epoch, and on Ctrl-C), best.npz
-    (best validation accuracy; the last epoch when there is no validation set). Raises TrainingDiverged on
-    a NaN/inf loss (last.npz keeps the last good epoch) and TrainingInterrupted after saving on Ctrl-C.
+    (best validation accuracy; the last epoch when there is no validation set), run.json (the run's state;
+    `overrides`, the `--set` strings, are recorded there), and TensorBoard event files when
+    train.tensorboard is on. Raises TrainingDiverged on a NaN/inf loss (last.npz keeps the last good epoch),
+    TrainingInterrupted after saving on Ctrl-C, and passes on a callback's StopRun.
     """
     cb = callbacks or Callbacks()
     t_start = time.perf_counter()
@@ -232,6 +301,11 @@ def train(
     elif init is not None:
         apply_params(init, model, init_path or Path("init checkpoint"))
 
+    _check_monitors(cfg, len(splits.val_x))
+    if tc.tensorboard:
+        from cnncli.tb import TensorBoardLog, require_writer
+
+        require_writer()  # before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
     last_path, best_path = run_dir / "last.npz", run_dir / "best.npz"
@@ -247,22 +321,41 @@ def train(
         save_checkpoint(path, model, cfg, optim=optimizer.state, state=state.to_json())
 
     history = [EpochMetrics(**h) for h in state.history]
-    with _deferred_sigint() as stop:
+    es = tc.early_stopping
+    stopped_early = None
+    if es is not None and len(history) < tc.epochs and stops_early([getattr(m, es.metric) for m in history], es):
+        stopped_early = len(history)  # a run that early stopping ended, resumed: nothing left to train
+
+    def record(run_state: str, **extra: Any) -> None:
+        write_run_file(run_dir, {
+            "state": run_state, "config": cfg.name, "overrides": list(overrides or []), "epochs": tc.epochs,
+            "epochs_done": len(history), "best_epoch": state.best_epoch, "best_val_acc": state.best_val_acc,
+            "test_acc": None, "test_loss": None, "seconds": sum(m.seconds for m in history),
+            "stopped_early": stopped_early, "error": None, **extra,
+        })  # fmt: skip
+
+    tb = None
+    if tc.tensorboard:
+        tb = TensorBoardLog(run_dir, model, purge_step=state.step if resume is not None else None)
+    with _deferred_sigint() as stop, _recorded(record), (closing(tb) if tb is not None else nullcontext()):
         for epoch in range(state.epoch, tc.epochs):
+            if stopped_early is not None:
+                break
+            monitored = [getattr(m, tc.schedule.monitor) for m in history]  # the plateau schedule's input
             t_epoch = time.perf_counter() - state.partial.get("train_seconds", 0.0)  # a resumed epoch's earlier part
             order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)
             sums = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "train_seconds": 0.0}
             if state.batch:
                 sums.update(state.partial)
             cb.on_epoch_start(epoch + 1, tc.epochs, steps, state.batch)
-            lr = learning_rate(tc.optimizer.lr, tc.schedule, state.step, steps, tc.epochs)
+            lr = learning_rate(tc.optimizer.lr, tc.schedule, state.step, steps, tc.epochs, monitored)
             t_train = time.perf_counter()
             for b in range(state.batch, steps):
                 idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]
                 xb = splits.train_x[idx]
                 yb = splits.train_y[idx]
                 xb = augment(xb, cfg.data.augment, np.random.default_rng([cfg.seed, epoch, b]))
-                lr = learning_rate(tc.optimizer.lr, tc.schedule, state.step, steps, tc.epochs)
+                lr = learning_rate(tc.optimizer.lr, tc.schedule, state.step, steps, tc.epochs, monitored)
                 loss, z = model.loss_and_grads(normalizer(xb), yb)
                 if not math.isfinite(loss):
                     kept = f"last good checkpoint: {last_path}" if last_path.exists() else "no checkpoint was saved"
@@ -270,12 +363,17 @@ def train(
                         f"the loss became {loss} at epoch {epoch + 1}, batch {b + 1} (learning rate {lr:.4g}); "
                         f"lower train.optimizer.lr, the usual suspect; {kept}"
                     )
+                if tb is not None and b == steps - 1:
+                    tb.snapshot()  # to measure the epoch's last update
                 optimizer.step(params, model.named_grads(), lr)
                 state.step += 1
                 state.batch = b + 1
+                correct = float(np.count_nonzero(z.argmax(axis=1) == yb))
                 sums["loss"] += loss * len(idx)
-                sums["correct"] += float(np.count_nonzero(z.argmax(axis=1) == yb))
+                sums["correct"] += correct
                 sums["seen"] += len(idx)
+                if tb is not None:
+                    tb.step(state.step, loss, correct / len(idx), lr)
                 elapsed = sums["train_seconds"] + time.perf_counter() - t_train
                 cb.on_batch(b + 1, steps, sums["loss"] / sums["seen"], sums["correct"] / sums["seen"],
                             sums["seen"] / max(elapsed, 1e-9), lr)
@@ -311,7 +409,12 @@ def train(
             if is_best:
                 save(best_path)
             _write_text_atomic(run_dir / "metrics.csv", metrics_csv(history))
+            if tb is not None:
+                tb.epoch(metrics, state.step)
             cb.on_epoch_end(metrics, is_best)
+            if es is not None and epoch + 1 < tc.epochs and stops_early([getattr(m, es.metric) for m in history], es):
+                stopped_early = epoch + 1
+                break
             if stop.is_set() and epoch + 1 < tc.epochs:
                 raise TrainingInterrupted(last_path, epoch + 1, steps)
 
@@ -321,6 +424,7 @@ def train(
         best = load_checkpoint(best_path)
         apply_params(best, model, best_path)
         test = evaluate(model, dataset.test_x, dataset.test_y, normalizer, tc.eval_batch_size, dataset.classes)
+    record("finished", test_acc=test.accuracy if test else None, test_loss=test.loss if test else None)
     return TrainResult(
         run_dir=run_dir,
         last_path=last_path,
@@ -330,6 +434,7 @@ def train(
         best_val_acc=state.best_val_acc,
         test=test,
         seconds=time.perf_counter() - t_start,
+        stopped_early=stopped_early,
     )
 
 
@@ -380,10 +485,12 @@ def plan_run(
     return RunPlan(cfg, out_dir or default_run_dir(cfg), init=init_ckpt, init_path=init)
 
 
-def run_plan(plan: RunPlan, data_folder: Path, callbacks: Callbacks | None = None) -> TrainResult:
-    """`train` what `plan` says."""
+def run_plan(
+    plan: RunPlan, data_folder: Path, callbacks: Callbacks | None = None, overrides: Sequence[str] | None = None
+) -> TrainResult:
+    """`train` what `plan` says (`overrides`: the --set strings, recorded in run.json)."""
     return train(plan.cfg, plan.run_dir, data_folder, resume=plan.resume, resume_path=plan.resume_path,
-                 init=plan.init, init_path=plan.init_path, callbacks=callbacks)
+                 init=plan.init, init_path=plan.init_path, callbacks=callbacks, overrides=overrides)
 
 
 def model_from_checkpoint(ckpt: Checkpoint, source: Path) -> Sequential:
