@@ -111,7 +111,7 @@ def _render_against(res: TorchBenchResult) -> None:
               f"float32, batch {res.batch} (train) / {res.eval_batch} (inference), threads {res.threads} / "
               f"{res.eval_threads}", soft_wrap=True)
     table = Table(title=f"throughput: median of {res.rounds} interleaved round(s) of {res.steps} step(s)")
-    table.add_column("engine")
+    table.add_column("engine", no_wrap=True)
     table.add_column("train images/s", justify="right")
     table.add_column("ms per step", justify="right")
     table.add_column("spread (ms)", justify="right")
@@ -126,7 +126,9 @@ def _render_against(res: TorchBenchResult) -> None:
     out.print(table)
     r = res.ratios
     out.print(f"cnncli / best PyTorch: train [bold]{r['train']:.2f}×[/bold] (vs {r['train_vs']}), "
-              f"inference [bold]{r['inference']:.2f}×[/bold] (vs {r['inference_vs']})")
+              f"inference [bold]{r['inference']:.2f}×[/bold] (vs {r['inference_vs']}); median of the per-round "
+              f"ratios: train {r['train_round_median']:.2f}×, inference {r['inference_round_median']:.2f}×",
+              soft_wrap=True)
     diffs = ", ".join(f"{fmt} {d:.1e}" for fmt, d in res.logits_rel_diff.items())
     out.print(f"same function: max |Δlogits| / max |logits| before timing: {diffs}")
     caps = ", ".join(str(v) for v in (m["torch_blas"], "mkldnn" if m["torch_mkldnn"] else None,

@@ -269,7 +269,9 @@ class TorchBenchResult:
     threads: int  # cnncli's worker threads for the training step = torch.set_num_threads while training
     eval_threads: int  # the same for inference
     engines: list[EngineTiming]
-    ratios: dict[str, Any]  # train / inference: cnncli images/s over the best PyTorch format's; and which format
+    # train / inference: cnncli's median images/s over the best PyTorch format's (train_vs / inference_vs);
+    # *_per_round: each round's cnncli speed over the faster PyTorch format of that round; *_round_median
+    ratios: dict[str, Any]
     logits_rel_diff: dict[str, float]  # memory format -> max |Δz| / max |z| before timing
     machine: dict[str, Any]
 
@@ -424,11 +426,18 @@ def run_against_torch(
     ours, theirs = engines[0], engines[1:]
     best_train = max(theirs, key=lambda e: e.train_images_per_s)
     best_eval = max(theirs, key=lambda e: e.eval_images_per_s)
+    # Also per round (the engines of one round share the machine's state; a busy spell then cancels out).
+    per_round_train = [min(e.train_runs_ms[r] for e in theirs) / ours.train_runs_ms[r] for r in range(rounds)]
+    per_round_eval = [min(e.eval_runs_ms[r] for e in theirs) / ours.eval_runs_ms[r] for r in range(rounds)]
     ratios = {
         "train": ours.train_images_per_s / best_train.train_images_per_s,
         "inference": ours.eval_images_per_s / best_eval.eval_images_per_s,
         "train_vs": best_train.name,
         "inference_vs": best_eval.name,
+        "train_per_round": per_round_train,
+        "inference_per_round": per_round_eval,
+        "train_round_median": statistics.median(per_round_train),
+        "inference_round_median": statistics.median(per_round_eval),
     }
     return TorchBenchResult(
         config=config_name,

@@ -175,6 +175,10 @@ def test_against_torch_json_has_three_engines_and_their_ratios() -> None:
     assert r["inference"] == pytest.approx(ours["eval_images_per_s"] / best_eval)
     assert engines[r["train_vs"]]["train_images_per_s"] == best_train
     assert engines[r["inference_vs"]]["eval_images_per_s"] == best_eval
+    ((t_ours,), (t_nchw,), (t_cl,)) = (engines[k]["train_runs_ms"] for k in engines)
+    assert r["train_per_round"] == [pytest.approx(min(t_nchw, t_cl) / t_ours)]
+    assert r["train_round_median"] == pytest.approx(min(t_nchw, t_cl) / t_ours)
+    assert len(r["inference_per_round"]) == 1 and _positive(r["inference_round_median"])
     assert d["batch"] == 16 and d["eval_batch"] == 40 and d["rounds"] == 1 and d["steps"] == 1
     assert d["threads"] >= 1 and d["cnncli_engine"] == "fused"
     assert set(d["logits_rel_diff"]) == {"contiguous", "channels_last"}
@@ -191,7 +195,7 @@ def test_against_torch_table_names_engines_ratios_and_machine() -> None:
                                  "--steps", "1", "--repeats", "1", "--batch", "8", "--eval-batch", "8"])
     assert result.exit_code == 0, result.output
     text = _stdout(result)
-    for needle in ("cnncli", "torch channels_last", "cnncli / best PyTorch", "train", "inference", "machine:",
+    for needle in ("cnncli", "torch channels_last", "cnncli / best PyTorch", "per-round", "machine:",
                    "numpy", f"torch {torch.__version__}", "threads 1 / 1"):
         assert needle in text, needle
     assert torch.get_num_threads() == before  # the run restores PyTorch's thread count
