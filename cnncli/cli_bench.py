@@ -104,6 +104,8 @@ def bench(
 
 
 def _render_against(res: TorchBenchResult) -> None:
+    import statistics
+
     from rich.table import Table
 
     m = res.machine
@@ -129,6 +131,12 @@ def _render_against(res: TorchBenchResult) -> None:
               f"inference [bold]{r['inference']:.2f}×[/bold] (vs {r['inference_vs']}); median of the per-round "
               f"ratios: train {r['train_round_median']:.2f}×, inference {r['inference_round_median']:.2f}×",
               soft_wrap=True)
+    busy = [v for v in res.other_cpus_per_round if v is not None]
+    if busy:
+        note = ("" if max(busy) < 0.25 else " — [yellow]the machine was busy: PyTorch's OpenMP threads slow down far "
+                "more than cnncli's when the cores are shared; rerun on an idle machine[/yellow]")
+        out.print(f"other processes kept {statistics.mean(busy):.2f} CPU(s) busy on average during the rounds "
+                  f"(most in one round: {max(busy):.2f}){note}", soft_wrap=True)
     diffs = ", ".join(f"{fmt} {d:.1e}" for fmt, d in res.logits_rel_diff.items())
     out.print(f"same function: max |Δlogits| / max |logits| before timing: {diffs}")
     caps = ", ".join(str(v) for v in (m["torch_blas"], "mkldnn" if m["torch_mkldnn"] else None,

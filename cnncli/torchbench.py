@@ -273,6 +273,9 @@ class TorchBenchResult:
     # *_per_round: each round's cnncli speed over the faster PyTorch format of that round; *_round_median
     ratios: dict[str, Any]
     logits_rel_diff: dict[str, float]  # memory format -> max |Δz| / max |z| before timing
+    # CPUs kept busy by other processes during each round (None where /proc/stat is missing): PyTorch's
+    # OpenMP threads lose far more than cnncli's workers when they share the cores, so only rounds near 0 count
+    other_cpus_per_round: list[float | None]
     machine: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
@@ -361,6 +364,30 @@ def _torch_contender(cfg: Config, case: BenchCase, memory_format: str) -> tuple[
     return contender, diff
 
 
+def _cpu_sample() -> tuple[float, float, float] | None:
+    """(CPU seconds busy on the whole machine, of this process, wall clock) from /proc/stat; None elsewhere."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal ...: busy is everything but idle and iowait
+    values = [int(v) for v in fields[1:9]]
+    busy = sum(values) - values[3] - values[4]
+    own = os.times()
+    return busy / tick, own.user + own.system, time.perf_counter()
+
+
+def _other_cpus(a: tuple[float, float, float] | None, b: tuple[float, float, float] | None) -> float | None:
+    """CPUs that other processes (and the hypervisor's steal) kept busy on average between two samples."""
+    if a is None or b is None or b[2] <= a[2]:
+        return None
+    return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / (b[2] - a[2]))
+
+
 def _timed(fn: Callable[[], None], calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
@@ -408,13 +435,16 @@ def run_against_torch(
             for _ in range(warmup):
                 c.infer()
         n_eval = eval_calls(steps)
+        other: list[float | None] = []
         for _ in range(rounds):
+            sample = _cpu_sample()
             for c in contenders:
                 c.train_threads()
                 c.train_runs.append(_timed(c.train, steps))
             for c in contenders:
                 c.eval_threads()
                 c.eval_runs.append(_timed(c.infer, n_eval))
+            other.append(_other_cpus(sample, _cpu_sample()))
     finally:
         torch.set_num_threads(before)
 
@@ -452,6 +482,7 @@ def run_against_torch(
         engines=engines,
         ratios=ratios,
         logits_rel_diff=diffs,
+        other_cpus_per_round=other,
         machine=machine_info(),
     )
 

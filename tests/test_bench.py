@@ -183,6 +183,8 @@ def test_against_torch_json_has_three_engines_and_their_ratios() -> None:
     assert d["threads"] >= 1 and d["cnncli_engine"] == "fused"
     assert set(d["logits_rel_diff"]) == {"contiguous", "channels_last"}
     assert all(0 <= v < 1e-5 for v in d["logits_rel_diff"].values())
+    (busy,) = d["other_cpus_per_round"]
+    assert busy is None or 0 <= busy <= 64
     m = d["machine"]
     assert m["torch"] == torch.__version__ and m["numpy"] == np.__version__ and m["cpu_model"]
     assert m["logical_cpus"] >= m["usable_cpus"] >= 1
@@ -198,6 +200,7 @@ def test_against_torch_table_names_engines_ratios_and_machine() -> None:
     for needle in ("cnncli", "torch channels_last", "cnncli / best PyTorch", "per-round", "machine:",
                    "numpy", f"torch {torch.__version__}", "threads 1 / 1"):
         assert needle in text, needle
+    assert ("other processes kept" in text) == Path("/proc/stat").is_file()
     assert torch.get_num_threads() == before  # the run restores PyTorch's thread count
 
 
