@@ -8,7 +8,7 @@ DATA   ?= $(abspath $(or $(CNNCLI_DATA),$(wildcard ../shared/data)))
 DATA_OPT = $(if $(DATA),--data-dir $(DATA))
 CONFIG ?= configs/seed.yaml
 
-.PHONY: venv test lint train bench gradcheck clean
+.PHONY: venv test lint train bench bench-torch gradcheck clean
 
 $(BIN)/cnn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ gradcheck: venv
 bench: venv
 	$(BIN)/cnn bench --config configs/seed.yaml
 	$(BIN)/cnn bench --config configs/seed-diagram.yaml
+
+# Side by side with PyTorch CPU (both memory formats, interleaved rounds, medians). torch is never a dependency
+# of cnncli: this target alone installs it into the venv when it is missing.
+TORCH_VERSION ?= 2.13.0
+bench-torch: venv
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/cnn bench --against torch --config configs/seed.yaml
+	$(BIN)/cnn bench --against torch --config configs/seed-diagram.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

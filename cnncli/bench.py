@@ -64,6 +64,11 @@ class BenchResult:
         return asdict(self)
 
 
+def eval_calls(steps: int) -> int:
+    """Inference calls per repeat for `steps` training steps per repeat: a quarter, at least one."""
+    return max(1, -(-steps // 4))
+
+
 def _median_ms(fn: Callable[[], object], calls: int, repeats: int) -> tuple[float, list[float]]:
     runs = []
     for _ in range(repeats):
@@ -137,25 +142,35 @@ def system_info(threads: int) -> dict[str, Any]:
     }
 
 
-def run_bench(
+@dataclass
+class BenchCase:
+    """A network and its random data, ready to time: what `run_bench` (and `cnncli.torchbench`) call.
+
+    x (batch, *input_shape) float32 and y (batch,) int64 feed the training step; xe (eval_batch,
+    *input_shape) float32 feeds inference.
+    """
+
+    model: Sequential
+    x: np.ndarray
+    y: np.ndarray
+    xe: np.ndarray
+    lr: float
+    threads: int  # worker threads of the training step
+    eval_threads: int  # worker threads of the inference pass
+    train_step: Callable[[], None]  # loss_and_grads + optimizer step
+    update: Callable[[], None]  # the optimizer step alone
+    infer: Callable[[], None]  # predict on xe
+
+
+def prepare_case(
     cfg: Config,
-    config_name: str,
-    batch: int | None = None,
-    eval_batch: int | None = None,
-    steps: int = 20,
-    repeats: int = 5,
-    warmup: int = 3,
+    batch: int,
+    eval_batch: int,
     threads: int | None = None,
     reference: bool = False,
     seed: int = 0,
-) -> BenchResult:
-    """Time `steps` training steps (batch `batch`, default train.batch_size) and ⌈steps/4⌉ inference passes
-    (batch `eval_batch`, default train.eval_batch_size), `repeats` times each after `warmup` calls; medians.
-
-    `reference` times the per-layer path (`Sequential.fast = False`) instead of the fused engine.
-    """
-    batch = batch or cfg.train.batch_size
-    eval_batch = eval_batch or cfg.train.eval_batch_size
+) -> BenchCase:
+    """Build `cfg`'s network (weights from `seed`), random inputs and labels, and the timed calls."""
     model = build_model(cfg.model, seed=seed)
     model.fast = not reference
     model.threads = threads
@@ -180,13 +195,35 @@ def run_bench(
     def infer() -> None:
         model.predict(xe)
 
+    return BenchCase(model, x, y, xe, lr, used_threads, eval_threads, train_step, update, infer)
+
+
+def run_bench(
+    cfg: Config,
+    config_name: str,
+    batch: int | None = None,
+    eval_batch: int | None = None,
+    steps: int = 20,
+    repeats: int = 5,
+    warmup: int = 3,
+    threads: int | None = None,
+    reference: bool = False,
+    seed: int = 0,
+) -> BenchResult:
+    """Time `steps` training steps (batch `batch`, default train.batch_size) and ⌈steps/4⌉ inference passes
+    (batch `eval_batch`, default train.eval_batch_size), `repeats` times each after `warmup` calls; medians.
+
+    `reference` times the per-layer path (`Sequential.fast = False`) instead of the fused engine.
+    """
+    batch = batch or cfg.train.batch_size
+    eval_batch = eval_batch or cfg.train.eval_batch_size
+    case = prepare_case(cfg, batch, eval_batch, threads=threads, reference=reference, seed=seed)
     for _ in range(warmup):
-        train_step()
-        infer()
-    train_ms, train_runs = _median_ms(train_step, steps, repeats)
-    eval_calls = max(1, -(-steps // 4))
-    eval_ms, eval_runs = _median_ms(infer, eval_calls, repeats)
-    layers = _profile(model, x, y, update, passes=max(2, min(steps, 10)))
+        case.train_step()
+        case.infer()
+    train_ms, train_runs = _median_ms(case.train_step, steps, repeats)
+    eval_ms, eval_runs = _median_ms(case.infer, eval_calls(steps), repeats)
+    layers = _profile(case.model, case.x, case.y, case.update, passes=max(2, min(steps, 10)))
     blas = blas_info()
     return BenchResult(
         config=config_name,
@@ -195,8 +232,8 @@ def run_bench(
         eval_batch=eval_batch,
         steps=steps,
         repeats=repeats,
-        threads=used_threads,
-        eval_threads=eval_threads,
+        threads=case.threads,
+        eval_threads=case.eval_threads,
         train_ms_per_step=train_ms,
         train_images_per_s=batch / (train_ms / 1000),
         eval_ms_per_batch=eval_ms,
@@ -205,5 +242,5 @@ def run_bench(
         eval_runs_ms=eval_runs,
         layers=layers,
         blas=blas,
-        system=system_info(used_threads),
+        system=system_info(case.threads),
     )

@@ -1,13 +1,33 @@
-"""`cnn bench`: training-step and inference throughput of a config's network (registered in cnncli/cli.py)."""
+"""`cnn bench`: training-step and inference throughput of a config's network (registered in cnncli/cli.py),
+alone or side by side with PyTorch (`--against torch`); and `torch_script`, the command line of
+`python -m cnncli.torchbench train` (the same training recipe in PyTorch, for whole-process timings)."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cnncli.clikit import CONFIG_DEFAULT, ConfigOpt, JsonOpt, LayersOpt, load_layers, out, user_errors
+from cnncli.clikit import (
+    CONFIG_DEFAULT,
+    ConfigOpt,
+    DataDirOpt,
+    JsonOpt,
+    LayersOpt,
+    load_layers,
+    out,
+    prepare_data,
+    user_errors,
+)
+
+if TYPE_CHECKING:
+    from cnncli.torchbench import TorchBenchResult, TorchEpoch
+
+
+class Against(str, Enum):
+    torch = "torch"
 
 
 @user_errors
@@ -25,6 +45,14 @@ def bench(
     reference: Annotated[
         bool, typer.Option("--reference", help="Time the per-layer reference path instead of the fused engine.")
     ] = False,
+    against: Annotated[
+        Against | None,
+        typer.Option(
+            "--against",
+            help="Time the same network and step in PyTorch (CPU, NCHW and channels_last) in the same run, "
+            "interleaved rounds (--repeats), and print the ratios. Needs torch installed (never a dependency).",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     layers: LayersOpt = None,
 ) -> None:
@@ -37,6 +65,18 @@ def bench(
     from cnncli.config import load_config
 
     load_layers(layers)
+    if against is not None:
+        from cnncli.torchbench import import_torch, run_against_torch
+
+        import_torch()  # before reading anything: without torch, the one-line install hint
+        cfg = load_config(config)
+        tres = run_against_torch(cfg, str(config), batch=batch, eval_batch=eval_batch, steps=steps, rounds=repeats,
+                                 threads=threads, reference=reference)
+        if json_out:
+            out.print_json(json.dumps(tres.to_dict()))
+        else:
+            _render_against(tres)
+        return
     cfg = load_config(config)
     res = run_bench(cfg, str(config), batch=batch, eval_batch=eval_batch, steps=steps, repeats=repeats,
                     threads=threads, reference=reference)
@@ -73,3 +113,106 @@ def bench(
     out.print(f"BLAS: {lib} ({blas['config'] or 'no build string'}); {threads_txt}, {limit}")
     env = ", ".join(f"{k}={v}" for k, v in res.system["env"].items()) or "none set"
     out.print(f"numpy {res.system['numpy']}, {res.system['usable_cpus']} usable CPU(s); environment: {env}")
+
+
+def _render_against(res: TorchBenchResult) -> None:
+    import statistics
+
+    from rich.table import Table
+
+    m = res.machine
+    out.print(f"[bold]{res.config}[/bold] — cnncli ({res.cnncli_engine} engine) against PyTorch {m['torch']}, "
+              f"float32, batch {res.batch} (train) / {res.eval_batch} (inference), threads {res.threads} / "
+              f"{res.eval_threads}", soft_wrap=True)
+    table = Table(title=f"throughput: median of {res.rounds} interleaved round(s) of {res.steps} step(s)")
+    table.add_column("engine", no_wrap=True)
+    table.add_column("train images/s", justify="right")
+    table.add_column("ms per step", justify="right")
+    table.add_column("spread (ms)", justify="right")
+    table.add_column("inference images/s", justify="right")
+    table.add_column("ms per batch", justify="right")
+    table.add_column("spread (ms)", justify="right")
+    for e in res.engines:
+        table.add_row(e.name, f"[bold]{e.train_images_per_s:,.0f}[/bold]", f"{e.train_ms_per_step:.2f}",
+                      f"{min(e.train_runs_ms):.2f}–{max(e.train_runs_ms):.2f}",
+                      f"[bold]{e.eval_images_per_s:,.0f}[/bold]", f"{e.eval_ms_per_batch:.2f}",
+                      f"{min(e.eval_runs_ms):.2f}–{max(e.eval_runs_ms):.2f}")
+    out.print(table)
+    r = res.ratios
+    out.print(f"cnncli / best PyTorch: train [bold]{r['train']:.2f}×[/bold] (vs {r['train_vs']}), "
+              f"inference [bold]{r['inference']:.2f}×[/bold] (vs {r['inference_vs']}); median of the per-round "
+              f"ratios: train {r['train_round_median']:.2f}×, inference {r['inference_round_median']:.2f}×",
+              soft_wrap=True)
+    busy = [v for v in res.other_cpus_per_round if v is not None]
+    if busy:
+        note = ("" if max(busy) < 0.25 else " — [yellow]the machine was busy: PyTorch's OpenMP threads slow down far "
+                "more than cnncli's when the cores are shared; rerun on an idle machine[/yellow]")
+        out.print(f"other processes kept {statistics.mean(busy):.2f} CPU(s) busy on average during the rounds "
+                  f"(most in one round: {max(busy):.2f}){note}", soft_wrap=True)
+    diffs = ", ".join(f"{fmt} {d:.1e}" for fmt, d in res.logits_rel_diff.items())
+    out.print(f"same function: max |Δlogits| / max |logits| before timing: {diffs}")
+    caps = ", ".join(str(v) for v in (m["torch_blas"], "mkldnn" if m["torch_mkldnn"] else None,
+                                       m["torch_cpu_capability"]) if v)
+    out.print(f"machine: {m['cpu_model']}, {m['logical_cpus']} logical CPU(s), {m['usable_cpus']} usable; "
+              f"Python {m['python']}; numpy {m['numpy']} ({m['numpy_blas'] or 'BLAS unknown'}); "
+              f"torch {m['torch']} ({caps or 'BLAS unknown'})", soft_wrap=True)
+
+
+torch_script = typer.Typer(
+    help="PyTorch twin of `cnn train` (same network, weights, data order, augmentation, schedule), to time "
+    "both as whole processes. Needs torch installed.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@torch_script.callback()
+def _torch_script_main() -> None:
+    """Keep `train` a subcommand even though it is the only one."""
+
+
+@torch_script.command("train")
+@user_errors
+def torch_train(
+    config: ConfigOpt = CONFIG_DEFAULT,
+    data_dir: DataDirOpt = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (train.epochs); the schedule spans them.")] = None,
+    memory_format: Annotated[
+        str, typer.Option("--memory-format", help="PyTorch memory format: contiguous (NCHW) or channels_last.")
+    ] = "contiguous",
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Threads. Default: cnncli's worker count for a training batch.")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train the config's network in PyTorch with `cnn train`'s recipe; print each epoch, the test accuracy."""
+    import json
+
+    from cnncli.config import load_config
+    from cnncli.torchbench import FORMATS, TorchBenchError, import_torch, train_torch
+
+    torch = import_torch()
+    if memory_format not in FORMATS:
+        raise TorchBenchError(f"--memory-format: must be one of {', '.join(FORMATS)}, got {memory_format!r}")
+    cfg = load_config(config, [f"train.epochs={epochs}"] if epochs is not None else None)
+    folder = prepare_data(data_dir, cfg)
+
+    def show(m: TorchEpoch) -> None:
+        if json_out:
+            return
+        val = f"val loss {m.val_loss:.4f}, val acc {m.val_acc:.2%}; " if m.val_acc is not None else ""
+        out.print(f"epoch {m.epoch}/{cfg.train.epochs}: train loss {m.train_loss:.4f}, train acc {m.train_acc:.2%}; "
+                  f"{val}lr {m.lr:.4g}; {m.seconds:.2f} s ({m.images_per_s:,.0f} images/s)")
+
+    if not json_out:
+        out.print(f"[bold]{config}[/bold] in PyTorch {torch.__version__} ({memory_format}), "
+                  f"{cfg.train.epochs} epoch(s)")
+    res = train_torch(cfg, folder, memory_format=memory_format, threads=threads, on_epoch=show)
+    if json_out:
+        out.print_json(json.dumps(res.to_dict()))
+        return
+    if res.test_acc is not None:
+        out.print(f"test (best epoch {res.best_epoch}): loss {res.test_loss:.4f}, accuracy {res.test_acc:.2%}")
+    out.print(f"{res.n_train} train / {res.n_val} val / {res.n_test} test images; {res.threads} thread(s); "
+              f"total {res.seconds:.2f} s")

@@ -123,7 +123,9 @@ def gradcheck(
         out.print(table)
         out.print(
             "Relative error |a−n| / max(1e-8, |a|+|n|), worst entry; n from a 5-point centred difference. "
-            "Steps that cross a ReLU/max-pool kink are evaluated on the unperturbed pass's piece."
+            "'near a kink': checked entries whose ±ε or ±2ε step would flip a ReLU mask, a pool's arg-max or another "
+            "discrete choice; they are still checked, on the unperturbed pass's piece (docs/derivations.md"
+            "#finite-difference-checks), so they never fail for that reason."
         )
         verdict = "[green]all gradients pass[/green]" if ok else "[red]some gradients FAIL[/red]"
         out.print(f"{verdict} ({seconds:.1f} s)")

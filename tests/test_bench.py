@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,3 +95,164 @@ def test_blas_thread_limit_is_restored() -> None:
     with blas_threads(1):
         assert blas_info()["threads"] == 1
     assert blas_info()["threads"] == before
+
+
+# ---------------------------------------------------------------- side by side with PyTorch (cnncli.torchbench)
+# torch is never a dependency: these skip only where it is not importable (`make bench-torch` installs it).
+
+
+def _torch() -> Any:
+    return pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("config", [SEED, DIAGRAM])
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_torch_network_computes_cnncli_logits(config: Path, memory_format: str) -> None:
+    _torch()
+    from cnncli.model import build_model
+    from cnncli.torchbench import build_torch_net, set_format, torch_logits
+
+    cfg = load_config(config)
+    model = build_model(cfg.model, seed=3)
+    tnet = build_torch_net(cfg, model)
+    set_format(tnet, memory_format)
+    x = np.random.default_rng(1).standard_normal((6, 3, 32, 32)).astype(np.float32)
+    zt = torch_logits(tnet, x, memory_format)
+    for z in (model.forward(x), model.predict(x)):  # the per-layer reference and the fused engine
+        scale = float(np.max(np.abs(z)))
+        assert scale > 0.1
+        assert float(np.max(np.abs(zt - z))) <= 1e-5 * scale
+
+
+def test_torch_sgd_step_moves_the_weights_as_cnncli_does() -> None:
+    """Three steps of forward, mean cross-entropy, backward and Nesterov SGD with weight decay on weights only:
+    with a large decay, decaying the biases too (or a different momentum rule) would move them visibly apart."""
+    torch = _torch()
+    from cnncli.model import build_model
+    from cnncli.optim import make_optimizer
+    from cnncli.torchbench import build_torch_net, make_torch_optimizer
+
+    cfg = load_config(DIAGRAM, ["train.optimizer.lr=0.05", "train.optimizer.weight_decay=0.5"])
+    model = build_model(cfg.model, seed=0)
+    tnet = build_torch_net(cfg, model)
+    start = {k: v.copy() for k, v in model.named_params().items()}
+    params = model.named_params()
+    opt = make_optimizer(params, cfg.train.optimizer)
+    topt = make_torch_optimizer(tnet, cfg.train.optimizer)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x = rng.standard_normal((12, 3, 32, 32)).astype(np.float32)
+        y = rng.integers(0, 10, size=12)
+        model.loss_and_grads(x, y)
+        opt.step(params, model.named_grads(), cfg.train.optimizer.lr)
+        topt.zero_grad()
+        torch.nn.functional.cross_entropy(tnet.net(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        topt.step()
+    theirs = tnet.numpy_params()
+    for name, theta in model.named_params().items():
+        moved, moved_t = theta - start[name], theirs[name] - start[name]
+        assert float(np.max(np.abs(moved))) > 0, name
+        assert float(np.max(np.abs(moved_t - moved))) <= 1e-3 * float(np.max(np.abs(moved))), name
+
+
+def test_against_torch_json_has_three_engines_and_their_ratios() -> None:
+    torch = _torch()
+    result = runner.invoke(app, ["bench", "--config", str(DIAGRAM), "--against", "torch", "--json",
+                                 "--steps", "1", "--repeats", "1", "--batch", "16", "--eval-batch", "40"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(_stdout(result))
+    engines = {e["name"]: e for e in d["engines"]}
+    assert list(engines) == ["cnncli", "torch", "torch channels_last"]
+    for e in engines.values():
+        assert _positive(e["train_images_per_s"]) and _positive(e["eval_images_per_s"])
+        assert len(e["train_runs_ms"]) == 1 and len(e["eval_runs_ms"]) == 1
+        assert e["train_images_per_s"] == pytest.approx(16 / (e["train_ms_per_step"] / 1000))
+    ours = engines["cnncli"]
+    best_train = max(engines["torch"]["train_images_per_s"], engines["torch channels_last"]["train_images_per_s"])
+    best_eval = max(engines["torch"]["eval_images_per_s"], engines["torch channels_last"]["eval_images_per_s"])
+    r = d["ratios"]
+    assert r["train"] == pytest.approx(ours["train_images_per_s"] / best_train)
+    assert r["inference"] == pytest.approx(ours["eval_images_per_s"] / best_eval)
+    assert engines[r["train_vs"]]["train_images_per_s"] == best_train
+    assert engines[r["inference_vs"]]["eval_images_per_s"] == best_eval
+    ((t_ours,), (t_nchw,), (t_cl,)) = (engines[k]["train_runs_ms"] for k in engines)
+    assert r["train_per_round"] == [pytest.approx(min(t_nchw, t_cl) / t_ours)]
+    assert r["train_round_median"] == pytest.approx(min(t_nchw, t_cl) / t_ours)
+    assert len(r["inference_per_round"]) == 1 and _positive(r["inference_round_median"])
+    assert d["batch"] == 16 and d["eval_batch"] == 40 and d["rounds"] == 1 and d["steps"] == 1
+    assert d["threads"] >= 1 and d["cnncli_engine"] == "fused"
+    assert set(d["logits_rel_diff"]) == {"contiguous", "channels_last"}
+    assert all(0 <= v < 1e-5 for v in d["logits_rel_diff"].values())
+    (busy,) = d["other_cpus_per_round"]
+    assert busy is None or 0 <= busy <= 64
+    m = d["machine"]
+    assert m["torch"] == torch.__version__ and m["numpy"] == np.__version__ and m["cpu_model"]
+    assert m["logical_cpus"] >= m["usable_cpus"] >= 1
+
+
+def test_against_torch_table_names_engines_ratios_and_machine() -> None:
+    torch = _torch()
+    before = torch.get_num_threads()
+    result = runner.invoke(app, ["bench", "--config", str(SEED), "--against", "torch", "--threads", "1",
+                                 "--steps", "1", "--repeats", "1", "--batch", "8", "--eval-batch", "8"])
+    assert result.exit_code == 0, result.output
+    text = _stdout(result)
+    for needle in ("cnncli", "torch channels_last", "cnncli / best PyTorch", "per-round", "machine:",
+                   "numpy", f"torch {torch.__version__}", "threads 1 / 1"):
+        assert needle in text, needle
+    assert ("other processes kept" in text) == Path("/proc/stat").is_file()
+    assert torch.get_num_threads() == before  # the run restores PyTorch's thread count
+
+
+def test_without_torch_the_command_prints_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clihelp import one_line_error
+
+    from cnncli.cli_bench import torch_script
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    result = runner.invoke(app, ["bench", "--config", str(SEED), "--against", "torch"])
+    err = one_line_error(result)
+    assert "pip install torch==2.13.0" in err and "PyTorch" in err
+    result = runner.invoke(torch_script, ["train", "--config", str(SEED)])
+    assert "pip install torch==2.13.0" in one_line_error(result)
+
+
+def test_a_layer_type_without_a_torch_builder_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    _torch()
+    from clihelp import one_line_error
+
+    from cnncli import torchbench
+
+    monkeypatch.delitem(torchbench.TORCH_LAYERS, "maxpool")
+    result = runner.invoke(app, ["bench", "--config", str(SEED), "--against", "torch", *SMALL])
+    err = one_line_error(result)
+    assert "model.layers[2]" in err and "'maxpool'" in err
+
+
+def test_torch_script_follows_cnn_train_recipe(tmp_path: Path, real_cifar_dir: Path) -> None:
+    """Same split, initial weights, order, augmentation and schedule: one short epoch on a slice of the real
+    data gives cnn train's losses to float32 drift, and the same split sizes."""
+    _torch()
+    import yaml
+
+    from cnncli.cli_bench import torch_script
+    from cnncli.train import train
+
+    raw = yaml.safe_load(SEED.read_text())
+    raw["data"].update(limit=768, val_size=256)
+    raw["train"].update(epochs=1, eval_batch_size=500)
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    ours = train(load_config(cfg_path), tmp_path / "run", real_cifar_dir)
+    result = runner.invoke(torch_script, ["train", "--config", str(cfg_path), "--data-dir", str(real_cifar_dir),
+                                          "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(_stdout(result))
+    assert (d["n_train"], d["n_val"], d["n_test"]) == (512, 256, 10000)
+    (ep,) = d["history"]
+    (m,) = ours.history
+    assert ep["lr"] == pytest.approx(m.lr)
+    assert ep["train_loss"] == pytest.approx(m.train_loss, rel=1e-3)
+    assert ep["val_loss"] == pytest.approx(m.val_loss, rel=1e-3)
+    assert abs(ep["val_acc"] - m.val_acc) <= 2 / 256
+    assert abs(d["test_acc"] - ours.test.accuracy) <= 0.002
