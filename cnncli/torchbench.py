@@ -32,21 +32,11 @@ from typing import Any
 import numpy as np
 
 from cnncli.bench import BenchCase, eval_calls, prepare_case
-from cnncli.config import (
-    AdamConfig,
-    Config,
-    ConvSpec,
-    FlattenSpec,
-    LinearSpec,
-    MaxPoolSpec,
-    OptimizerConfig,
-    ReluSpec,
-    SGDConfig,
-)
+from cnncli.config import AdamConfig, Config, OptimizerConfig, SGDConfig
 from cnncli.engine import blas_info
 from cnncli.errors import CnnError, ConfigError, TrainingDiverged
 from cnncli.model import Sequential, build_model
-from cnncli.optim import _decays, learning_rate
+from cnncli.optim import learning_rate
 from cnncli.preprocess import Normalizer, augment
 
 TORCH_VERSION = "2.13.0"  # the version the project's figures were measured with (`make bench-torch` installs it)
@@ -92,37 +82,53 @@ class TorchLayer:
     params: dict[str, str] = field(default_factory=dict)
 
 
-# A builder gets the layer's spec (from cnncli.config), its input shape per example ((C, H, W) or (F,)) and
+# A builder gets the layer's options (its config entry), its input shape per example ((C, H, W) or (F,)) and
 # the torch module, and returns the equivalent `TorchLayer`.
 Builder = Callable[[Any, Shape, ModuleType], TorchLayer]
 
 
-def _conv(spec: ConvSpec, shape: Shape, torch: ModuleType) -> TorchLayer:
+def _conv(spec: Any, shape: Shape, torch: ModuleType) -> TorchLayer:
     # cnncli's conv is a cross-correlation with W (C_out, C_in, K, K): exactly nn.Conv2d's layout.
-    conv = torch.nn.Conv2d(shape[0], spec.out_channels, spec.kernel_size, stride=spec.stride, padding=spec.padding)
-    return TorchLayer(conv, {"W": "weight", "b": "bias"})
+    conv = torch.nn.Conv2d(shape[0], spec.out_channels, spec.kernel_size, stride=spec.stride, padding=spec.padding,
+                           bias=spec.bias)
+    return TorchLayer(conv, {"W": "weight", "b": "bias"} if spec.bias else {"W": "weight"})
 
 
-def _relu(spec: ReluSpec, shape: Shape, torch: ModuleType) -> TorchLayer:
+def _relu(spec: Any, shape: Shape, torch: ModuleType) -> TorchLayer:
     return TorchLayer(torch.nn.ReLU())
 
 
-def _maxpool(spec: MaxPoolSpec, shape: Shape, torch: ModuleType) -> TorchLayer:
+def _maxpool(spec: Any, shape: Shape, torch: ModuleType) -> TorchLayer:
     # Both drop the rows and columns no window covers (PyTorch's ceil_mode=False).
     return TorchLayer(torch.nn.MaxPool2d(spec.kernel_size, stride=spec.stride or spec.kernel_size))
 
 
-def _flatten(spec: FlattenSpec, shape: Shape, torch: ModuleType) -> TorchLayer:
+def _flatten(spec: Any, shape: Shape, torch: ModuleType) -> TorchLayer:
     # C order over (C, H, W), as cnncli's Flatten; on a channels_last tensor it still flattens logical NCHW.
     return TorchLayer(torch.nn.Flatten())
 
 
-def _linear(spec: LinearSpec, shape: Shape, torch: ModuleType) -> TorchLayer:
+def _linear(spec: Any, shape: Shape, torch: ModuleType) -> TorchLayer:
     # W (out, in), as nn.Linear's weight.
-    return TorchLayer(torch.nn.Linear(shape[0], spec.out_features), {"W": "weight", "b": "bias"})
+    lin = torch.nn.Linear(shape[0], spec.out_features, bias=spec.bias)
+    return TorchLayer(lin, {"W": "weight", "b": "bias"} if spec.bias else {"W": "weight"})
+
+
+def _avgpool(spec: Any, shape: Shape, torch: ModuleType) -> TorchLayer:
+    # zeros of the padding count in the divisor, as cnncli's AvgPool2D (count_include_pad=True)
+    return TorchLayer(torch.nn.AvgPool2d(spec.kernel_size, stride=spec.stride or spec.kernel_size,
+                                         padding=spec.padding, count_include_pad=True))
+
+
+def _batchnorm(spec: Any, shape: Shape, torch: ModuleType) -> TorchLayer:
+    # γ, β are weight, bias; PyTorch's momentum and ε have cnncli's meaning (running statistics start 0 and 1)
+    cls = torch.nn.BatchNorm2d if len(shape) == 3 else torch.nn.BatchNorm1d
+    return TorchLayer(cls(shape[0], eps=spec.eps, momentum=spec.momentum), {"gamma": "weight", "beta": "bias"})
 
 
 TORCH_LAYERS: dict[str, Builder] = {
+    "avgpool": _avgpool,
+    "batchnorm": _batchnorm,
     "conv": _conv,
     "relu": _relu,
     "maxpool": _maxpool,
@@ -137,6 +143,7 @@ class TorchNet:
 
     net: Any
     params: dict[str, Any]  # 'conv1.W' -> the torch Parameter it maps to, in cnncli's order
+    decayed: frozenset[str] = frozenset()  # cnncli's weight-decayed names (`Sequential.decayed`)
 
     def copy_from(self, model: Sequential) -> None:
         """Copy cnncli's current parameters into the PyTorch ones (same shapes, float32)."""
@@ -190,17 +197,17 @@ def build_torch_net(cfg: Config, model: Sequential) -> TorchNet:
     missing = sorted(set(expected) - set(params))
     if missing:
         raise TorchBenchError(f"model.layers: cnncli parameters {', '.join(missing)} have no PyTorch counterpart")
-    tnet = TorchNet(torch.nn.Sequential(*modules), {k: params[k] for k in expected})
+    tnet = TorchNet(torch.nn.Sequential(*modules), {k: params[k] for k in expected}, frozenset(model.decayed()))
     tnet.copy_from(model)
     return tnet
 
 
 def make_torch_optimizer(tnet: TorchNet, cfg: OptimizerConfig) -> Any:
     """cnncli's optimizer in PyTorch: SGD (momentum, Nesterov) or Adam, L2 weight decay added to the
-    gradient of the weights ('*.W') only, as `cnncli/optim.py` does."""
+    gradient of the parameters cnncli decays (each layer's `decay`: weights, not biases or γ, β) only."""
     torch = import_torch()
-    decay = [p for name, p in tnet.params.items() if _decays(name)]
-    rest = [p for name, p in tnet.params.items() if not _decays(name)]
+    decay = [p for name, p in tnet.params.items() if name in tnet.decayed]
+    rest = [p for name, p in tnet.params.items() if name not in tnet.decayed]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if isinstance(cfg, SGDConfig):
