@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cnncli.checkpoint import apply_params, load_checkpoint, save_checkpoint
-from cnncli.config import build_config
+from cnncli.config import apply_overrides, build_config
 from cnncli.errors import ConfigError
 from cnncli.gradcheck import gradcheck
 from cnncli.layers import Dropout, GlobalAvgPool2D, LeakyReLU, Residual, Sigmoid, Tanh
@@ -384,6 +384,7 @@ def test_checkpoint_round_trip_of_residual_parameters_and_the_batchnorm_buffers_
         assert {"res1.conv1.W", "res1.shortcut.W", "res1.conv2.b", "res1.bn1.running_mean",
                 "res1.bn1.running_var", "bn1.running_mean"} <= set(npz.files)
         assert np.abs(npz["res1.bn1.running_mean"]).max() > 0
+    assert load_checkpoint(path).config == cfg, "the nested layer lists survive the checkpoint's JSON config"
     fresh = build_model(cfg.model, seed=4)
     assert not np.array_equal(fresh.named_params()["res1.conv1.W"], model.named_params()["res1.conv1.W"])
     apply_params(load_checkpoint(path), fresh, path)
@@ -421,6 +422,13 @@ def test_config_errors_name_the_block_the_layer_and_both_shapes() -> None:
     assert msg.startswith("model.layers[0].layers[1].layers[0] (fc1): a linear layer needs a flat input")
     msg = _error((4, 8, 8), [{"type": "residual", "layers": [{"type": "relu"}, {"type": "conv", "kernal_size": 3}]}])
     assert msg.startswith("model.layers[0].layers[1].kernal_size: unknown key; did you mean")
+
+
+def test_set_reaches_the_layers_inside_a_block() -> None:
+    raw = apply_overrides({"model": {"input_shape": [2, 6, 6], "layers": ALL_A}},
+                          ["model.layers[4].layers[0].out_channels=7", "model.layers[4].layers[3].out_channels=7"])
+    model = build_model(build_config(raw).model)
+    assert model.named_params()["res1.shortcut.W"].shape == (7, 4, 1, 1)
 
 
 def test_dropout_p_outside_0_1_and_global_pooling_of_a_vector_are_one_line_errors() -> None:
