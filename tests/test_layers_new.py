@@ -302,7 +302,7 @@ ALL_B = [  # nested residuals, dropout inside a block, globalavgpool, batch-norm
     {"type": "residual", "layers": [
         {"type": "residual", "layers": [{"type": "conv", "out_channels": 3, "kernel_size": 3, "padding": 1},
                                         {"type": "relu"}]},
-        {"type": "dropout", "p": 0.2}, {"type": "conv", "out_channels": 3, "kernel_size": 1},
+        {"type": "dropout", "p": 0.2}, {"type": "conv", "out_channels": 3, "kernel_size": 1, "bias": False},
         {"type": "batchnorm"}]},
     {"type": "sigmoid"}, {"type": "maxpool", "kernel_size": 2}, {"type": "globalavgpool"},
     {"type": "batchnorm"}, {"type": "tanh"}, {"type": "dropout", "p": 0.5}, {"type": "linear", "out_features": 5},
@@ -314,7 +314,9 @@ ALL_B = [  # nested residuals, dropout inside a block, globalavgpool, batch-norm
 def test_gradcheck_of_networks_mixing_every_layer_is_below_1e_7(layers, mode: str) -> None:
     model = _model((2, 8, 8), layers)
     getattr(model, mode)()
-    results = gradcheck(model, batch=4, max_entries=25, eps=3e-4)
+    # (a conv bias right before a batch-norm in training has gradient 0: its relative error would be noise, so
+    # the convs before a batch-norm have bias: false, as they should)
+    results = gradcheck(model, batch=4, max_entries=25)
     names = {r.name for r in results}
     if layers is ALL_A:
         assert {"res1.conv1.W", "res1.bn1.gamma", "res1.conv2.b", "res1.shortcut.W", "bn1.beta", "fc2.W"} <= names
