@@ -150,13 +150,15 @@ def summary(config: ConfigOpt = CONFIG_DEFAULT, layers: LayersOpt = None) -> Non
     table.add_column("type")
     table.add_column("output shape")
     table.add_column("parameters", justify="right")
+    table.add_column("buffers", justify="right")
     table.add_column("multiply-adds", justify="right")
     rows = model.summary()
     for r in rows:
-        table.add_row(str(r.index), r.name, r.description, shape_text(r.output_shape), f"{r.params:,}", f"{r.macs:,}")
+        table.add_row(str(r.index), r.name, r.description, shape_text(r.output_shape), f"{r.params:,}",
+                      f"{r.buffers:,}", f"{r.macs:,}")
     table.add_section()
-    total_p, total_m = sum(r.params for r in rows), sum(r.macs for r in rows)
-    table.add_row("", "total", "", "", f"{total_p:,}", f"{total_m:,}")
+    total_p, total_b, total_m = sum(r.params for r in rows), sum(r.buffers for r in rows), sum(r.macs for r in rows)
+    table.add_row("", "total", "", "", f"{total_p:,}", f"{total_b:,}", f"{total_m:,}")
     out.print(table)
 
 

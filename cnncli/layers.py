@@ -11,7 +11,9 @@ checking; the caller chooses (see `Sequential.astype`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -45,6 +47,10 @@ class Layer:
     `piece()` returns the discrete choices of the last forward pass (a ReLU mask, pool arg-maxes, a dropout
     mask) or None for a smooth layer, and `forward_on_piece(x, piece)` computes the output with those choices
     held, saying whether x's own choices would differ (a kink was crossed). See docs/layers-api.md.
+
+    Optional hook `set_step(key: tuple[int, ...])`: a layer that draws random numbers in training (dropout)
+    defines it; `Sequential.set_step(seed, epoch, batch)`, called by the training loop before each step, passes
+    key = (seed, epoch, batch, layer index), so the draws depend on the step alone (a resumed run repeats them).
     """
 
     type_name: ClassVar[str] = ""
@@ -702,3 +708,495 @@ def softmax_cross_entropy(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarr
     dz[rows, y] -= 1.0
     dz /= n
     return loss, dz, p
+
+
+# ==========================================================================================================
+# The layers of a modern small CNN (docs/derivations.md#global-average-pooling … #residual-block).
+# ==========================================================================================================
+
+
+@register_layer
+class GlobalAvgPool2D(Layer):
+    """Global average pooling, docs/derivations.md#global-average-pooling: g[n, c] = (1/(H·W)) Σ_{i,j} x[n, c, i, j].
+
+    Input x (N, C, H, W); output g (N, C), already flat (no flatten needed before a linear layer). Backward:
+    δx[n, c, i, j] = δg[n, c] / (H·W) at every position. No parameters; keeps only the input shape.
+    """
+
+    type_name = "globalavgpool"
+    doc = "global-average-pooling"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._x_shape: Shape | None = None
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"global average pooling needs an image input (C, H, W), got a vector of shape {tuple(input_shape)}"
+                if len(input_shape) == 1 else f"global average pooling needs an image input (C, H, W), "
+                f"got shape {tuple(input_shape)}"
+            )
+        return (input_shape[0],)
+
+    def macs(self, input_shape: Shape) -> int:
+        return int(np.prod(input_shape))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """x (N, C, H, W) -> g (N, C)."""
+        self._x_shape = x.shape
+        return x.mean(axis=(2, 3))
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """δg (N, C) -> δx (N, C, H, W), δg / (H·W) at every position."""
+        assert self._x_shape is not None, "backward before forward"
+        h, w = self._x_shape[2:]
+        dx = np.empty(self._x_shape, dtype=dout.dtype)
+        dx[...] = (dout / (h * w))[:, :, None, None]
+        return dx
+
+
+DEFAULT_STEP_KEY: tuple[int, ...] = (0,)  # a dropout layer's key before any `set_step` (gradcheck, a bare forward)
+
+
+@register_layer
+class Dropout(Layer):
+    """Inverted dropout, docs/derivations.md#dropout: y = x ⊙ m / (1 − p) in training, y = x in evaluation.
+
+    The mask m (any shape (N, ...), True = keep) has independent entries, kept with probability 1 − p. Backward:
+    δx = δy ⊙ m / (1 − p) (evaluation: δx = δy). No parameters; keeps the mask.
+
+    The mask is a function of the training step alone: `set_step(key)` (called by `Sequential.set_step` with
+    key = (seed, epoch, batch, layer index) before each training step) fixes it, and the whole batch's mask is
+    drawn at once from `np.random.default_rng(key)`, so a resumed run draws the same masks, and the engine's
+    micro-batches and threads cannot change them (in training the layer `couples_batch`: the engine runs the
+    whole batch at once). Without a key (gradcheck, a bare forward) the key is `DEFAULT_STEP_KEY`. The key lives
+    in a one-element list shared by shallow copies (the engine's per-worker copies see every `set_step`).
+    `piece()` is the mask, so finite differences hold it fixed.
+    """
+
+    type_name = "dropout"
+    doc = "dropout"
+
+    @dataclass(frozen=True)
+    class Options(LayerOptions):
+        p: float = option(0.5, min=0, lt=1, help="probability of dropping a unit in training")
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout p must be in [0, 1), got {p}")
+        self.p = p
+        self._key: list[tuple[int, ...]] = [DEFAULT_STEP_KEY]
+        self._mask: np.ndarray | None = None  # None after an evaluation-mode pass
+
+    def describe(self) -> str:
+        return f"dropout p {self.p:g}"
+
+    def set_step(self, key: tuple[int, ...]) -> None:
+        """The training step the next forward passes belong to (see the class docstring)."""
+        self._key[0] = tuple(int(k) for k in key)
+
+    def couples_batch(self) -> bool:
+        return self.training  # the mask is drawn for the whole batch
+
+    def mask_for(self, shape: Shape) -> np.ndarray:
+        """The keep-mask m (bool, `shape` = the whole batch's) of the current step: u ≥ p for u ~ U[0, 1)."""
+        return np.random.default_rng(list(self._key[0])).random(shape) >= self.p
+
+    def _apply(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return x * mask * (1.0 / (1.0 - self.p))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """x (N, ...) -> y (N, ...)."""
+        if not self.training:
+            self._mask = None
+            return x
+        self._mask = self.mask_for(x.shape)
+        return self._apply(x, self._mask)
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """δy (N, ...) -> δx (N, ...)."""
+        return dout if self._mask is None else self._apply(dout, self._mask)
+
+    def piece(self) -> np.ndarray | None:
+        """The mask of the last forward pass (a copy); None in evaluation mode (the identity is smooth)."""
+        return None if self._mask is None else self._mask.copy()
+
+    def forward_on_piece(self, x: np.ndarray, piece: np.ndarray) -> tuple[np.ndarray, bool]:
+        """y = x ⊙ m / (1 − p) for the fixed mask m; linear in x, so no kink is ever crossed."""
+        self._mask = piece
+        return self._apply(x, piece), False
+
+
+@register_layer
+class LeakyReLU(Layer):
+    """y = x · 1(x > 0) + α · x · 1(x ≤ 0), docs/derivations.md#leaky-relu; δx = δy · (1(x > 0) + α · 1(x ≤ 0)).
+
+    Input and output (N, ...) of any shape; α (`slope`) is fixed, not learned. Keeps the mask 1(x > 0); at
+    x = 0 the slope is α (the strict test, as ReLU's).
+    """
+
+    type_name = "leakyrelu"
+    doc = "leaky-relu"
+
+    @dataclass(frozen=True)
+    class Options(LayerOptions):
+        slope: float = option(0.01, min=0, lt=1, help="α, the slope for x ≤ 0")
+
+    def __init__(self, slope: float = 0.01) -> None:
+        super().__init__()
+        self.slope = slope
+        self._mask: np.ndarray | None = None
+
+    def describe(self) -> str:
+        return f"leakyrelu α {self.slope:g}"
+
+    def _apply(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.where(mask, x, self.slope * x)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """x (N, ...) -> y (N, ...)."""
+        self._mask = x > 0
+        return self._apply(x, self._mask)
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """δy (N, ...) -> δx (N, ...)."""
+        assert self._mask is not None, "backward before forward"
+        return self._apply(dout, self._mask)
+
+    def piece(self) -> np.ndarray | None:
+        """The mask 1(x > 0) of the last forward pass (a copy)."""
+        return None if self._mask is None else self._mask.copy()
+
+    def forward_on_piece(self, x: np.ndarray, piece: np.ndarray) -> tuple[np.ndarray, bool]:
+        """y with the slopes of a fixed mask; crossed when 1(x > 0) of this x differs from it."""
+        return self._apply(x, piece), not np.array_equal(x > 0, piece)
+
+
+@register_layer
+class Tanh(Layer):
+    """y = tanh(x), docs/derivations.md#tanh; δx = δy ⊙ (1 − y²).
+
+    Input and output (N, ...) of any shape; smooth; keeps only the output y.
+    """
+
+    type_name = "tanh"
+    doc = "tanh"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._y: np.ndarray | None = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """x (N, ...) -> y (N, ...)."""
+        self._y = np.tanh(x)
+        return self._y
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """δy (N, ...) -> δx (N, ...)."""
+        assert self._y is not None, "backward before forward"
+        return dout * (1.0 - self._y * self._y)
+
+
+@register_layer
+class Sigmoid(Layer):
+    """y = σ(x) = 1 / (1 + e^(−x)), docs/derivations.md#sigmoid; δx = δy ⊙ y ⊙ (1 − y).
+
+    Evaluated as 1/(1 + e^(−|x|)) for x ≥ 0 and e^(−|x|)/(1 + e^(−|x|)) for x < 0, so the exponent is never
+    positive. Input and output (N, ...) of any shape; smooth; keeps only the output y.
+    """
+
+    type_name = "sigmoid"
+    doc = "sigmoid"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._y: np.ndarray | None = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """x (N, ...) -> y (N, ...)."""
+        e = np.exp(-np.abs(x))
+        self._y = np.where(x >= 0, 1.0, e) / (1.0 + e)
+        return self._y
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """δy (N, ...) -> δx (N, ...)."""
+        assert self._y is not None, "backward before forward"
+        return dout * self._y * (1.0 - self._y)
+
+
+class _Flat(MutableMapping):
+    """A residual block's `params`, `grads` or `buffers`: its members' own dicts seen as one, under
+    '<member>.<key>' ('conv1.W', 'bn1.running_mean', 'shortcut.W', 'res1.conv1.W' for a nested block).
+
+    A live view, not a copy: reading gives the member's array, setting a key sets the member's entry (so
+    `Sequential.astype`, the engine and checkpoints that replace or read arrays by name stay in sync).
+    """
+
+    def __init__(self, block: Residual, attr: str) -> None:
+        self._block, self._attr = block, attr
+
+    def _dict(self, key: str) -> tuple[dict[str, Any] | MutableMapping, str]:
+        name, dot, sub = key.partition(".")
+        for member_name, member in self._block.members():
+            if member_name == name and dot:
+                return getattr(member, self._attr), sub
+        raise KeyError(key)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        d, sub = self._dict(key)
+        return d[sub]
+
+    def __setitem__(self, key: str, value: np.ndarray) -> None:
+        d, sub = self._dict(key)
+        d[sub] = value
+
+    def __delitem__(self, key: str) -> None:
+        d, sub = self._dict(key)
+        del d[sub]
+
+    def __iter__(self) -> Iterator[str]:
+        for name, member in self._block.members():
+            for k in getattr(member, self._attr):
+                yield f"{name}.{k}"
+
+    def __len__(self) -> int:
+        return sum(len(getattr(member, self._attr)) for _, member in self._block.members())
+
+    def __repr__(self) -> str:
+        return f"{{{', '.join(f'{k!r}: {tuple(v.shape)}' for k, v in self.items())}}}"
+
+
+def _shortcut_stride(h: int, w: int, ho: int, wo: int) -> int | None:
+    """The smallest stride s of a 1×1 convolution without padding that maps H×W to H'×W' (⌊(H − 1)/s⌋ + 1 = H'),
+    or None when there is none."""
+    for s in range(1, max(h, w) + 1):
+        if (h - 1) // s + 1 == ho and (w - 1) // s + 1 == wo:
+            return s
+    return None
+
+
+@register_layer
+class Residual(Layer):
+    """A residual block, docs/derivations.md#residual-block: y = x + F(x), or y = Proj(x) + F(x).
+
+    F is the block's own list of layers (`layers:`, any registered types, residual blocks too), built like the
+    top level's: named conv1, bn1, … within the block, so their parameters are '<block>.conv1.W' in
+    checkpoints. When F changes the shape (C, H, W) -> (C', H', W') and `projection: true`, the shortcut is
+    a 1×1 convolution `shortcut` (W (C', C, 1, 1), no bias, no padding) with the stride s that maps H×W to
+    H'×W'; otherwise a shape change is a config error. Input x (N, C, H, W) (or (N, D) with an identity
+    shortcut); output y, F's output shape.
+
+    Backward: δx = (shortcut path: δy, or Projᵀ δy) + (F path: F's own backward of δy); both are kept in
+    `paths` for `cnn trace`. Parameters, gradients and buffers are the members' (`_Flat` views), so the
+    optimizer, `astype`, checkpoints and the engine see them by name. `piece()` is the members' pieces (their
+    ReLU masks, pool arg-maxes, dropout masks held by finite differences); `train()`/`eval()` and
+    `needs_input_grad` reach the members; `couples_batch()` when a member couples; a shallow copy (the
+    engine's per-worker copy) copies the members too, sharing their params and buffers.
+    """
+
+    type_name = "residual"
+    name_prefix = "res"
+    doc = "residual-block"
+
+    @dataclass(frozen=True)
+    class Options(LayerOptions):
+        layers: tuple[LayerOptions, ...] = option((), help="F, the block's layers in order (at least one; any types)")
+        projection: bool = option(False, help="a 1×1 strided conv (no bias) on the shortcut when F changes the shape")
+
+    @classmethod
+    def from_options(cls, opts: LayerOptions, input_shape: Shape, rng: np.random.Generator, dtype: type) -> Residual:
+        from cnncli.model import build_layers  # model.py imports this module
+
+        o = cls.Options(**option_values(opts))
+        if not o.layers:
+            raise ValueError("a residual block needs at least one layer in `layers` (its F)")
+        shape = tuple(input_shape)
+        children, out = build_layers(o.layers, shape, rng, dtype, path="layers")
+        shortcut = None
+        if out != shape:
+            what = f"F maps {_dims(shape)} to {_dims(out)}, so x cannot be added to F(x)"
+            if not o.projection:
+                raise ValueError(f"{what}; set projection: true for a 1×1 conv shortcut, or make F keep the shape")
+            if len(shape) != 3 or len(out) != 3:
+                raise ValueError(f"{what}, and a 1×1 conv shortcut (projection) needs images (C, H, W) on both sides")
+            stride = _shortcut_stride(shape[1], shape[2], out[1], out[2])
+            if stride is None:
+                raise ValueError(f"{what}, and no stride of a 1×1 conv shortcut (projection) maps "
+                                 f"{shape[1]}×{shape[2]} to {out[1]}×{out[2]}")
+            if any(c.name == "shortcut" for c in children):
+                raise ValueError("a layer of F is named 'shortcut', the name of the projection; rename it")
+            shortcut = Conv2D(shape[0], out[0], 1, stride=stride, padding=0, name="shortcut", rng=rng, dtype=dtype,
+                              bias=False)
+        return cls(children, shortcut, o.projection)
+
+    def __init__(self, children: list[Layer], shortcut: Conv2D | None = None, projection: bool = False) -> None:
+        super().__init__()  # before the members exist: its empty params/grads/buffers must not reach them
+        if not children:
+            raise ValueError("a residual block needs at least one layer (its F)")
+        self._children = list(children)
+        self._shortcut = shortcut
+        self.projection = projection
+        self.paths: tuple[np.ndarray, np.ndarray] | None = None  # (shortcut path, F path) of the last δx
+
+    # ---- the members and their state ---------------------------------------------------------------------
+    @property
+    def children(self) -> list[Layer]:
+        """F's layers, in order."""
+        return self._children
+
+    @property
+    def shortcut(self) -> Conv2D | None:
+        """The projection (a 1×1 conv), or None for the identity shortcut."""
+        return self._shortcut
+
+    def members(self) -> list[tuple[str, Layer]]:
+        """The named layers inside (those with parameters or buffers), and the projection as 'shortcut'."""
+        if "_children" not in self.__dict__:
+            return []
+        named = [(c.name, c) for c in self._children if c.name]
+        return named + ([("shortcut", self._shortcut)] if self._shortcut is not None else [])
+
+    def _all(self) -> list[Layer]:
+        if "_children" not in self.__dict__:
+            return []
+        return [*self._children, *([self._shortcut] if self._shortcut is not None else [])]
+
+    def _distribute(self, attr: str, mapping: Any) -> None:
+        """Setting a whole dict (`block.grads = {}`, as the engine does on its copies) sets each member's part."""
+        for name, member in self.members():
+            setattr(member, attr, {k[len(name) + 1 :]: v for k, v in dict(mapping).items() if k.startswith(name + ".")})
+
+    @property  # type: ignore[override]
+    def params(self) -> MutableMapping:
+        return _Flat(self, "params")
+
+    @params.setter
+    def params(self, mapping: Any) -> None:
+        self._distribute("params", mapping)
+
+    @property  # type: ignore[override]
+    def grads(self) -> MutableMapping:
+        return _Flat(self, "grads")
+
+    @grads.setter
+    def grads(self, mapping: Any) -> None:
+        self._distribute("grads", mapping)
+
+    @property  # type: ignore[override]
+    def buffers(self) -> MutableMapping:
+        return _Flat(self, "buffers")
+
+    @buffers.setter
+    def buffers(self, mapping: Any) -> None:
+        self._distribute("buffers", mapping)
+
+    @property  # type: ignore[override]
+    def decay(self) -> tuple[str, ...]:  # type: ignore[override]
+        """The members' decayed parameters, by their names here ('conv1.W', 'shortcut.W')."""
+        return tuple(f"{name}.{k}" for name, m in self.members() for k in m.params if k in m.decay)
+
+    @property  # type: ignore[override]
+    def training(self) -> bool:
+        return self.__dict__.get("_training", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.__dict__["_training"] = mode
+        for layer in self._all():
+            layer.train(mode)
+
+    @property  # type: ignore[override]
+    def needs_input_grad(self) -> bool:
+        return self.__dict__.get("_needs_dx", True)
+
+    @needs_input_grad.setter
+    def needs_input_grad(self, needed: bool) -> None:
+        """Only F's first layer and the projection skip their δx when the block's is not needed."""
+        self.__dict__["_needs_dx"] = needed
+        if "_children" in self.__dict__:
+            self._children[0].needs_input_grad = needed
+            if self._shortcut is not None:
+                self._shortcut.needs_input_grad = needed
+
+    def __copy__(self) -> Residual:
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._children = [copy.copy(c) for c in self._children]
+        new._shortcut = copy.copy(self._shortcut) if self._shortcut is not None else None
+        return new
+
+    def couples_batch(self) -> bool:
+        return any(c.couples_batch() for c in self._children)
+
+    def set_step(self, key: tuple[int, ...]) -> None:
+        """Pass the training step on: F's j-th layer gets (*key, j) (see `Sequential.set_step`)."""
+        for j, c in enumerate(self._children):
+            hook = getattr(c, "set_step", None)
+            if hook is not None:
+                hook((*key, j))
+
+    # ---- description --------------------------------------------------------------------------------------
+    def describe(self) -> str:
+        inner = " → ".join(c.name or c.kind for c in self._children)
+        if self._shortcut is None:
+            return f"residual x + F(x), F: {inner}"
+        return f"residual Proj(x) + F(x), F: {inner}; Proj: 1×1 conv, stride {self._shortcut.stride}"
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        shape = tuple(input_shape)
+        for c in self._children:
+            shape = c.output_shape(shape)
+        short = self._shortcut.output_shape(input_shape) if self._shortcut is not None else tuple(input_shape)
+        if short != shape:
+            raise ValueError(f"the shortcut gives {_dims(short)} but F gives {_dims(shape)}")
+        return shape
+
+    def macs(self, input_shape: Shape) -> int:
+        total, shape = 0, tuple(input_shape)
+        for c in self._children:
+            total += c.macs(shape)
+            shape = c.output_shape(shape)
+        return total + (self._shortcut.macs(input_shape) if self._shortcut is not None else 0)
+
+    # ---- computation ----------------------------------------------------------------------------------------
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """x (N, *in) -> y = x + F(x) (or Proj(x) + F(x)), (N, *out)."""
+        f = x
+        for c in self._children:
+            f = c.forward(f)
+        return (self._shortcut.forward(x) if self._shortcut is not None else x) + f
+
+    def backward(self, dout: np.ndarray) -> np.ndarray | None:
+        """δy (N, *out) -> δx (N, *in), the sum of the shortcut path and the F path; fills the members' grads."""
+        d: np.ndarray | None = dout
+        for c in reversed(self._children):
+            assert d is not None
+            d = c.backward(d)
+        ds = self._shortcut.backward(dout) if self._shortcut is not None else dout
+        if not self.needs_input_grad or d is None or ds is None:
+            self.paths = None
+            return None
+        self.paths = (ds, d)
+        return ds + d
+
+    def piece(self) -> list[Any] | None:
+        """F's layers' pieces (None for a block of smooth layers)."""
+        state = [c.piece() for c in self._children]
+        return None if all(p is None for p in state) else state
+
+    def forward_on_piece(self, x: np.ndarray, piece: list[Any]) -> tuple[np.ndarray, bool]:
+        """y with every layer of F held on its piece; crossed when any of them would leave it."""
+        f, crossed = x, False
+        for c, p in zip(self._children, piece, strict=True):
+            if p is None:
+                f = c.forward(f)
+            else:
+                f, c_crossed = c.forward_on_piece(f, p)
+                crossed = crossed or c_crossed
+        return (self._shortcut.forward(x) if self._shortcut is not None else x) + f, crossed
+
+
+def _dims(shape: Shape) -> str:
+    return "×".join(str(s) for s in shape)

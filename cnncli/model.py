@@ -17,6 +17,7 @@ from cnncli.config import ModelConfig
 from cnncli.engine import Engine
 from cnncli.errors import ConfigError
 from cnncli.layers import Layer, Shape, softmax_cross_entropy
+from cnncli.options import LayerOptions
 from cnncli.registry import LAYER_TYPES
 
 
@@ -79,6 +80,16 @@ class Sequential:
 
     def eval(self) -> Sequential:
         return self.train(False)
+
+    def set_step(self, seed: int, epoch: int, batch: int) -> None:
+        """Tell the layers which training step comes next (the run's seed, the 0-based epoch and batch), for
+        layers that draw random numbers per step (dropout's mask): each layer with a `set_step(key)` hook gets
+        key = (seed, epoch, batch, its index), so its draws depend on the position in the run alone (a resumed
+        run repeats them) and not on the engine's micro-batches or threads."""
+        for i, layer in enumerate(self.layers):
+            hook = getattr(layer, "set_step", None)
+            if hook is not None:
+                hook((seed, epoch, batch, i))
 
     @property
     def training(self) -> bool:
@@ -176,6 +187,53 @@ class Sequential:
         return shape
 
 
+class NestedLayerError(ConfigError):
+    """A layer that does not fit, raised by `build_layers` with its path (`model.layers[2].layers[0] (conv1): …`);
+    a block that builds layers of its own (`residual`) lets it pass, and its caller adds its own index."""
+
+
+def build_layers(
+    opts_list: tuple[LayerOptions, ...] | list[LayerOptions],
+    input_shape: Shape,
+    rng: np.random.Generator,
+    dtype: type,
+    path: str = "model.layers",
+) -> tuple[list[Layer], Shape]:
+    """Build a list of layer entries in order, each for the previous one's output shape -> (layers, output shape).
+
+    Layers with parameters or buffers are named `<prefix><k>` (conv1, conv2, fc1, …) unless the entry names
+    them; names are unique within one list (a residual block's layers are named within the block). Raises
+    `NestedLayerError` naming the entry (`<path>[i] (name)`) when a layer does not fit its input.
+    """
+    shape: Shape = tuple(input_shape)
+    layers: list[Layer] = []
+    counts: dict[str, int] = {}
+    names: set[str] = set()
+    for i, opts in enumerate(opts_list):
+        where = f"{path}[{i}]"
+        cls = LAYER_TYPES[opts.type]
+        prefix = cls.name_prefix or cls.type_name
+        counts[prefix] = counts.get(prefix, 0) + 1
+        default_name = f"{prefix}{counts[prefix]}"
+        label = f"{where} ({opts.name or (default_name if cls.name_prefix else opts.type)})"
+        try:
+            layer = cls.from_options(opts, shape, rng, dtype)
+            out = layer.output_shape(shape)
+        except NestedLayerError as e:  # from the layers inside a block: prefix the block's own index
+            raise NestedLayerError(f"{where}.{e}") from None
+        except ValueError as e:
+            raise NestedLayerError(f"{label}: {e}") from None
+        layer.options = opts
+        if layer.params or layer.buffers or opts.name:
+            layer.name = opts.name or default_name
+            if layer.name in names:
+                raise NestedLayerError(f"{where}.name: {layer.name!r} is already used by an earlier layer")
+            names.add(layer.name)
+        shape = out
+        layers.append(layer)
+    return layers, shape
+
+
 def build_model(cfg: ModelConfig, seed: int = 0, dtype: type = np.float32) -> Sequential:
     """Build the network of `cfg`, inferring each layer's input size; parameters initialised from `seed`.
 
@@ -184,30 +242,10 @@ def build_model(cfg: ModelConfig, seed: int = 0, dtype: type = np.float32) -> Se
     Raises ConfigError naming the layer (`model.layers[i]`) when a layer does not fit its input.
     """
     rng = np.random.default_rng(seed)
-    shape: Shape = tuple(cfg.input_shape)
-    layers: list[Layer] = []
-    counts: dict[str, int] = {}
-    names: set[str] = set()
-    for i, opts in enumerate(cfg.layers):
-        path = f"model.layers[{i}]"
-        cls = LAYER_TYPES[opts.type]
-        prefix = cls.name_prefix or cls.type_name
-        counts[prefix] = counts.get(prefix, 0) + 1
-        default_name = f"{prefix}{counts[prefix]}"
-        label = f"{path} ({opts.name or (default_name if cls.name_prefix else opts.type)})"
-        try:
-            layer = cls.from_options(opts, shape, rng, dtype)
-            out = layer.output_shape(shape)
-        except ValueError as e:
-            raise ConfigError(f"{label}: {e}") from None
-        layer.options = opts
-        if layer.params or layer.buffers or opts.name:
-            layer.name = opts.name or default_name
-            if layer.name in names:
-                raise ConfigError(f"{path}.name: {layer.name!r} is already used by an earlier layer")
-            names.add(layer.name)
-        shape = out
-        layers.append(layer)
+    try:
+        layers, shape = build_layers(cfg.layers, tuple(cfg.input_shape), rng, dtype)
+    except NestedLayerError as e:
+        raise ConfigError(str(e)) from None
     if len(shape) != 1:
         raise ConfigError(
             f"model.layers: the network must end in a linear layer giving class scores, "

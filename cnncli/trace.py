@@ -15,8 +15,10 @@ evaluation mode), keeps every intermediate tensor under its symbol, and checks e
 differences. Other configs are walked the same way, layer by layer: the k-th conv layer gives Sᵏ, the ReLU
 after it Aᵏ, a max-pool after that Pᵏ (so for the diagram config, P¹ feeds conv2 and conv2 gives S², A²);
 the flatten output is h, the network's output z; a single linear layer's parameters are W_fc, b_fc
-(several: W_<name>, b_<name>, and the hidden ones' outputs zᵐ, aᵐ); any other layer's output is
-'<type><index>'.
+(several: W_<name>, b_<name>, and the hidden ones' outputs zᵐ, aᵐ); the k-th batch-norm gives Yᵏ = γᵏ x̂ + βᵏ
+(parameters γᵏ, βᵏ, checked too) and an activation after it Aᵏ (aᵐ for vectors); leaky ReLU, tanh and sigmoid
+are named as ReLU; average pooling as max-pooling; global average pooling gives g; any other layer's output
+(dropout, a residual block) is '<type><index>'.
 
 Shapes drop the batch axis: every tensor is one image's (S¹ 16×32×32, h 4096). For a batch of one the
 mean loss is the image's loss, so δz = p − y.
@@ -92,19 +94,31 @@ class LayerNames:
     params: dict[str, Symbol]
 
 
+def _greek(key: str, text: str, tex: str, n: int) -> Symbol:
+    """('gamma', 'γ', TeX gamma, 1) -> the key gamma1, the text γ¹ and the TeX gamma with superscript 1."""
+    return Symbol(f"{key}{n}", f"{text}{_sup(n)}", f"{tex}^{{{n}}}")
+
+
+ACTIVATIONS = ("relu", "leakyrelu", "tanh", "sigmoid")
+
+
 def name_tensors(model: Sequential) -> list[LayerNames]:
     """Name every layer's output and parameters after the article (see the module docstring).
 
-    Conv k: output Sᵏ, parameters Wᵏ, bᵏ. ReLU after Sᵏ: Aᵏ. Max-pool after Aᵏ (or Sᵏ): Pᵏ. Flatten: h.
-    The last layer's output: z. Linear: W_fc, b_fc when it is the only one, else W_<name>, b_<name>; a hidden
-    linear layer (the m-th) gives zᵐ and the ReLU after it aᵐ. Anything else: '<kind><layer index>'.
+    Conv k: output Sᵏ, parameters Wᵏ, bᵏ. The k-th batch-norm: Yᵏ = γᵏ x̂ + βᵏ (docs/derivations.md's y), parameters
+    γᵏ, βᵏ. An activation (relu, leakyrelu, tanh, sigmoid) after Sᵏ or after a batch-norm Yᵏ of images: Aᵏ.
+    Max- or average pooling after Aᵏ, Sᵏ or Yᵏ: Pᵏ. Global average pooling: g. Flatten: h. The last layer's
+    output: z. Linear: W_fc, b_fc when it is the only one, else W_<name>, b_<name>; a hidden linear layer
+    (the m-th) gives zᵐ and an activation after it (or after a batch-norm of it) aᵐ. Anything else (dropout,
+    residual, …): '<kind><layer index>'.
     """
     layers = model.layers
     n_linear = sum(layer.kind == "linear" for layer in layers)
     names: list[LayerNames] = []
     used: set[str] = {"X", "p", "L", "y"}
-    conv = fc = 0
+    conv = fc = bn = 0
     prev: tuple[str, int] = ("X", 0)  # (base symbol, number) of the previous output
+    shape = tuple(model.input_shape)  # the input shape of layer i, per image
 
     def fresh(sym: Symbol, i: int, kind: str) -> Symbol:
         if sym.key in used:
@@ -119,10 +133,18 @@ def name_tensors(model: Sequential) -> list[LayerNames]:
             conv += 1
             base = ("S", conv)
             params = {k: _sym(k, conv) for k in layer.params}
-        elif layer.kind == "relu" and prev[0] in ("S", "z"):
-            base = ("A" if prev[0] == "S" else "a", prev[1])
+        elif layer.kind == "batchnorm":
+            bn += 1
+            base = ("Y", bn)
+            params = {"beta": _greek("beta", "β", r"\beta", bn), "gamma": _greek("gamma", "γ", r"\gamma", bn)}
+        elif layer.kind in ACTIVATIONS and (prev[0] in ("S", "z") or (prev[0] == "Y" and prev[1] > 0)):
+            base = ("A" if len(shape) == 3 else "a", prev[1])
         elif layer.kind == "maxpool" and prev[0] in ("S", "A"):
             base = ("P", prev[1])
+        elif layer.kind in ("maxpool", "avgpool") and prev[0] in ("S", "A", "Y") and prev[1] > 0:
+            base = ("P", prev[1])
+        elif layer.kind == "globalavgpool":
+            base = ("g", 0)
         elif layer.kind == "flatten":
             base = ("h", 0)
         elif layer.kind == "linear":
@@ -148,6 +170,7 @@ def name_tensors(model: Sequential) -> list[LayerNames]:
         sym = fresh(sym, i, layer.kind)
         names.append(LayerNames(sym, params))
         prev = base
+        shape = tuple(layer.output_shape(shape))
     return names
 
 
@@ -481,8 +504,10 @@ def _trace(
                          check_param(i, k))
                 )
         for k in names[i].params:
-            if k not in ("b", "W"):  # pragma: no cover - no layer has other parameters today
-                steps.append(Step(names[i].params[k].grad(), "backward", section, grads[i][k], (), check_param(i, k)))
+            if k not in ("b", "W"):  # batch-norm's β, γ
+                sym = names[i].params[k].grad()
+                steps.append(Step(sym, "backward", section, grads[i][k], _param_grad_facts(layer, k, sym, names, i),
+                                  check_param(i, k)))
         facts = _backward_facts(layer, into, names[i].output, acts[i][0], deltas[i][0], deltas[i + 1][0],  # type: ignore[index]
                                 names[i].params.get("W"))
         steps.append(Step(into.grad(), "backward", section, deltas[i][0], facts, check_activation(i)))  # type: ignore[index]
@@ -531,7 +556,67 @@ def _forward_facts(
             c = int(np.argmax(a_out))
             facts.append(f"largest: {classes[c]} ({a_out[c]:.3g})")
         return ("; ".join(facts),)
+    if kind == "batchnorm":
+        return _batchnorm_facts(layer, sym, into, a_in)
+    if kind == "leakyrelu":
+        neg = int((a_in <= 0).sum())
+        return (f"{into.text} where {into.text} > 0, α·{into.text} elsewhere (α = {layer.slope:g}): "  # type: ignore[attr-defined]
+                f"{neg:,} of {a_out.size:,} scaled by α ({_pct(neg, a_out.size)})",)
+    if kind == "tanh":
+        sat = int((np.abs(a_out) > 0.99).sum())
+        return (f"tanh({into.text}) in (−1, 1): {sat:,} of {a_out.size:,} saturated (|·| > 0.99, slope 1 − y² < 0.02)",)
+    if kind == "sigmoid":
+        sat = int(((a_out < 0.01) | (a_out > 0.99)).sum())
+        return (f"σ({into.text}) in (0, 1): {sat:,} of {a_out.size:,} saturated (below 0.01 or above 0.99)",)
+    if kind == "dropout":
+        p = layer.p  # type: ignore[attr-defined]
+        return (f"evaluation mode: the identity, {sym.text} = {into.text} (in training each unit is dropped with "
+                f"p = {p:g} and the rest scaled by 1/(1 − p) = {1 / (1 - p):.4g})",)
+    if kind == "avgpool":
+        k = layer.kernel_size  # type: ignore[attr-defined]
+        return (f"mean of each {k}×{k} window: {_shape(a_in.shape[1:])} → {_shape(a_out.shape[1:])} per channel",)
+    if kind == "globalavgpool":
+        return (f"mean of each channel over its {_shape(a_in.shape[1:])} = {a_in[0].size:,} positions: "
+                f"{a_out.size} values",)
+    if kind == "residual":
+        return _residual_forward_facts(layer, sym, into, a_in, a_out)
     return ()
+
+
+def _range(v: np.ndarray) -> str:
+    return f"{float(v.min()):.3g} … {float(v.max()):.3g}"
+
+
+def _batchnorm_facts(layer: Layer, sym: Symbol, into: Symbol, a_in: np.ndarray) -> tuple[str, ...]:
+    """μ, σ², x̂, γ, β of a batch-norm in evaluation mode (the running statistics), over one image."""
+    mu, var = layer.buffers["running_mean"], layer.buffers["running_var"]
+    eps = layer.eps  # type: ignore[attr-defined]
+    shape = (-1,) + (1,) * (a_in.ndim - 1)
+    xhat = (a_in - mu.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    c = len(mu)
+    facts = [f"evaluation mode: μ, σ² are the running estimates of {c} channel{'s' if c > 1 else ''}: "
+             f"μ {_range(mu)}, σ² {_range(var)}"]
+    if a_in.ndim == 3:
+        axes = (1, 2)
+        m_mean, m_var = float(xhat.mean(axis=axes).mean()), float(xhat.var(axis=axes).mean())
+        facts.append(f"x̂ = ({into.text} − μ)/√(σ² + ε): over this image's positions mean {m_mean:.3g}, variance "
+                     f"{m_var:.3g} (channel average; over a training batch exactly 0 and 1)")
+    else:
+        facts.append(f"x̂ = ({into.text} − μ)/√(σ² + ε): mean {float(xhat.mean()):.3g}, variance "
+                     f"{float(xhat.var()):.3g} over the {c} features (over a training batch each is exactly 0 and 1)")
+    facts.append(f"{sym.text} = γ x̂ + β: γ {_range(layer.params['gamma'])}, β {_range(layer.params['beta'])}")
+    return tuple(facts)
+
+
+def _residual_forward_facts(layer: Layer, sym: Symbol, into: Symbol, a_in: np.ndarray, a_out: np.ndarray
+                            ) -> tuple[str, ...]:
+    inner = " → ".join(c.name or c.kind for c in layer.children)  # type: ignore[attr-defined]
+    proj = layer.shortcut  # type: ignore[attr-defined]
+    if proj is None:
+        ratio = _norm_ratio(a_out - a_in, a_in)
+        return (f"{sym.text} = {into.text} + F({into.text}), F: {inner}; ‖F({into.text})‖/‖{into.text}‖ = {ratio}",)
+    return (f"{sym.text} = Proj({into.text}) + F({into.text}), F: {inner}; Proj: 1×1 conv, stride {proj.stride}, "
+            f"{_shape(a_in.shape)} → {_shape(a_out.shape)}",)
 
 
 def _facts_p(top: list[tuple[int, str, float]], label: int, classes: tuple[str, ...]) -> tuple[str, ...]:
@@ -554,7 +639,18 @@ def _param_grad_facts(layer: Layer, k: str, sym: Symbol, names: list[LayerNames]
         if k == "b":
             return (f"Σ over positions of {out}, per channel",)
         return (f"Σ over positions of {out} × the {into} patch under the filter",)
+    if layer.kind == "batchnorm":
+        times = "" if k == "beta" else " · x̂"
+        if _is_image(layer):
+            return (f"Σ over positions of {out}{times}, per channel",)
+        return (f"= {out}{times} (one image: no sum over a batch)",)
     return ()
+
+
+def _is_image(layer: Layer) -> bool:
+    """Whether a batch-norm's last pass normalised images (N, C, H, W) rather than vectors."""
+    x = getattr(layer, "_xhat", None)
+    return x is not None and x.ndim == 4
 
 
 def _backward_facts(
@@ -585,7 +681,47 @@ def _backward_facts(
             return (f"Σ_c,u,v {w}[c,c′,u,v] · {out.grad().text}[c, x−u+{pad}, y−v+{pad}]: every filter sends the "
                     f"error back to the {into.text} entries it read",)
         return (f"every filter of {w} sends the error back to the {into.text} entries it read (stride {stride})",)
+    if kind == "batchnorm":
+        d_in_t, d_out_t = into.grad().text, out.grad().text
+        return (f"evaluation mode: a fixed affine map per channel, {d_in_t} = γ · {d_out_t}/√(σ² + ε) (training "
+                f"adds the paths through μ and σ²); ‖{d_in_t}‖/‖{d_out_t}‖ = {_norm_ratio(d_in, d_out)}",)
+    if kind == "leakyrelu":
+        scaled = int(np.count_nonzero(d_out * (a_in <= 0)))
+        return (f"{out.grad().text} · (1({into.text} > 0) + α·1({into.text} ≤ 0)): {scaled:,} gradients scaled by "
+                f"α = {layer.slope:g} where {into.text} ≤ 0, none stopped",)  # type: ignore[attr-defined]
+    if kind in ("tanh", "sigmoid"):
+        local = "1 − y²" if kind == "tanh" else "y(1 − y) ≤ ¼"
+        return (f"{out.grad().text} ⊙ ({local}): ‖{into.grad().text}‖/‖{out.grad().text}‖ = "
+                f"{_norm_ratio(d_in, d_out)}, the gradient shrinks by this factor through the layer",)
+    if kind == "dropout":
+        return (f"evaluation mode: {into.grad().text} = {out.grad().text} (training: δ ⊙ m/(1 − p), 0 where dropped)",)
+    if kind == "avgpool":
+        k = layer.kernel_size  # type: ignore[attr-defined]
+        return (f"each window's {out.grad().text}/{k * k} spread over its {k}×{k} inputs",)
+    if kind == "globalavgpool":
+        hw = a_in[0].size
+        return (f"{out.grad().text}[c]/{hw} at every one of the {_shape(a_in.shape[1:])} positions of channel c",)
+    if kind == "residual":
+        return _residual_backward_facts(layer, into, out, d_in)
     return ()
+
+
+def _norm_ratio(a: np.ndarray, b: np.ndarray) -> str:
+    nb = float(np.linalg.norm(b))
+    return f"{float(np.linalg.norm(a)) / nb:.3g}" if nb else "—"
+
+
+def _residual_backward_facts(layer: Layer, into: Symbol, out: Symbol, d_in: np.ndarray) -> tuple[str, ...]:
+    """δ of the block's input = the shortcut path + the F path (docs/derivations.md#residual-block)."""
+    paths = getattr(layer, "paths", None)
+    d_in_t, d_out_t = into.grad().text, out.grad().text
+    if paths is None:  # pragma: no cover - trace asks every layer for its input gradient
+        return ()
+    short, f_path = (np.asarray(p, dtype=np.float64)[0] for p in paths)
+    via = d_out_t if layer.shortcut is None else f"Projᵀ {d_out_t}"  # type: ignore[attr-defined]
+    return (f"{d_in_t} = {via} (shortcut) + Fᵀ {d_out_t} (through F): ‖shortcut‖ = "
+            f"{float(np.linalg.norm(short)):.3g}, ‖F path‖ = {float(np.linalg.norm(f_path)):.3g}, "
+            f"‖{d_in_t}‖ = {float(np.linalg.norm(d_in)):.3g}",)
 
 
 # --------------------------------------------------------------------------------------------- the image

@@ -356,6 +356,7 @@ def train(
                 yb = splits.train_y[idx]
                 xb = augment(xb, cfg.data.augment, np.random.default_rng([cfg.seed, epoch, b]))
                 lr = learning_rate(tc.optimizer.lr, tc.schedule, state.step, steps, tc.epochs, monitored)
+                model.set_step(cfg.seed, epoch, b)  # dropout's masks: a function of the step alone
                 loss, z = model.loss_and_grads(normalizer(xb), yb)
                 if not math.isfinite(loss):
                     kept = f"last good checkpoint: {last_path}" if last_path.exists() else "no checkpoint was saved"
