@@ -153,6 +153,17 @@ class TorchNet:
             for name, p in self.params.items():
                 p.copy_(torch.from_numpy(np.ascontiguousarray(source[name], dtype=np.float32)))
 
+    def copy_buffers_from(self, model: Sequential) -> None:
+        """Copy cnncli's buffers (batch-norm running statistics) into the matching PyTorch modules, in order,
+        so evaluation-mode outputs compare the same function even after both have trained a few steps."""
+        torch = import_torch()
+        ours = [layer for layer in model.layers if layer.type_name == "batchnorm"]
+        theirs = [m for m in self.net if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        with torch.no_grad():
+            for layer, module in zip(ours, theirs, strict=True):
+                module.running_mean.copy_(torch.from_numpy(layer.buffers["running_mean"].astype(np.float32)))
+                module.running_var.copy_(torch.from_numpy(layer.buffers["running_var"].astype(np.float32)))
+
     def numpy_params(self) -> dict[str, np.ndarray]:
         """The current PyTorch parameters as float32 arrays under cnncli's names (copies)."""
         return {name: p.detach().numpy().copy() for name, p in self.params.items()}
@@ -243,6 +254,7 @@ def torch_logits(tnet: TorchNet, x: np.ndarray, memory_format: str = "contiguous
 
 def logits_difference(model: Sequential, tnet: TorchNet, x: np.ndarray, memory_format: str) -> float:
     """max |z_torch − z_cnncli| / max |z_cnncli| over x (N, *input_shape): ~1e-7 when they agree."""
+    tnet.copy_buffers_from(model)
     z = model.predict(x)
     zt = torch_logits(tnet, x, memory_format)
     return float(np.max(np.abs(zt - z)) / max(float(np.max(np.abs(z))), 1e-30))
