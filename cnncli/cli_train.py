@@ -194,6 +194,9 @@ def train(
     epochs: Annotated[int | None, typer.Option(min=1, help="Total epochs (also when resuming).")] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Seed of weights, split, order and augmentation.")] = None,
     layers: LayersOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the earlier run in --out (otherwise refused).")
+    ] = False,
     tensorboard: Annotated[
         bool,
         typer.Option("--tensorboard", help="Write TensorBoard event files into the run folder (train.tensorboard; "
@@ -215,7 +218,7 @@ def train(
         overrides.append(f"seed={seed}")
     if tensorboard:
         overrides.append("train.tensorboard=true")
-    plan = plan_run(config, overrides, out_dir=out_dir, resume=resume, init=init)
+    plan = plan_run(config, overrides, out_dir=out_dir, resume=resume, init=init, overwrite=overwrite)
     for note in plan.notes:
         err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     cfg = plan.cfg
@@ -246,10 +249,12 @@ def train(
     finally:
         progress.close()
 
-    _print_train_summary(result)
+    # the hint must work as printed: the data the run used (resolved, not a download) and its layer files
+    extra = f" --data-dir {folder}" + "".join(f" --layers {p}" for p in layers or [])
+    _print_train_summary(result, extra)
 
 
-def _print_train_summary(result: Any) -> None:
+def _print_train_summary(result: Any, extra: str = "") -> None:
     from rich.table import Table
 
     h = result.history
@@ -268,7 +273,7 @@ def _print_train_summary(result: Any) -> None:
     table.add_row("run folder", str(result.run_dir))
     table.add_row("checkpoints", f"{result.best_path.name} (best), {result.last_path.name} (last)")
     out.print(table)
-    out.print(f"evaluate with:  cnn eval {result.best_path}")
+    out.print(f"evaluate with:  cnn eval {result.best_path}{extra}", soft_wrap=True)
 
 
 @user_errors

@@ -307,6 +307,7 @@ def train(
 
         require_writer()  # before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir)  # held until training ends: one run per folder
     _write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
     last_path, best_path = run_dir / "last.npz", run_dir / "best.npz"
 
@@ -337,7 +338,8 @@ def train(
     tb = None
     if tc.tensorboard:
         tb = TensorBoardLog(run_dir, model, purge_step=state.step if resume is not None else None)
-    with _deferred_sigint() as stop, _recorded(record), (closing(tb) if tb is not None else nullcontext()):
+    tb_ctx = closing(tb) if tb is not None else nullcontext()
+    with closing(lock), _deferred_sigint() as stop, _recorded(record), tb_ctx:
         for epoch in range(state.epoch, tc.epochs):
             if stopped_early is not None:
                 break
@@ -439,6 +441,27 @@ def train(
     )
 
 
+LOCK_NAME = ".cnn-train.lock"
+RUN_FILES = ("last.npz", "best.npz", "metrics.csv")  # a folder holding any of them holds a run
+
+
+def lock_run_dir(run_dir: Path) -> Any:
+    """Take the run folder's lock (an flock on `.cnn-train.lock` in it) for as long as the returned file
+    stays open; ConfigError when another `cnn train` holds it. Where flock does not exist, no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return io.StringIO()
+    f = open(run_dir / LOCK_NAME, "a+")  # noqa: SIM115 - kept open: the lock lives as long as the file
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ConfigError(f"{run_dir}: another cnn train is running in this run folder; wait for it or choose "
+                          "another --out") from None
+    return f
+
+
 @dataclass
 class RunPlan:
     """What `cnn train` is asked to do, resolved: the config, the run folder, and what it starts from."""
@@ -459,12 +482,14 @@ def plan_run(
     out_dir: Path | None = None,
     resume: Path | None = None,
     init: Path | None = None,
+    overwrite: bool = False,
 ) -> RunPlan:
     """Resolve `cnn train`'s options into a `RunPlan`.
 
     --resume continues a run from its checkpoint, with the stored config (overrides re-applied, e.g. more
     epochs) and its folder; --init starts a new run of `config` from a checkpoint's weights; otherwise a new
-    run of `config`. ConfigError / CheckpointError name what is wrong.
+    run of `config`. A new run refuses a folder that holds an earlier run unless `overwrite`.
+    ConfigError / CheckpointError name what is wrong.
     """
     if resume is not None and init is not None:
         raise ConfigError("--resume and --init exclude each other: --resume continues a run, --init starts a new one")
@@ -483,6 +508,12 @@ def plan_run(
         raise ConfigError("no config: give --config PATH (e.g. configs/seed.yaml) or --resume CHECKPOINT")
     cfg = load_config(config, overrides)
     init_ckpt = load_checkpoint(init) if init is not None else None
+    if out_dir is not None and not overwrite:
+        held = [name for name in RUN_FILES if (out_dir / name).exists()]
+        if held:
+            hint = f"continue it with --resume {out_dir / 'last.npz'}, " if "last.npz" in held else ""
+            raise ConfigError(f"{out_dir}: holds an earlier run ({', '.join(held)}); {hint}choose another --out, "
+                              "or pass --overwrite to replace it")
     return RunPlan(cfg, out_dir or default_run_dir(cfg), init=init_ckpt, init_path=init)
 
 

@@ -76,6 +76,16 @@ def test_train_prints_a_summary_and_the_eval_command(run5k: tuple[Path, str]) ->
     assert f"cnn eval {out / 'best.npz'}" in stdout
 
 
+def test_the_printed_eval_hint_works_as_printed(run5k: tuple[Path, str], real_cifar_dir: Path) -> None:
+    out, stdout = run5k
+    hint = re.search(r"evaluate with:\s+cnn (eval .*)", stdout)
+    assert hint, stdout
+    args = shlex.split(hint.group(1))
+    assert "--data-dir" in args, "the hint names the data the run used, so it works offline"
+    res = runner.invoke(app, [*args, "--json"], env={"CNNCLI_DATA": str(Path("/nonexistent"))})
+    assert json.loads(_ok(res))["n"] == 10000
+
+
 def test_test_accuracy_well_above_chance(run5k: tuple[Path, str], real_cifar_dir: Path) -> None:
     out, stdout = run5k
     res = _eval_json(out / "best.npz", real_cifar_dir)
