@@ -291,22 +291,8 @@ def load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != want:
         got = f"{data.shape} {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path}: 'data' is {got}, expected a (10000, 3072) uint8 array")
-    try:
-        y = np.asarray(labels)
-    except (ValueError, TypeError) as e:
-        raise DataError(f"{path}: 'labels' is not a list of integers ({_download.one_line(e)})") from e
-    if y.ndim != 1 or y.dtype.kind not in "iu":
-        raise DataError(f"{path}: 'labels' is {y.shape} {y.dtype}, expected {BATCH_SIZE} integers")
-    if y.shape[0] != BATCH_SIZE:
-        raise DataError(f"{path}: {y.shape[0]} labels, expected {BATCH_SIZE}")
-    bad = (y < 0) | (y >= NUM_CLASSES)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise DataError(
-            f"{path}: label {int(y[i])} at index {i} is outside 0..{NUM_CLASSES - 1} "
-            f"({int(bad.sum())} such labels)"
-        )
-    return data.reshape((BATCH_SIZE, *IMAGE_SHAPE)), y.astype(np.int64, copy=False)
+    y = check_labels(labels, path, "labels", BATCH_SIZE, NUM_CLASSES)
+    return data.reshape((BATCH_SIZE, *IMAGE_SHAPE)), y
 
 
 def load_classes(path: Path) -> tuple[str, ...]:
@@ -315,20 +301,7 @@ def load_classes(path: Path) -> tuple[str, ...]:
     record = _unpickle(path)
     if not isinstance(record, dict):
         raise DataError(f"{path}: expected a dict with 'label_names', found {type(record).__name__}")
-    names = _get(record, "label_names", path)
-    if not isinstance(names, (list, tuple)) or len(names) != NUM_CLASSES:
-        raise DataError(f"{path}: 'label_names' should list {NUM_CLASSES} names, found {names!r:.80}")
-    out = []
-    for n in names:
-        if isinstance(n, bytes):
-            try:
-                n = n.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: class name {n!r:.40} is not text") from e
-        if not isinstance(n, str) or not n:
-            raise DataError(f"{path}: bad class name {n!r:.40}")
-        out.append(n)
-    return tuple(out)
+    return check_names(record, "label_names", NUM_CLASSES, path)
 
 
 @dataclass(frozen=True)
@@ -700,3 +673,41 @@ def make_splits(
     val_idx = np.sort(order[:val_size])
     train_idx = np.sort(order[val_size:])
     return Splits(train_x=x[train_idx], train_y=y[train_idx], val_x=x[val_idx], val_y=y[val_idx])
+
+
+def check_labels(raw: Any, path: Path, key: str, count: int, classes: int) -> np.ndarray:
+    """`raw` (a list or array from a data file) as int64 (count,) with values in 0..classes-1."""
+    try:
+        y = np.asarray(raw)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{path}: {key!r} is not a list of integers ({_download.one_line(e)})") from e
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise DataError(f"{path}: {key!r} is {y.shape} {y.dtype}, expected {count} integers")
+    if y.shape[0] != count:
+        raise DataError(f"{path}: {y.shape[0]} values in {key!r}, expected {count} (one per image)")
+    bad = (y < 0) | (y >= classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{path}: {key!r} value {int(y[i])} at index {i} is outside 0..{classes - 1} "
+            f"({int(bad.sum())} such labels)"
+        )
+    return y.astype(np.int64, copy=False)
+
+
+def check_names(record: dict, key: str, count: int, path: Path) -> tuple[str, ...]:
+    """The class names under `key` of a data file's record: `count` non-empty strings (bytes decoded)."""
+    names = _get(record, key, path)
+    if not isinstance(names, (list, tuple)) or len(names) != count:
+        raise DataError(f"{path}: {key!r} should list {count} names, found {names!r:.80}")
+    out = []
+    for n in names:
+        if isinstance(n, bytes):
+            try:
+                n = n.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: class name {n!r:.40} in {key!r} is not text") from e
+        if not isinstance(n, str) or not n:
+            raise DataError(f"{path}: bad class name {n!r:.40} in {key!r}")
+        out.append(n)
+    return tuple(out)

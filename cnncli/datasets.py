@@ -126,43 +126,6 @@ def ensure_archive_set(
     )
 
 
-def check_labels(raw: Any, path: Path, key: str, count: int, classes: int) -> np.ndarray:
-    """`raw` (a list or array from a data file) as int64 (count,) with values in 0..classes-1."""
-    try:
-        y = np.asarray(raw)
-    except (ValueError, TypeError) as e:
-        raise DataError(f"{path}: {key!r} is not a list of integers ({_download.one_line(e)})") from e
-    if y.ndim != 1 or y.dtype.kind not in "iu":
-        raise DataError(f"{path}: {key!r} is {y.shape} {y.dtype}, expected {count} integers")
-    if y.shape[0] != count:
-        raise DataError(f"{path}: {y.shape[0]} values in {key!r}, expected {count} (one per image)")
-    bad = (y < 0) | (y >= classes)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise DataError(
-            f"{path}: {key!r} value {int(y[i])} at index {i} is outside 0..{classes - 1} "
-            f"({int(bad.sum())} such labels)"
-        )
-    return y.astype(np.int64, copy=False)
-
-
-def _names(record: dict, key: str, count: int, path: Path) -> tuple[str, ...]:
-    names = _data._get(record, key, path)
-    if not isinstance(names, (list, tuple)) or len(names) != count:
-        raise DataError(f"{path}: {key!r} should list {count} names, found {names!r:.80}")
-    out = []
-    for n in names:
-        if isinstance(n, bytes):
-            try:
-                n = n.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: class name {n!r:.40} in {key!r} is not text") from e
-        if not isinstance(n, str) or not n:
-            raise DataError(f"{path}: bad class name {n!r:.40} in {key!r}")
-        out.append(n)
-    return tuple(out)
-
-
 def _record(path: Path, keys: str) -> dict:
     record = _data._unpickle(path)
     if not isinstance(record, dict):
@@ -175,8 +138,8 @@ def load_cifar100_meta(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     path = Path(path)
     record = _record(path, "'fine_label_names' and 'coarse_label_names'")
     return (
-        _names(record, "fine_label_names", CIFAR100_FINE, path),
-        _names(record, "coarse_label_names", CIFAR100_COARSE, path),
+        _data.check_names(record, "fine_label_names", CIFAR100_FINE, path),
+        _data.check_names(record, "coarse_label_names", CIFAR100_COARSE, path),
     )
 
 
@@ -206,8 +169,8 @@ def load_cifar100_file(path: Path, max_images: int = 50_000) -> tuple[np.ndarray
         got = f"{x.shape} {x.dtype}" if isinstance(x, np.ndarray) else type(x).__name__
         raise DataError(f"{path}: 'data' is {got}, expected an (N, 3072) uint8 array with 1 <= N <= {max_images}")
     n = x.shape[0]
-    fine = check_labels(_data._get(record, "fine_labels", path), path, "fine_labels", n, CIFAR100_FINE)
-    coarse = check_labels(_data._get(record, "coarse_labels", path), path, "coarse_labels", n, CIFAR100_COARSE)
+    fine = _data.check_labels(_data._get(record, "fine_labels", path), path, "fine_labels", n, CIFAR100_FINE)
+    coarse = _data.check_labels(_data._get(record, "coarse_labels", path), path, "coarse_labels", n, CIFAR100_COARSE)
     return x.reshape(n, 3, 32, 32), fine, coarse
 
 
@@ -356,7 +319,7 @@ def load_idx_pair(images: Path, labels: Path, classes: int = 10) -> tuple[np.nda
     y = read_idx(labels, max_bytes=MAX_IDX_IMAGES, type_code=0x08, ndim=1)
     if len(y) != len(x):
         raise DataError(f"{labels}: {len(y):,} labels, but {images.name} holds {len(x):,} images")
-    return x.reshape(len(x), 1, side, side), check_labels(y, labels, "labels", len(x), classes)
+    return x.reshape(len(x), 1, side, side), _data.check_labels(y, labels, "labels", len(x), classes)
 
 
 def load_idx_set(source: IdxSource, folder: Path, *, train: bool = True, test: bool = True) -> _data.Dataset:

@@ -235,9 +235,9 @@ def test_wrong_data(tmp_path: Path, x: object, needle: str) -> None:
 @pytest.mark.parametrize(
     ("labels", "needle"),
     [
-        ([0] * 9999 + [10], "label 10 at index 9999"),
-        ([-1] + [0] * 9999, "label -1 at index 0"),
-        ([0] * 9999, "9999 labels"),
+        ([0] * 9999 + [10], "value 10 at index 9999"),
+        ([-1] + [0] * 9999, "value -1 at index 0"),
+        ([0] * 9999, "9999 values in 'labels', expected 10000"),
         ([0.5] * 10000, "float"),
         ([b"cat"] * 10000, "labels"),
     ],
