@@ -23,7 +23,8 @@ from cnncli.clikit import (
 )
 
 if TYPE_CHECKING:
-    from cnncli.torchbench import TorchBenchResult, TorchEpoch
+    from cnncli.torchbench import TorchBenchResult
+    from cnncli.train import EpochMetrics
 
 
 class Against(str, Enum):
@@ -198,7 +199,7 @@ def torch_train(
     cfg = load_config(config, [f"train.epochs={epochs}"] if epochs is not None else None)
     folder = prepare_data(data_dir, cfg)
 
-    def show(m: TorchEpoch) -> None:
+    def show(m: EpochMetrics) -> None:
         if json_out:
             return
         val = f"val loss {m.val_loss:.4f}, val acc {m.val_acc:.2%}; " if m.val_acc is not None else ""

@@ -38,6 +38,7 @@ from cnncli.errors import CnnError, ConfigError, TrainingDiverged
 from cnncli.model import Sequential, build_model
 from cnncli.optim import learning_rate
 from cnncli.preprocess import Normalizer, augment
+from cnncli.train import EpochMetrics
 
 TORCH_VERSION = "2.13.0"  # the version the project's figures were measured with (`make bench-torch` installs it)
 INSTALL_HINT = (
@@ -510,20 +511,6 @@ def run_against_torch(
 
 
 @dataclass
-class TorchEpoch:
-    """One epoch of `train_torch`, the fields of `cnncli.train.EpochMetrics`."""
-
-    epoch: int  # 1-based
-    train_loss: float
-    train_acc: float
-    val_loss: float | None
-    val_acc: float | None
-    lr: float  # the learning rate of the epoch's last step
-    seconds: float  # wall time of the epoch, validation included
-    images_per_s: float  # training images per second of the epoch's training part
-
-
-@dataclass
 class TorchTrainResult:
     config: str
     memory_format: str
@@ -531,7 +518,7 @@ class TorchTrainResult:
     n_train: int
     n_val: int
     n_test: int
-    history: list[TorchEpoch]
+    history: list[EpochMetrics]
     best_epoch: int
     test_loss: float | None
     test_acc: float | None
@@ -564,7 +551,7 @@ def train_torch(
     data_folder: Path,
     memory_format: str = "contiguous",
     threads: int | None = None,
-    on_epoch: Callable[[TorchEpoch], None] | None = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
 ) -> TorchTrainResult:
     """Train `cfg`'s network in PyTorch with `cnn train`'s recipe, on the CIFAR-10 in `data_folder`.
 
@@ -604,7 +591,7 @@ def train_torch(
     try:
         n_train = len(splits.train_x)
         steps = math.ceil(n_train / tc.batch_size)
-        history: list[TorchEpoch] = []
+        history: list[EpochMetrics] = []
         best: dict[str, Any] | None = None
         best_acc: float | None = None
         best_epoch = 0
@@ -640,7 +627,7 @@ def train_torch(
             if len(splits.val_x):
                 val_loss, val_acc = _evaluate(tnet, splits.val_x, splits.val_y, normalizer, tc.eval_batch_size,
                                               memory_format)
-            metrics = TorchEpoch(epoch + 1, loss_sum / seen, correct / seen, val_loss, val_acc, lr,
+            metrics = EpochMetrics(epoch + 1, loss_sum / seen, correct / seen, val_loss, val_acc, lr,
                                  time.perf_counter() - t_epoch, seen / max(train_seconds, 1e-9))
             history.append(metrics)
             if val_acc is None or best_acc is None or val_acc > best_acc:
