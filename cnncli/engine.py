@@ -19,7 +19,8 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from threadpoolctl import ThreadpoolController
 
-from cnncli.layers import Conv2D, Flatten, Layer, Linear, MaxPool2D, ReLU, Shape
+from cnncli.errors import ConfigError
+from cnncli.layers import BatchNorm, Conv2D, Flatten, Layer, Linear, MaxPool2D, ReLU, Shape
 
 # ==========================================================================================================
 # The fused execution engine.
@@ -226,6 +227,12 @@ class _Buffers:
     dcols2: np.ndarray | None = None  # Wᵀ @ δS in column order (C·K·K, M)
     dcols: np.ndarray | None = None  # the same in the columns' shape
     dxp: np.ndarray | None = None  # δ of the padded input (C, N, H + 2p, W + 2p)
+    # batch-norm
+    xhat: np.ndarray | None = None  # x̂ = (x − μ)/√(σ² + ε), contiguous, the input's layout
+    scratch: np.ndarray | None = None  # element-wise scratch of the input's shape
+    inv_std: np.ndarray | None = None  # 1/√(σ² + ε) of this pass (C,)
+    reduce: Callable[[np.ndarray], np.ndarray] | None = None  # Σ over the workers' partials (float64)
+    worker: int = 0  # which worker owns these buffers
     # generic layer
     layer: Layer | None = None  # this worker's own copy of the layer (its caches are its own)
 
@@ -553,6 +560,129 @@ class _ReluStage(_Stage):
         return buf.dx
 
 
+class _BatchNormStage(_Stage):
+    """BatchNorm, optionally with the ReLUs after it, on the engine's layout: images (C, N, H, W), vectors (N, D).
+
+    Training mode (docs/derivations.md#batch-normalisation): the statistics are the whole batch's although
+    each worker holds only its micro-batch, so the per-channel sums Σx, Σ(x − μ)² (forward) and Σδy,
+    Σδy·x̂ (backward) are partial sums that `buf.reduce` adds up across the workers (in worker order, in
+    float64) before anyone goes on: μ = Σx / M, σ² = Σ(x − μ)² / M over the batch's M values per channel,
+    x̂ = (x − μ)/√(σ² + ε), y = γ·x̂ + β; δx = γ/√(σ² + ε) · (δy − Σδy / M − x̂ · Σ(δy·x̂) / M), the three paths
+    through x̂, μ and σ² as in `BatchNorm.backward`. Worker 0 moves the running statistics once per pass.
+    δγ = Σ δy·x̂ and δβ = Σ δy of the micro-batch go to its gradient slot (the slots add up to the batch's).
+    Evaluation mode: the running statistics instead; nothing is shared between workers.
+    """
+
+    def __init__(self, bn: BatchNorm, relu: bool, layers: tuple[Layer, ...], in_shape: Shape) -> None:
+        self.bn, self.relu, self.layers, self.in_shape, self.out_shape = bn, relu, layers, in_shape, in_shape
+        self.image = len(in_shape) == 3
+        self.values = 0  # M: values per channel in the whole batch of the current pass (set by the engine)
+
+    @property
+    def param_layer(self) -> Layer:
+        return self.bn
+
+    def couples(self) -> bool:
+        return self.bn.training
+
+    def start(self, n: int) -> None:
+        """Before a pass over a batch of n examples: M, and the same refusal as `BatchNorm.forward` (a
+        variance needs at least two values per channel)."""
+        self.values = n * int(np.prod(self.in_shape[1:]))
+        if self.bn.training and self.values < 2:
+            raise ConfigError(
+                f"{self.bn.name or 'batchnorm'}: batch-norm in training mode needs more than one value per "
+                f"channel, got a batch of {n} of shape {tuple(self.in_shape)} (variance undefined); "
+                "use a larger train.batch_size"
+            )
+
+    def buffers(self, n: int, dtype: np.dtype, train: bool) -> _Buffers:
+        shape = _layout(self.in_shape, n)
+        buf = _Buffers(inp=np.empty(shape, dtype=dtype))
+        if train:
+            buf.xhat, buf.scratch = np.empty(shape, dtype=dtype), np.empty(shape, dtype=dtype)
+            buf.delta = np.empty(shape, dtype=dtype)
+            buf.relu_mask = np.empty(shape, dtype=bool) if self.relu else None
+            buf.dx = np.empty(shape, dtype=dtype) if self.need_dx else None
+        return buf
+
+    def _col(self, v: np.ndarray) -> np.ndarray:
+        """A per-channel vector (C,) shaped to broadcast over the layout."""
+        return v.reshape(-1, 1, 1, 1) if self.image else v.reshape(1, -1)
+
+    def _sums(self, a: np.ndarray) -> np.ndarray:
+        """Per-channel sums (C,) of a contiguous array in the layout (pairwise along each channel's values)."""
+        return a.reshape(a.shape[0], -1).sum(axis=1) if self.image else a.sum(axis=0)
+
+    def forward(self, buf: _Buffers, train: bool) -> None:
+        bn, x, dtype = self.bn, buf.inp, buf.inp.dtype
+        gamma, beta = bn.params["gamma"], bn.params["beta"]
+        if bn.training:
+            assert buf.reduce is not None and buf.xhat is not None
+            m = self.values
+            mu = buf.reduce(self._sums(x)) / m
+            xc = buf.xhat
+            np.subtract(x, self._col(mu.astype(dtype)), out=xc)
+            np.multiply(xc, xc, out=buf.scratch)
+            var = buf.reduce(self._sums(buf.scratch)) / m
+            inv_std = 1.0 / np.sqrt(var + bn.eps)
+            xc *= self._col(inv_std.astype(dtype))  # x̂
+            buf.inv_std = inv_std.astype(dtype)
+            if buf.worker == 0:
+                rm, rv, mom = bn.buffers["running_mean"], bn.buffers["running_var"], bn.momentum
+                rm *= 1 - mom
+                rm += (mom * mu).astype(rm.dtype)
+                rv *= 1 - mom
+                rv += (mom * var * m / (m - 1)).astype(rv.dtype)
+            np.multiply(xc, self._col(gamma), out=buf.out)
+            buf.out += self._col(beta)
+        else:
+            inv_std = (1.0 / np.sqrt(bn.buffers["running_var"] + bn.eps)).astype(dtype)
+            mean = bn.buffers["running_mean"].astype(dtype)
+            if train:  # keep x̂ for the backward of an evaluation-mode pass
+                np.subtract(x, self._col(mean), out=buf.xhat)
+                buf.xhat *= self._col(inv_std)
+                buf.inv_std = inv_std
+                np.multiply(buf.xhat, self._col(gamma), out=buf.out)
+                buf.out += self._col(beta)
+            else:
+                scale = gamma * inv_std
+                np.multiply(x, self._col(scale), out=buf.out)
+                buf.out += self._col(beta - mean * scale)
+        if self.relu:
+            np.maximum(buf.out, 0, out=buf.out)
+
+    def backward(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
+        bn, xhat, dy = self.bn, buf.xhat, buf.delta
+        assert xhat is not None and dy is not None and buf.inv_std is not None
+        if self.relu:
+            np.greater(buf.out, 0, out=buf.relu_mask)  # 1(out > 0) = 1(y > 0)
+            np.multiply(dout, buf.relu_mask, out=dy)
+        else:
+            np.copyto(dy, dout)
+        sum_dy = self._sums(dy)
+        np.multiply(dy, xhat, out=buf.scratch)
+        sum_dyx = self._sums(buf.scratch)
+        np.copyto(grads["gamma"], sum_dyx, casting="unsafe")  # δγ = Σ δy·x̂ (this micro-batch's share)
+        np.copyto(grads["beta"], sum_dy, casting="unsafe")  # δβ = Σ δy
+        if not self.need_dx:
+            return None
+        dtype = dy.dtype
+        scale = self._col((bn.params["gamma"] * buf.inv_std).astype(dtype))
+        dx = buf.dx
+        if bn.training:
+            assert buf.reduce is not None
+            c, m = self.in_shape[0], self.values
+            both = buf.reduce(np.concatenate([sum_dy, sum_dyx]).astype(np.float64)) / m
+            np.multiply(xhat, self._col(both[c:].astype(dtype)), out=dx)  # x̂ · Σ(δy·x̂)/M
+            np.subtract(dy, dx, out=dx)
+            dx -= self._col(both[:c].astype(dtype))  # − Σδy / M
+            dx *= scale
+        else:
+            np.multiply(dy, scale, out=dx)
+        return dx
+
+
 def _to_examples(a: np.ndarray, shape: Shape) -> np.ndarray:
     """The engine's layout of a tensor to the layers' (N, *shape): images (C, N, H, W) -> (N, C, H, W), a view."""
     return a.transpose(1, 0, 2, 3) if len(shape) == 3 and a.ndim == 4 else a
@@ -615,7 +745,7 @@ def _plan(layers: list[Layer], input_shape: Shape) -> list[_Stage]:
     """Group the layers into stages: a conv takes the ReLUs and the one max-pool after it, a pool or a
     linear layer the ReLUs after it; a ReLU after a flatten joins the fused stage before the flatten (ReLU
     acts element-wise, so it commutes with the reshape); a flatten is only a change of view between stages.
-    Every other layer is a `_LayerStage` of its own."""
+    A batch-norm takes the ReLUs after it. Every other layer is a `_LayerStage` of its own."""
     stages: list[_Stage] = []
     shape = tuple(input_shape)
     i = 0
@@ -627,8 +757,13 @@ def _plan(layers: list[Layer], input_shape: Shape) -> list[_Stage]:
             if stages:
                 stages[-1].layers = (*stages[-1].layers, layer)
             continue
-        if not _fused(layer):
-            stage: _Stage = _LayerStage(layer, shape)
+        if type(layer) is BatchNorm:
+            while i < len(layers) and type(layers[i]) is ReLU:
+                group.append(layers[i])
+                i += 1
+            stage: _Stage = _BatchNormStage(layer, len(group) > 1, tuple(group), shape)
+        elif not _fused(layer):
+            stage = _LayerStage(layer, shape)
         else:
             relu, pool = False, None
             while i < len(layers):  # the ReLUs (and, after a conv, one max-pool) that join this layer
@@ -685,6 +820,34 @@ def _softmax_xent(z: np.ndarray, y: np.ndarray, total: int) -> tuple[float, np.n
     return loss_sum, dz
 
 
+class _Reducer:
+    """Per-channel sums across the workers of one pass (batch-norm's statistics): each worker hands in its
+    partial sum and gets the total, added in worker order in float64, so the bits do not depend on which
+    worker arrives first. Two barriers per call: everyone has handed in; everyone has read."""
+
+    def __init__(self, workers: int) -> None:
+        self.parts: list[np.ndarray | None] = [None] * workers
+        self.barrier = threading.Barrier(workers) if workers > 1 else None
+
+    def part(self, t: int) -> Callable[[np.ndarray], np.ndarray]:
+        def reduce(a: np.ndarray) -> np.ndarray:
+            if self.barrier is None:
+                return a.astype(np.float64)
+            self.parts[t] = a
+            self.barrier.wait()
+            total = np.array(self.parts[0], dtype=np.float64)
+            for p in self.parts[1:]:
+                total += p
+            self.barrier.wait()
+            return total
+
+        return reduce
+
+    def abort(self) -> None:
+        if self.barrier is not None:
+            self.barrier.abort()
+
+
 class Engine:
     """The fused, micro-batched, multi-threaded execution of a `Sequential`'s layers (see above).
 
@@ -722,6 +885,8 @@ class Engine:
         if ws is None:
             assert self._dtype is not None
             ws = [stage.buffers(n, self._dtype, train) for stage in self.stages]
+            for buf in ws:
+                buf.worker = worker
             for stage, buf, nxt in zip(self.stages, ws, ws[1:], strict=False):
                 buf.out = _image_view(nxt.inp, n, stage.out_shape)
             self._workspaces[key] = ws
@@ -738,36 +903,70 @@ class Engine:
         return max(1, min(self.threads or default_threads(), chunks))
 
     def whole_batch(self) -> bool:
-        """True when a layer couples the examples of a batch in its current mode (batch-norm in training):
-        the batch then runs as one micro-batch on the calling thread."""
-        return any(layer.couples_batch() for layer in self.layers)
+        """True when a layer couples the examples of a batch in its current mode and the engine cannot
+        share the coupling between workers (dropout in training, a batch-norm inside a residual block, a
+        user's layer): the batch then runs as one micro-batch on the calling thread. A batch-norm stage of
+        its own does not count: its workers add up their partial sums (`_BatchNormStage`)."""
+        return any(layer.couples_batch() for stage in self.stages if not isinstance(stage, _BatchNormStage)
+                   for layer in stage.layers)
+
+    def synced(self) -> bool:
+        """True when a batch-norm stage uses batch statistics: one micro-batch per worker, all in flight."""
+        return any(isinstance(s, _BatchNormStage) and s.couples() for s in self.stages)
 
     def _micro_batch(self, n: int, train: bool) -> int:
         if self.whole_batch():
             return max(n, 1)
+        if self.synced():
+            return max(1, -(-n // (self.threads or default_threads())))
         return self.train_micro_batch if train else self.eval_micro_batch
 
     def worker_count(self, n: int, train: bool = True) -> int:
         """How many worker threads a batch of n images uses (at most one per micro-batch)."""
         return self._workers(len(_chunks(n, self._micro_batch(n, train))))
 
-    def _run(self, jobs: list[Callable[[int], None]]) -> None:
+    def _run(self, jobs: list[Callable[[int], None]], reducer: _Reducer | None = None) -> None:
         """Run jobs[t](t) for every worker t (0 on the calling thread, the rest on the pool), with BLAS
         limited to one thread throughout, so each product is computed the same way whatever the thread count
-        (in whole-batch mode too: one job on one core. Measured on this project's 2-core machine, loaded, the
-        deep batch-norm config's step took 2,980 ms with BLAS on 2 threads and 721 ms on 1)."""
+        (measured on this project's 2-core machine, loaded, the deep batch-norm config's whole-batch step
+        took 2,980 ms with BLAS on 2 threads and 721 ms on 1). A job that fails breaks the reducer's barrier,
+        so the others stop too; the first real error is raised (not a worker's BrokenBarrierError)."""
+
+        def guarded(t: int) -> None:
+            try:
+                jobs[t](t)
+            except BaseException:
+                if reducer is not None:
+                    reducer.abort()
+                raise
+
         with blas_threads(1):
             if len(jobs) == 1:
                 jobs[0](0)
                 return
             pool = _worker_pool(len(jobs) - 1)
-            futures = [pool.submit(job, t) for t, job in enumerate(jobs) if t]
+            futures = [pool.submit(guarded, t) for t in range(1, len(jobs))]
+            errors: list[BaseException] = []
             try:
-                jobs[0](0)
-            finally:
-                wait(futures)  # never leave a worker writing into the buffers, even on an exception
-            for f in futures:
-                f.result()  # re-raises a worker's exception
+                guarded(0)
+            except BaseException as e:
+                errors.append(e)
+            wait(futures)  # never leave a worker writing into the buffers, even on an exception
+            errors += [e for e in (f.exception() for f in futures) if e is not None]
+            if errors:
+                raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+
+    def _reducer(self, total: int, workers: int) -> _Reducer | None:
+        """For a pass where batch-norm uses batch statistics: M for each such stage, and the reducer."""
+        bns = [s for s in self.stages if isinstance(s, _BatchNormStage)]
+        for stage in bns:
+            stage.start(total)
+        return _Reducer(workers) if any(s.couples() for s in bns) else None
+
+    def _bind(self, ws: list[_Buffers], reducer: _Reducer | None, t: int) -> None:
+        reduce = reducer.part(t) if reducer is not None else None
+        for buf in ws:
+            buf.reduce = reduce
 
     def _load(self, ws: list[_Buffers], x: np.ndarray) -> None:
         """Copy a micro-batch x (N, *input_shape) into the first stage's input, in its layout."""
@@ -797,17 +996,19 @@ class Engine:
         chunks = _chunks(len(x), self._micro_batch(len(x), False))
         workers = self._workers(len(chunks))
         mine = self._assign(chunks, False, workers)
+        reducer = self._reducer(len(x), workers)
 
         def job(t: int) -> None:
             for j in mine[t]:
                 a, b = chunks[j]
                 ws = self._workspace(False, b - a, t)
+                self._bind(ws, reducer, t)
                 ws[-1].out = _image_view(logits[a:b], b - a, out_shape)
                 self._load(ws, x[a:b])
                 for stage, buf in zip(self.stages, ws, strict=True):
                     stage.forward(buf, False)
 
-        self._run([job] * workers)
+        self._run([job] * workers, reducer)
         return logits
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -844,6 +1045,7 @@ class Engine:
         logits = np.empty((total, int(np.prod(out_shape))), dtype=dtype)
         losses = [0.0] * len(chunks)
         mine = self._assign(chunks, True, workers)
+        reducer = self._reducer(total, workers)
         clock = time.perf_counter
         n_stages = len(self.stages)
 
@@ -851,6 +1053,7 @@ class Engine:
             for j in mine[t]:
                 a, b = chunks[j]
                 ws = self._workspace(True, b - a, t)
+                self._bind(ws, reducer, t)
                 ws[-1].out = _image_view(logits[a:b], b - a, out_shape)
                 self._load(ws, x[a:b])
                 for i, (stage, buf) in enumerate(zip(self.stages, ws, strict=True)):
@@ -873,7 +1076,7 @@ class Engine:
                     if timings is not None:
                         timings[i, 1] += clock() - t0
 
-        self._run([job] * workers)
+        self._run([job] * workers, reducer)
         t0 = clock()
         for layer in self._param_layers():
             for k in layer.params:

@@ -167,3 +167,58 @@ def test_the_deep_config_builds_with_the_expected_parameters() -> None:
     assert shapes["conv1.W"] == (32, 3, 3, 3) and "conv1.b" not in shapes
     assert shapes["fc1.W"] == (10, 2048)
     assert set(model.named_buffers()) == {f"bn{i}.{k}" for i in range(1, 5) for k in ("running_mean", "running_var")}
+
+
+IMAGE_BN_NET = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1, "bias": False},
+                {"type": "batchnorm"}, {"type": "relu"}, {"type": "maxpool", "kernel_size": 2},
+                {"type": "conv", "out_channels": 3, "kernel_size": 3, "padding": 1},
+                {"type": "batchnorm", "momentum": 0.3}, {"type": "flatten"},
+                {"type": "linear", "out_features": 4}]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_batch_statistics_shared_across_worker_threads_equal_the_whole_batch_reference(threads: int) -> None:
+    # the engine splits the batch between workers and adds up their per-channel partial sums: the batch's μ, σ²,
+    # δx, δγ, δβ and running statistics must be the per-layer path's (one array, one pass) to float64 rounding
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((37, 2, 6, 6)), rng.integers(0, 4, 37)
+    fast, ref = _model(IMAGE_BN_NET), _model(IMAGE_BN_NET)
+    ref.fast, fast.threads = False, threads
+    assert fast.engine().worker_count(37) == threads and not fast.engine().whole_batch()
+    for _ in range(2):  # the second step starts from running statistics the first one moved
+        lf, _ = fast.loss_and_grads(x, y)
+        lr, _ = ref.loss_and_grads(x, y)
+        assert lf == pytest.approx(lr, rel=1e-12)
+        for k, g in ref.named_grads().items():
+            np.testing.assert_allclose(fast.named_grads()[k], g, rtol=1e-10, atol=1e-12)  # δb ≈ 0 before a BN
+        for k, b in ref.named_buffers().items():
+            np.testing.assert_allclose(fast.named_buffers()[k], b, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(fast.predict(x), ref.predict(x), rtol=1e-10, atol=1e-12)
+
+
+def test_a_worker_that_fails_between_the_shared_sums_stops_the_others_with_its_own_error() -> None:
+    from cnncli import engine as engine_mod
+
+    fast = _model(IMAGE_BN_NET)
+    fast.threads = 2
+    stage = next(s for s in fast.engine().stages if isinstance(s, engine_mod._BatchNormStage))
+    real = stage.forward
+
+    def forward(buf, train):
+        if buf.worker == 1:
+            raise RuntimeError("worker 1 broke")
+        real(buf, train)  # worker 0 then waits at the barrier for a partial sum that never comes
+
+    stage.forward = forward
+    x = np.random.default_rng(0).standard_normal((8, 2, 6, 6))
+    with pytest.raises(RuntimeError, match="worker 1 broke"):
+        fast.loss_and_grads(x, np.arange(8) % 4)
+    stage.forward = real
+    fast.loss_and_grads(x, np.arange(8) % 4)  # and the engine still works afterwards
+
+
+def test_a_one_pixel_batch_of_one_is_refused_before_the_workers_start() -> None:
+    model = _model([{"type": "batchnorm"}, {"type": "flatten"}, {"type": "linear", "out_features": 2}], (1, 1, 1))
+    model.threads = 2
+    with pytest.raises(ConfigError, match=r"bn1: batch-norm in training mode needs more than one value"):
+        model.loss_and_grads(np.ones((1, 1, 1, 1)), np.array([0]))
