@@ -228,6 +228,9 @@ class _Buffers:
     dcols: np.ndarray | None = None  # the same in the columns' shape
     dxp: np.ndarray | None = None  # δ of the padded input (C, N, H + 2p, W + 2p)
     # batch-norm
+    y: np.ndarray | None = None  # a conv stage's batch-normalised S (then ReLU), (C_out, M), columns as S
+    dy: np.ndarray | None = None  # δ of y (C_out, M)
+    ds_windows: list[np.ndarray] | None = None  # the window views of δS (a conv stage with batch-norm)
     xhat: np.ndarray | None = None  # x̂ = (x − μ)/√(σ² + ε), contiguous, the input's layout
     scratch: np.ndarray | None = None  # element-wise scratch of the input's shape
     inv_std: np.ndarray | None = None  # 1/√(σ² + ε) of this pass (C,)
@@ -255,6 +258,15 @@ class _Stage:
     def param_layer(self) -> Layer | None:
         return None
 
+    @property
+    def param_layers(self) -> tuple[Layer, ...]:
+        """The layers whose gradients this stage computes (their keys are distinct: one flat grads dict)."""
+        return (self.param_layer,) if self.param_layer is not None else ()
+
+    def grads_of(self, slot: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """This stage's gradient arrays in a slot, keyed as the layers' params."""
+        return {k: v for layer in self.param_layers for k, v in slot[layer.name].items()}
+
     def buffers(self, n: int, dtype: np.dtype, train: bool) -> _Buffers:
         raise NotImplementedError
 
@@ -276,7 +288,8 @@ class _Stage:
 
 
 class _ConvStage(_Stage):
-    """Conv2D, optionally with ReLU and one MaxPool2D after it (either order), as one stage.
+    """Conv2D, optionally with ReLU and one MaxPool2D after it (either order), as one stage; or Conv2D,
+    BatchNorm, then ReLUs and one MaxPool2D (either order: max-pooling commutes with the monotone ReLU).
 
     Forward (docs/derivations.md#convolution, #max-pooling): S = W (C_out, C·K·K) @ cols (C·K·K, M), one
     product over the micro-batch's im2col columns; with a pool P = max over each window of S, then
@@ -288,13 +301,24 @@ class _ConvStage(_Stage):
     (a, b, n, p, q) for conv output pixel (s_p·p + a, s_p·q + b): window offset (a, b) is one contiguous slice
     of S, and pixels no window covers are never computed. Otherwise (n, i, j), the pool reading strided views.
     Every element-wise step works on contiguous arrays; the result is copied once into the next stage's input.
+
+    With a batch-norm (docs/derivations.md#batch-normalisation; arithmetic in `_BatchNormCore`): its
+    statistics are over every pixel of S, so the pool cannot run first (and γ may be negative): S (+ b) →
+    y = BN(S) → ReLU → pool, all on S's columns; the columns are ordered by window offset only when the pool
+    windows tile S exactly. Backward: δ routed to each window's arg-max of y, times 1(y > 0), through the
+    batch-norm into δS, then δW and δX as above.
     """
 
     def __init__(self, conv: Conv2D, pool: MaxPool2D | None, relu: bool, layers: tuple[Layer, ...],
-                 in_shape: Shape) -> None:
+                 in_shape: Shape, bn: BatchNorm | None = None) -> None:
         self.conv, self.pool, self.relu, self.layers, self.in_shape = conv, pool, relu, layers, in_shape
         _, self.ho, self.wo = conv.output_shape(in_shape)
         self.blocked = pool is not None and pool.stride >= pool.kernel_size
+        self.bn = bn
+        self.core = _BatchNormCore(bn, True, self.ho * self.wo) if bn is not None else None
+        if bn is not None and pool is not None:  # every pixel of S counts in the statistics
+            kp = pool.kernel_size
+            self.blocked = pool.stride == kp and self.ho % kp == 0 and self.wo % kp == 0
         conv_out = (conv.out_channels, self.ho, self.wo)
         self.out_shape = pool.output_shape(conv_out) if pool is not None else conv_out
 
@@ -302,7 +326,30 @@ class _ConvStage(_Stage):
     def param_layer(self) -> Layer:
         return self.conv
 
+    @property
+    def param_layers(self) -> tuple[Layer, ...]:
+        return (self.conv,) if self.bn is None else (self.conv, self.bn)
+
     def buffers(self, n: int, dtype: np.dtype, train: bool) -> _Buffers:
+        buf = self._conv_buffers(n, dtype, train)
+        if self.bn is None:
+            return buf
+        c_out, ph, pw = self.out_shape
+        assert buf.s2 is not None
+        buf.y = np.empty_like(buf.s2)
+        buf.windows = self._windows(buf.y, n)
+        buf.post = np.empty((c_out, n, ph, pw), dtype=dtype) if self.pool is not None else None
+        if train:
+            buf.xhat, buf.scratch, buf.dy = np.empty_like(buf.s2), np.empty_like(buf.s2), np.empty_like(buf.s2)
+            buf.relu_mask = np.empty(buf.s2.shape, dtype=bool) if self.relu else None
+            buf.dwin = self._windows(buf.dy, n)
+            buf.ds_windows = self._windows(buf.ds2, n)
+            if self.pool is not None and not self.blocked:
+                buf.delta = np.empty((c_out, n, ph, pw), dtype=dtype)
+                buf.peel = np.empty_like(buf.delta)
+        return buf
+
+    def _conv_buffers(self, n: int, dtype: np.dtype, train: bool) -> _Buffers:
         conv, pool = self.conv, self.pool
         c, h, w = self.in_shape
         k, s, p = conv.kernel_size, conv.stride, conv.padding
@@ -337,7 +384,7 @@ class _ConvStage(_Stage):
         buf.masks = np.empty((max(nq - 1, 0), c_out, n, ph, pw), dtype=bool)
         buf.relu_mask = np.empty((c_out, n, ph, pw), dtype=bool)
         buf.ds2 = np.empty_like(s2)  # δS (C_out, M), columns as S
-        buf.dwin = self._windows(buf.ds2, n)
+        buf.dwin = buf.ds_windows = self._windows(buf.ds2, n)
         buf.peel = None
         if pool is None:
             buf.delta = buf.ds2.reshape(c_out, n, ph, pw)
@@ -378,6 +425,9 @@ class _ConvStage(_Stage):
         w, b = self.conv.params["W"], self.conv.params.get("b")
         np.copyto(buf.cols, buf.src)  # im2col, one strided copy
         np.matmul(w.reshape(w.shape[0], -1), buf.cols2, out=buf.s2)  # S = W (C_out, C·K·K) @ cols (C·K·K, M)
+        if self.core is not None:
+            self._forward_bn(buf, b, train)
+            return
         if self.pool is not None:
             _pool_forward(buf.windows, buf.post, buf.masks if train else None)
         post = buf.post
@@ -387,8 +437,45 @@ class _ConvStage(_Stage):
             np.maximum(post, 0, out=post)
         np.copyto(buf.out, post)
 
+    def _forward_bn(self, buf: _Buffers, b: np.ndarray | None, train: bool) -> None:
+        """S (+ b) -> y = γ·x̂ + β -> ReLU -> pool -> the next stage's input."""
+        assert self.core is not None and buf.y is not None and buf.out is not None
+        if b is not None:
+            buf.s2 += b[:, None]
+        self.core.forward(buf.s2, buf.y, buf, train)
+        if self.relu:
+            np.maximum(buf.y, 0, out=buf.y)
+        if self.pool is not None:
+            _pool_forward(buf.windows, buf.post, buf.masks if train else None)
+            np.copyto(buf.out, buf.post)
+        else:
+            np.copyto(buf.out, buf.y.reshape(buf.out.shape))
+
+    def _backward_bn(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> None:
+        """δout -> δy (routed to the pool's arg-max, times 1(y > 0)) -> δS (buf.ds2) through the batch-norm."""
+        assert self.core is not None and buf.dy is not None and buf.y is not None
+        dy = buf.dy
+        if self.pool is None:
+            np.copyto(dy.reshape(dout.shape), dout)
+        elif self.blocked:
+            np.copyto(buf.dwin[-1], dout)  # routed from the last offset's slot, as without batch-norm
+            _route_to_argmax(buf.dwin[-1], buf.masks, buf.dwin, False, None)
+        else:
+            dy.fill(0)
+            np.copyto(buf.delta, dout)
+            _route_to_argmax(buf.delta, buf.masks, buf.dwin, True, buf.peel)
+        if self.relu:
+            np.greater(buf.y, 0, out=buf.relu_mask)  # 1(y > 0) after the ReLU = 1(its input > 0)
+            dy *= buf.relu_mask
+        self.core.backward(dy, buf.ds2, buf, grads)
+        if "b" in grads:
+            np.sum(buf.ds2, axis=1, out=grads["b"])  # δb[c] = Σ δS[c, ·]
+
     def backward(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
         w = self.conv.params["W"]
+        if self.core is not None:
+            self._backward_bn(buf, dout, grads)
+            return self._weights_and_input(buf, w, grads)
         delta = buf.delta
         if self.relu:
             np.greater(buf.post, 0, out=buf.relu_mask)  # 1(out > 0) = 1(ReLU input > 0), docs/derivations.md#relu
@@ -401,6 +488,10 @@ class _ConvStage(_Stage):
             if not self.blocked:
                 buf.ds2.fill(0)
             _route_to_argmax(delta, buf.masks, buf.dwin, not self.blocked, buf.peel)
+        return self._weights_and_input(buf, w, grads)
+
+    def _weights_and_input(self, buf: _Buffers, w: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
+        """δW and δX from δS (buf.ds2)."""
         gw = grads["W"]
         np.matmul(buf.ds2, buf.cols2.T, out=gw.reshape(gw.shape[0], -1))  # δW = δS (C_out, M) @ colsᵀ
         if not self.need_dx:
@@ -420,7 +511,7 @@ class _ConvStage(_Stage):
         if self.blocked:
             assert self.pool is not None
             kp, sp = self.pool.kernel_size, self.pool.stride
-            for q, d in enumerate(buf.dwin):  # window offset (a, b) holds conv pixels (sp·p + a, sp·q + b)
+            for q, d in enumerate(buf.ds_windows):  # window offset (a, b) holds conv pixels (sp·p + a, sp·q + b)
                 a, bb = divmod(q, kp)
                 np.copyto(buf.ds_pitch4[:, :, a : a + sp * (ph - 1) + 1 : sp, bb : bb + sp * (pw - 1) + 1 : sp], d)
         else:
@@ -560,41 +651,117 @@ class _ReluStage(_Stage):
         return buf.dx
 
 
-class _BatchNormStage(_Stage):
-    """BatchNorm, optionally with the ReLUs after it, on the engine's layout: images (C, N, H, W), vectors (N, D).
+class _BatchNormCore:
+    """Batch-norm's arithmetic on the engine's arrays, for `_BatchNormStage` and for a conv stage that takes
+    the batch-norm after its product (docs/derivations.md#batch-normalisation).
 
-    Training mode (docs/derivations.md#batch-normalisation): the statistics are the whole batch's although
-    each worker holds only its micro-batch, so the per-channel sums Σx, Σ(x − μ)² (forward) and Σδy,
-    Σδy·x̂ (backward) are partial sums that `buf.reduce` adds up across the workers (in worker order, in
-    float64) before anyone goes on: μ = Σx / M, σ² = Σ(x − μ)² / M over the batch's M values per channel,
-    x̂ = (x − μ)/√(σ² + ε), y = γ·x̂ + β; δx = γ/√(σ² + ε) · (δy − Σδy / M − x̂ · Σ(δy·x̂) / M), the three paths
-    through x̂, μ and σ² as in `BatchNorm.backward`. Worker 0 moves the running statistics once per pass.
-    δγ = Σ δy·x̂ and δβ = Σ δy of the micro-batch go to its gradient slot (the slots add up to the batch's).
-    Evaluation mode: the running statistics instead; nothing is shared between workers.
+    Arrays are channels-first (C, …) (images: (C, N, H, W) or the conv's S (C, M)) or, for vectors, (N, D).
+    Training mode: the statistics are the whole batch's although each worker holds only its micro-batch, so
+    the per-channel sums Σx, Σ(x − μ)² (forward) and Σδy, Σδy·x̂ (backward) are partial sums that
+    `buf.reduce` adds up across the workers (in worker order, in float64) before anyone goes on:
+    μ = Σx / M, σ² = Σ(x − μ)² / M over the batch's M values per channel, x̂ = (x − μ)/√(σ² + ε),
+    y = γ·x̂ + β; δx = γ/√(σ² + ε) · (δy − Σδy / M − x̂ · Σ(δy·x̂) / M), the three paths through x̂, μ and σ²
+    as in `BatchNorm.backward`. Worker 0 moves the running statistics, once per pass. δγ = Σ δy·x̂ and
+    δβ = Σ δy of the micro-batch go to its gradient slot (the slots add up to the batch's). Evaluation mode:
+    the running statistics instead, nothing shared between workers.
     """
 
-    def __init__(self, bn: BatchNorm, relu: bool, layers: tuple[Layer, ...], in_shape: Shape) -> None:
-        self.bn, self.relu, self.layers, self.in_shape, self.out_shape = bn, relu, layers, in_shape, in_shape
-        self.image = len(in_shape) == 3
-        self.values = 0  # M: values per channel in the whole batch of the current pass (set by the engine)
-
-    @property
-    def param_layer(self) -> Layer:
-        return self.bn
-
-    def couples(self) -> bool:
-        return self.bn.training
+    def __init__(self, bn: BatchNorm, channels_first: bool, per_example: int) -> None:
+        self.bn, self.channels_first, self.per_example = bn, channels_first, per_example
+        self.values = 0  # M: values per channel in the whole batch of the current pass (set by `start`)
 
     def start(self, n: int) -> None:
         """Before a pass over a batch of n examples: M, and the same refusal as `BatchNorm.forward` (a
         variance needs at least two values per channel)."""
-        self.values = n * int(np.prod(self.in_shape[1:]))
+        self.values = n * self.per_example
         if self.bn.training and self.values < 2:
             raise ConfigError(
                 f"{self.bn.name or 'batchnorm'}: batch-norm in training mode needs more than one value per "
-                f"channel, got a batch of {n} of shape {tuple(self.in_shape)} (variance undefined); "
-                "use a larger train.batch_size"
+                f"channel, got a batch of {n} (variance undefined); use a larger train.batch_size"
             )
+
+    def _col(self, v: np.ndarray, ndim: int) -> np.ndarray:
+        """A per-channel vector (C,) shaped to broadcast over an array of ndim dimensions."""
+        return v.reshape((-1,) + (1,) * (ndim - 1)) if self.channels_first else v.reshape(1, -1)
+
+    def _sums(self, a: np.ndarray) -> np.ndarray:
+        """Per-channel sums (C,) of a contiguous array (pairwise along each channel's values)."""
+        return a.reshape(a.shape[0], -1).sum(axis=1) if self.channels_first else a.sum(axis=0)
+
+    def forward(self, x: np.ndarray, out: np.ndarray, buf: _Buffers, train: bool) -> None:
+        """out = γ·x̂ + β for x (contiguous); keeps x̂ (buf.xhat) and 1/√(σ² + ε) (buf.inv_std) when training."""
+        bn, dtype, nd = self.bn, x.dtype, x.ndim
+        gamma, beta = bn.params["gamma"], bn.params["beta"]
+        if bn.training:
+            assert buf.reduce is not None and buf.xhat is not None and buf.scratch is not None
+            m = self.values
+            mu = buf.reduce(self._sums(x)) / m
+            xc = buf.xhat
+            np.subtract(x, self._col(mu.astype(dtype), nd), out=xc)
+            np.multiply(xc, xc, out=buf.scratch)
+            var = buf.reduce(self._sums(buf.scratch)) / m
+            inv_std = 1.0 / np.sqrt(var + bn.eps)
+            xc *= self._col(inv_std.astype(dtype), nd)  # x̂
+            buf.inv_std = inv_std.astype(dtype)
+            if buf.worker == 0:
+                rm, rv, mom = bn.buffers["running_mean"], bn.buffers["running_var"], bn.momentum
+                rm *= 1 - mom
+                rm += (mom * mu).astype(rm.dtype)
+                rv *= 1 - mom
+                rv += (mom * var * m / (m - 1)).astype(rv.dtype)
+            np.multiply(xc, self._col(gamma, nd), out=out)
+            out += self._col(beta, nd)
+            return
+        inv_std = (1.0 / np.sqrt(bn.buffers["running_var"] + bn.eps)).astype(dtype)
+        mean = bn.buffers["running_mean"].astype(dtype)
+        if train:  # keep x̂ for the backward of an evaluation-mode pass
+            assert buf.xhat is not None
+            np.subtract(x, self._col(mean, nd), out=buf.xhat)
+            buf.xhat *= self._col(inv_std, nd)
+            buf.inv_std = inv_std
+            np.multiply(buf.xhat, self._col(gamma, nd), out=out)
+            out += self._col(beta, nd)
+        else:
+            scale = gamma * inv_std
+            np.multiply(x, self._col(scale, nd), out=out)
+            out += self._col(beta - mean * scale, nd)
+
+    def backward(self, dy: np.ndarray, dx: np.ndarray | None, buf: _Buffers, grads: dict[str, np.ndarray]) -> None:
+        """δy (contiguous) -> δx (written into dx, unless None); δγ, δβ of this micro-batch into grads."""
+        bn, xhat, scratch = self.bn, buf.xhat, buf.scratch
+        assert xhat is not None and scratch is not None and buf.inv_std is not None
+        sum_dy = self._sums(dy)
+        np.multiply(dy, xhat, out=scratch)
+        sum_dyx = self._sums(scratch)
+        np.copyto(grads["gamma"], sum_dyx, casting="unsafe")  # δγ = Σ δy·x̂ (this micro-batch's share)
+        np.copyto(grads["beta"], sum_dy, casting="unsafe")  # δβ = Σ δy
+        if dx is None:
+            return
+        dtype, nd = dy.dtype, dy.ndim
+        scale = self._col((bn.params["gamma"] * buf.inv_std).astype(dtype), nd)
+        if bn.training:
+            assert buf.reduce is not None
+            c, m = len(sum_dy), self.values
+            both = buf.reduce(np.concatenate([sum_dy, sum_dyx]).astype(np.float64)) / m
+            np.multiply(xhat, self._col(both[c:].astype(dtype), nd), out=dx)  # x̂ · Σ(δy·x̂)/M
+            np.subtract(dy, dx, out=dx)
+            dx -= self._col(both[:c].astype(dtype), nd)  # − Σδy / M
+            dx *= scale
+        else:
+            np.multiply(dy, scale, out=dx)
+
+
+class _BatchNormStage(_Stage):
+    """A BatchNorm (with the ReLUs after it) that no conv precedes directly, on the engine's layout: images
+    (C, N, H, W), vectors (N, D); its arithmetic is `_BatchNormCore`'s."""
+
+    def __init__(self, bn: BatchNorm, relu: bool, layers: tuple[Layer, ...], in_shape: Shape) -> None:
+        self.bn, self.relu, self.layers, self.in_shape, self.out_shape = bn, relu, layers, in_shape, in_shape
+        self.core = _BatchNormCore(bn, len(in_shape) == 3, int(np.prod(in_shape[1:])))
+
+    @property
+    def param_layer(self) -> Layer:
+        return self.bn
 
     def buffers(self, n: int, dtype: np.dtype, train: bool) -> _Buffers:
         shape = _layout(self.in_shape, n)
@@ -606,81 +773,17 @@ class _BatchNormStage(_Stage):
             buf.dx = np.empty(shape, dtype=dtype) if self.need_dx else None
         return buf
 
-    def _col(self, v: np.ndarray) -> np.ndarray:
-        """A per-channel vector (C,) shaped to broadcast over the layout."""
-        return v.reshape(-1, 1, 1, 1) if self.image else v.reshape(1, -1)
-
-    def _sums(self, a: np.ndarray) -> np.ndarray:
-        """Per-channel sums (C,) of a contiguous array in the layout (pairwise along each channel's values)."""
-        return a.reshape(a.shape[0], -1).sum(axis=1) if self.image else a.sum(axis=0)
-
     def forward(self, buf: _Buffers, train: bool) -> None:
-        bn, x, dtype = self.bn, buf.inp, buf.inp.dtype
-        gamma, beta = bn.params["gamma"], bn.params["beta"]
-        if bn.training:
-            assert buf.reduce is not None and buf.xhat is not None
-            m = self.values
-            mu = buf.reduce(self._sums(x)) / m
-            xc = buf.xhat
-            np.subtract(x, self._col(mu.astype(dtype)), out=xc)
-            np.multiply(xc, xc, out=buf.scratch)
-            var = buf.reduce(self._sums(buf.scratch)) / m
-            inv_std = 1.0 / np.sqrt(var + bn.eps)
-            xc *= self._col(inv_std.astype(dtype))  # x̂
-            buf.inv_std = inv_std.astype(dtype)
-            if buf.worker == 0:
-                rm, rv, mom = bn.buffers["running_mean"], bn.buffers["running_var"], bn.momentum
-                rm *= 1 - mom
-                rm += (mom * mu).astype(rm.dtype)
-                rv *= 1 - mom
-                rv += (mom * var * m / (m - 1)).astype(rv.dtype)
-            np.multiply(xc, self._col(gamma), out=buf.out)
-            buf.out += self._col(beta)
-        else:
-            inv_std = (1.0 / np.sqrt(bn.buffers["running_var"] + bn.eps)).astype(dtype)
-            mean = bn.buffers["running_mean"].astype(dtype)
-            if train:  # keep x̂ for the backward of an evaluation-mode pass
-                np.subtract(x, self._col(mean), out=buf.xhat)
-                buf.xhat *= self._col(inv_std)
-                buf.inv_std = inv_std
-                np.multiply(buf.xhat, self._col(gamma), out=buf.out)
-                buf.out += self._col(beta)
-            else:
-                scale = gamma * inv_std
-                np.multiply(x, self._col(scale), out=buf.out)
-                buf.out += self._col(beta - mean * scale)
+        assert buf.out is not None
+        self.core.forward(buf.inp, buf.out, buf, train)
         if self.relu:
             np.maximum(buf.out, 0, out=buf.out)
 
     def backward(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
-        bn, xhat, dy = self.bn, buf.xhat, buf.delta
-        assert xhat is not None and dy is not None and buf.inv_std is not None
-        if self.relu:
-            np.greater(buf.out, 0, out=buf.relu_mask)  # 1(out > 0) = 1(y > 0)
-            np.multiply(dout, buf.relu_mask, out=dy)
-        else:
-            np.copyto(dy, dout)
-        sum_dy = self._sums(dy)
-        np.multiply(dy, xhat, out=buf.scratch)
-        sum_dyx = self._sums(buf.scratch)
-        np.copyto(grads["gamma"], sum_dyx, casting="unsafe")  # δγ = Σ δy·x̂ (this micro-batch's share)
-        np.copyto(grads["beta"], sum_dy, casting="unsafe")  # δβ = Σ δy
-        if not self.need_dx:
-            return None
-        dtype = dy.dtype
-        scale = self._col((bn.params["gamma"] * buf.inv_std).astype(dtype))
-        dx = buf.dx
-        if bn.training:
-            assert buf.reduce is not None
-            c, m = self.in_shape[0], self.values
-            both = buf.reduce(np.concatenate([sum_dy, sum_dyx]).astype(np.float64)) / m
-            np.multiply(xhat, self._col(both[c:].astype(dtype)), out=dx)  # x̂ · Σ(δy·x̂)/M
-            np.subtract(dy, dx, out=dx)
-            dx -= self._col(both[:c].astype(dtype))  # − Σδy / M
-            dx *= scale
-        else:
-            np.multiply(dy, scale, out=dx)
-        return dx
+        assert buf.delta is not None
+        self._relu_grad(buf, dout, buf.delta)  # δy = δout · 1(out > 0)
+        self.core.backward(buf.delta, buf.dx if self.need_dx else None, buf, grads)
+        return buf.dx if self.need_dx else None
 
 
 def _to_examples(a: np.ndarray, shape: Shape) -> np.ndarray:
@@ -765,7 +868,11 @@ def _plan(layers: list[Layer], input_shape: Shape) -> list[_Stage]:
         elif not _fused(layer):
             stage = _LayerStage(layer, shape)
         else:
-            relu, pool = False, None
+            relu, pool, bn = False, None, None
+            if type(layer) is Conv2D and i < len(layers) and type(layers[i]) is BatchNorm:
+                bn = layers[i]  # a batch-norm right after a conv joins it
+                group.append(bn)
+                i += 1
             while i < len(layers):  # the ReLUs (and, after a conv, one max-pool) that join this layer
                 nxt = layers[i]
                 if type(nxt) is ReLU:
@@ -777,7 +884,7 @@ def _plan(layers: list[Layer], input_shape: Shape) -> list[_Stage]:
                 group.append(nxt)
                 i += 1
             if type(layer) is Conv2D:
-                stage = _ConvStage(layer, pool, relu, tuple(group), shape)  # type: ignore[arg-type]
+                stage = _ConvStage(layer, pool, relu, tuple(group), shape, bn)  # type: ignore[arg-type]
             elif type(layer) is MaxPool2D:
                 stage = _PoolStage(layer, relu, tuple(group), shape)  # type: ignore[arg-type]
             elif type(layer) is Linear:
@@ -870,7 +977,7 @@ class Engine:
 
     # ---- buffers ------------------------------------------------------------------------------------
     def _param_layers(self) -> list[Layer]:
-        return [s.param_layer for s in self.stages if s.param_layer is not None]
+        return [layer for s in self.stages for layer in s.param_layers]
 
     def _check_dtype(self) -> np.dtype:
         params = [v for layer in self._param_layers() for v in layer.params.values()]
@@ -907,12 +1014,12 @@ class Engine:
         share the coupling between workers (dropout in training, a batch-norm inside a residual block, a
         user's layer): the batch then runs as one micro-batch on the calling thread. A batch-norm stage of
         its own does not count: its workers add up their partial sums (`_BatchNormStage`)."""
-        return any(layer.couples_batch() for stage in self.stages if not isinstance(stage, _BatchNormStage)
-                   for layer in stage.layers)
+        shared = {id(c.bn) for c in self._bn_cores()}
+        return any(layer.couples_batch() for layer in self.layers if id(layer) not in shared)
 
     def synced(self) -> bool:
         """True when a batch-norm stage uses batch statistics: one micro-batch per worker, all in flight."""
-        return any(isinstance(s, _BatchNormStage) and s.couples() for s in self.stages)
+        return any(c.bn.training for c in self._bn_cores())
 
     def _micro_batch(self, n: int, train: bool) -> int:
         if self.whole_batch():
@@ -958,10 +1065,13 @@ class Engine:
 
     def _reducer(self, total: int, workers: int) -> _Reducer | None:
         """For a pass where batch-norm uses batch statistics: M for each such stage, and the reducer."""
-        bns = [s for s in self.stages if isinstance(s, _BatchNormStage)]
-        for stage in bns:
-            stage.start(total)
-        return _Reducer(workers) if any(s.couples() for s in bns) else None
+        cores = self._bn_cores()
+        for core in cores:
+            core.start(total)
+        return _Reducer(workers) if any(c.bn.training for c in cores) else None
+
+    def _bn_cores(self) -> list[_BatchNormCore]:
+        return [s.core for s in self.stages if getattr(s, "core", None) is not None]
 
     def _bind(self, ws: list[_Buffers], reducer: _Reducer | None, t: int) -> None:
         reduce = reducer.part(t) if reducer is not None else None
@@ -1069,10 +1179,9 @@ class Engine:
                 for i in reversed(range(n_stages)):
                     if d is None:  # no stage before this one has parameters
                         break
-                    stage, layer = self.stages[i], self.stages[i].param_layer
+                    stage = self.stages[i]
                     t0 = clock() if timings is not None else 0.0
-                    d = stage.backward(ws[i], _image_view(d, b - a, stage.out_shape),
-                                       slots[j][layer.name] if layer is not None else {})
+                    d = stage.backward(ws[i], _image_view(d, b - a, stage.out_shape), stage.grads_of(slots[j]))
                     if timings is not None:
                         timings[i, 1] += clock() - t0
 

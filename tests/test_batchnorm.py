@@ -169,10 +169,13 @@ def test_the_deep_config_builds_with_the_expected_parameters() -> None:
     assert set(model.named_buffers()) == {f"bn{i}.{k}" for i in range(1, 5) for k in ("running_mean", "running_var")}
 
 
+# conv → BN → ReLU → pool (one engine stage, windows tiling S), a conv with a bias whose BN has a pool that does
+# not tile its 3×3 map and a ReLU after the pool, and a batch-norm of its own after a pool
 IMAGE_BN_NET = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1, "bias": False},
                 {"type": "batchnorm"}, {"type": "relu"}, {"type": "maxpool", "kernel_size": 2},
                 {"type": "conv", "out_channels": 3, "kernel_size": 3, "padding": 1},
-                {"type": "batchnorm", "momentum": 0.3}, {"type": "flatten"},
+                {"type": "batchnorm", "momentum": 0.3}, {"type": "maxpool", "kernel_size": 2, "stride": 1},
+                {"type": "relu"}, {"type": "batchnorm"}, {"type": "relu"}, {"type": "flatten"},
                 {"type": "linear", "out_features": 4}]
 
 
@@ -197,11 +200,9 @@ def test_batch_statistics_shared_across_worker_threads_equal_the_whole_batch_ref
 
 
 def test_a_worker_that_fails_between_the_shared_sums_stops_the_others_with_its_own_error() -> None:
-    from cnncli import engine as engine_mod
-
     fast = _model(IMAGE_BN_NET)
     fast.threads = 2
-    stage = next(s for s in fast.engine().stages if isinstance(s, engine_mod._BatchNormStage))
+    stage = next(s for s in fast.engine().stages if getattr(s, "core", None) is not None)
     real = stage.forward
 
     def forward(buf, train):
@@ -222,3 +223,29 @@ def test_a_one_pixel_batch_of_one_is_refused_before_the_workers_start() -> None:
     model.threads = 2
     with pytest.raises(ConfigError, match=r"bn1: batch-norm in training mode needs more than one value"):
         model.loss_and_grads(np.ones((1, 1, 1, 1)), np.array([0]))
+
+
+def test_the_deep_config_resumed_mid_epoch_is_bit_identical(real_cifar_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # configs/cifar-deep.yaml itself (its layers, augmentation, Nesterov SGD, warm-up + cosine schedule, weight
+    # decay), on a slice: the batch statistics shared between two worker threads and the running statistics in
+    # the checkpoint must make the interrupted-and-resumed run land on the same bits as the uninterrupted one
+    from helpers import assert_same_training_state
+    from test_layers_new_run import _StopAt
+
+    from cnncli.train import TrainingInterrupted, train
+
+    monkeypatch.setenv("CNNCLI_THREADS", "2")
+
+    cfg = load_config(ROOT / "configs" / "cifar-deep.yaml", overrides=[
+        "data.limit=192", "train.epochs=2", "train.batch_size=32", "train.eval_batch_size=64"])
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(cfg, whole, real_cifar_dir)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, split, real_cifar_dir, callbacks=_StopAt((1, 2)))
+    ck = load_checkpoint(split / "last.npz")
+    assert 0 < ck.state["batch"] < 6, ck.state  # saved in the middle of an epoch (6 steps of 32)
+    train(ck.config, split, real_cifar_dir, resume=ck, resume_path=split / "last.npz")
+    assert_same_training_state(whole / "last.npz", split / "last.npz")
+    with np.load(whole / "last.npz", allow_pickle=False) as npz:
+        assert np.abs(npz["bn1.running_mean"]).max() > 0  # the running statistics moved and were compared
