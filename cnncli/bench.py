@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from cnncli import tune
 from cnncli.config import Config
 from cnncli.engine import blas_info
 from cnncli.model import Sequential, build_model
 from cnncli.optim import make_optimizer
+from cnncli.tune import Tuning
 
 ENV_VARS = ("CNNCLI_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE",
             "OPENBLAS_L2_SIZE")  # fmt: skip
@@ -59,6 +61,7 @@ class BenchResult:
     layers: list[LayerShare]
     blas: dict[str, Any]
     system: dict[str, Any] = field(default_factory=dict)
+    tuning: dict[str, Any] = field(default_factory=dict)  # the micro-batch sizes used (cnncli/tune.py Tuning)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,6 +163,7 @@ class BenchCase:
     train_step: Callable[[], None]  # loss_and_grads + optimizer step
     update: Callable[[], None]  # the optimizer step alone
     infer: Callable[[], None]  # predict on xe
+    tuning: Tuning | None = None
 
 
 def prepare_case(
@@ -169,11 +173,14 @@ def prepare_case(
     threads: int | None = None,
     reference: bool = False,
     seed: int = 0,
+    retune: bool = False,
 ) -> BenchCase:
-    """Build `cfg`'s network (weights from `seed`), random inputs and labels, and the timed calls."""
+    """Build `cfg`'s network (weights from `seed`), random inputs and labels, and the timed calls; the engine's
+    micro-batch sizes as `cnn train` would use them (`tune.for_model`; measured again with `retune`)."""
     model = build_model(cfg.model, seed=seed)
     model.fast = not reference
     model.threads = threads
+    tuning = tune.for_model(model, batch, eval_batch, retune=retune)
     used_threads = 1 if reference else model.engine().worker_count(batch)
     eval_threads = 1 if reference else model.engine().worker_count(eval_batch, train=False)
     rng = np.random.default_rng(seed)
@@ -195,7 +202,7 @@ def prepare_case(
     def infer() -> None:
         model.predict(xe)
 
-    return BenchCase(model, x, y, xe, lr, used_threads, eval_threads, train_step, update, infer)
+    return BenchCase(model, x, y, xe, lr, used_threads, eval_threads, train_step, update, infer, tuning)
 
 
 def run_bench(
@@ -209,6 +216,7 @@ def run_bench(
     threads: int | None = None,
     reference: bool = False,
     seed: int = 0,
+    retune: bool = False,
 ) -> BenchResult:
     """Time `steps` training steps (batch `batch`, default train.batch_size) and ⌈steps/4⌉ inference passes
     (batch `eval_batch`, default train.eval_batch_size), `repeats` times each after `warmup` calls; medians.
@@ -217,7 +225,7 @@ def run_bench(
     """
     batch = batch or cfg.train.batch_size
     eval_batch = eval_batch or cfg.train.eval_batch_size
-    case = prepare_case(cfg, batch, eval_batch, threads=threads, reference=reference, seed=seed)
+    case = prepare_case(cfg, batch, eval_batch, threads=threads, reference=reference, seed=seed, retune=retune)
     for _ in range(warmup):
         case.train_step()
         case.infer()
@@ -243,4 +251,5 @@ def run_bench(
         layers=layers,
         blas=blas,
         system=system_info(case.threads),
+        tuning=case.tuning.to_dict() if case.tuning is not None else {},
     )

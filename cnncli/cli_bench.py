@@ -54,6 +54,10 @@ def bench(
             "interleaved rounds (--repeats), and print the ratios. Needs torch installed (never a dependency).",
         ),
     ] = None,
+    retune: Annotated[
+        bool, typer.Option("--tune", help="Measure the engine's micro-batch sizes for this machine and network "
+                           "again (cached; cnn train uses them) before timing.")
+    ] = False,
     json_out: JsonOpt = False,
     layers: LayersOpt = None,
 ) -> None:
@@ -80,7 +84,7 @@ def bench(
         return
     cfg = load_config(config)
     res = run_bench(cfg, str(config), batch=batch, eval_batch=eval_batch, steps=steps, repeats=repeats,
-                    threads=threads, reference=reference)
+                    threads=threads, reference=reference, retune=retune)
     if json_out:
         out.print_json(json.dumps(res.to_dict()))
         return
@@ -100,6 +104,7 @@ def bench(
     ):
         table.add_row(name, str(n), f"{ms:.2f}", f"[bold]{ips:,.0f}[/bold]", f"{min(runs):.2f}–{max(runs):.2f}")
     out.print(table)
+    _render_tuning(res.tuning)
     shares = Table(title="share of a training step (profiled on one thread)")
     shares.add_column("layers")
     shares.add_column("forward", justify="right")
@@ -217,3 +222,30 @@ def torch_train(
         out.print(f"test (best epoch {res.best_epoch}): loss {res.test_loss:.4f}, accuracy {res.test_acc:.2%}")
     out.print(f"{res.n_train} train / {res.n_val} val / {res.n_test} test images; {res.threads} thread(s); "
               f"total {res.seconds:.2f} s")
+
+
+def _render_tuning(t: dict) -> None:
+    """The micro-batch sizes used, where they come from, and the candidates' times when just measured."""
+    if not t:
+        return
+    origin = {"measured": "measured now", "cache": f"measured on this machine {t.get('when', '')}".rstrip(),
+              "default": "built-in", "run": "a run's"}.get(t["source"], t["source"])
+    out.print(f"micro-batches: training {t['train_micro_batch']}, inference {t['eval_micro_batch']} ({origin}): "
+              f"{t['why']}")
+    if t["source"] == "cache":
+        out.print("  (cnn bench --tune measures them again)")
+    if t["source"] == "measured" and (t["train_ms"] or t["eval_ms"]):
+        from rich.table import Table
+
+        cand = Table(title="micro-batch calibration (median of interleaved rounds)")
+        cand.add_column("size", justify="right")
+        cand.add_column("ms per training step", justify="right")
+        cand.add_column("ms per 1,000 inferences", justify="right")
+        sizes = sorted({int(k) for k in (*t["train_ms"], *t["eval_ms"])})
+        for c in sizes:
+            tr, ev = t["train_ms"].get(str(c)), t["eval_ms"].get(str(c))
+            mark_t = " *" if c == t["train_micro_batch"] and tr is not None else ""
+            mark_e = " *" if c == t["eval_micro_batch"] and ev is not None else ""
+            cand.add_row(str(c), f"{tr:.2f}{mark_t}" if tr is not None else "–",
+                         f"{ev:.2f}{mark_e}" if ev is not None else "–")
+        out.print(cand)

@@ -95,6 +95,8 @@ class TrainProgress:
             f"({info.steps_per_epoch} steps per epoch){resumed}"
         )
         self._line(f"run folder: {info.run_dir}")
+        if getattr(info, "engine", ""):
+            self._line(info.engine)
 
     def on_epoch_start(self, epoch: int, epochs: int, steps: int, start_batch: int) -> None:
         self.epoch, self.epochs = epoch, epochs

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from cnncli import data as data_mod
+from cnncli import tune
 from cnncli.atomic import atomic_write
 from cnncli.checkpoint import Checkpoint, apply_optim, apply_params, load_checkpoint, save_checkpoint
 from cnncli.config import (
@@ -78,6 +79,7 @@ class RunInfo:
     epochs: int
     data_folder: Path
     resumed_from: Path | None
+    engine: str = ""  # the engine's micro-batch sizes and where they come from (cnncli/tune.py)
 
 
 @dataclass
@@ -216,6 +218,7 @@ class _State:
     best_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     partial: dict[str, float] = field(default_factory=dict)  # running sums of the current epoch
+    engine: dict[str, int] = field(default_factory=dict)  # the micro-batch sizes the run trains with
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -231,6 +234,7 @@ class _State:
                 best_epoch=int(d.get("best_epoch", 0)),
                 history=list(d.get("history", [])),
                 partial=dict(d.get("partial", {})),
+                engine=dict(d.get("engine", {})),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CnnError(f"{source}: the training state is incomplete or damaged ({e!r})") from None
@@ -301,6 +305,10 @@ def train(
     elif init is not None:
         apply_params(init, model, init_path or Path("init checkpoint"))
 
+    # the micro-batch sizes: the resumed run's own (they order the gradient sums), else fitted to this machine
+    tuning = (tune.from_state(model, state.engine) if resume is not None else None) or tune.for_model(
+        model, tc.batch_size, tc.eval_batch_size)
+    state.engine = {"train_micro_batch": tuning.train_micro_batch, "eval_micro_batch": tuning.eval_micro_batch}
     _check_monitors(cfg, len(splits.val_x))
     if tc.tensorboard:
         from cnncli.tb import TensorBoardLog, require_writer
@@ -315,7 +323,9 @@ def train(
     steps = math.ceil(n_train / tc.batch_size)
     cb.on_start(
         RunInfo(run_dir, n_train, len(splits.val_x), len(dataset.test_x), steps, state.epoch, state.batch,
-                tc.epochs, data_folder, resume_path)
+                tc.epochs, data_folder, resume_path,
+                f"micro-batches {tuning.train_micro_batch} (training), {tuning.eval_micro_batch} (inference): "
+                f"{tuning.source}")
     )
 
     def save(path: Path) -> None:

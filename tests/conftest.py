@@ -1,4 +1,9 @@
-"""Shared fixtures. Tests that need the real CIFAR-10 find it through CNNCLI_DATA or ../shared/data."""
+"""Shared fixtures. Tests that need the real CIFAR-10 find it through CNNCLI_DATA or ../shared/data.
+
+The engine's automatic micro-batch calibration (cnncli/tune.py) is off for the suite (and the processes it
+starts): it would add a measurement to every training test and write a cache into the home folder.
+tests/test_tune.py turns it on with a cache in a temporary folder.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+os.environ["CNNCLI_TUNE"] = "0"
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
