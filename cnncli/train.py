@@ -479,6 +479,16 @@ def lock_run_dir(run_dir: Path) -> Any:
     return f
 
 
+def refuse_earlier_run(out_dir: Path) -> None:
+    """ConfigError when `out_dir` holds an earlier run (a checkpoint or metrics.csv): a new run never replaces it
+    unless asked (--overwrite)."""
+    held = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if held:
+        hint = f"continue it with --resume {out_dir / 'last.npz'}, " if "last.npz" in held else ""
+        raise ConfigError(f"{out_dir}: holds an earlier run ({', '.join(held)}); {hint}choose another --out, "
+                          "or pass --overwrite to replace it")
+
+
 @dataclass
 class RunPlan:
     """What `cnn train` is asked to do, resolved: the config, the run folder, and what it starts from."""
@@ -526,11 +536,7 @@ def plan_run(
     cfg = load_config(config, overrides)
     init_ckpt = load_checkpoint(init) if init is not None else None
     if out_dir is not None and not overwrite:
-        held = [name for name in RUN_FILES if (out_dir / name).exists()]
-        if held:
-            hint = f"continue it with --resume {out_dir / 'last.npz'}, " if "last.npz" in held else ""
-            raise ConfigError(f"{out_dir}: holds an earlier run ({', '.join(held)}); {hint}choose another --out, "
-                              "or pass --overwrite to replace it")
+        refuse_earlier_run(out_dir)
     return RunPlan(cfg, out_dir or default_run_dir(cfg), init=init_ckpt, init_path=init)
 
 
