@@ -157,6 +157,9 @@ def test_checkpoint_without_class_names_uses_indices(checkpoint: Path, tmp_path:
     assert clf.classes == tuple(str(i) for i in range(10))
     x = test_images[0][:5]
     assert np.array_equal(clf.predict(x), Classifier.from_checkpoint(checkpoint).predict(x))
+    wrong = save_checkpoint(tmp_path / "wrong.npz", model, ckpt.config, classes=("cat", "dog", "cow"))
+    err = one_line_error(runner.invoke(app, ["predict", str(wrong), str(tmp_path)]))
+    assert f"{wrong}: stores 3 class names but the network gives 10 outputs" in err
 
 
 def test_pillow_missing_is_one_line(checkpoint: Path, pngs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
