@@ -12,7 +12,7 @@ CONFIG ?= configs/seed.yaml
 
 $(BIN)/cnn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev,viz,images,sweep,tensorboard]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,viz,images,sweep,tensorboard,onnx]'
 	touch $@
 
 venv: $(BIN)/cnn

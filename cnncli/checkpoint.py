@@ -4,6 +4,8 @@ Layout (every entry a plain array; loaded with allow_pickle=False):
 - `<layer>.<param>`: the parameters, e.g. `conv1.W` (16, 3, 3, 3), `conv1.b` (16,), `fc1.W` (10, 4096), `fc1.b`,
   and beside them the layers' buffers (non-trainable state), e.g. `bn1.running_mean`.
 - `config`: the resolved config as JSON text (a 0-d unicode array); it holds everything eval needs.
+- `classes`: the class names, index = label, as a JSON list of strings (0-d unicode array); written by
+  `cnn train` (from the data set), optional (older checkpoints have none: class indices stand in).
 - training state, only in checkpoints written by `cnn train`:
   `optim.<param>.<buffer>` (e.g. `optim.conv1.W.momentum`, or Adam's `.m`, `.v` and `optim.t`), and
   `state`: JSON text with `epoch` (epochs completed), `batch` (batches done in the current epoch),
@@ -41,6 +43,7 @@ class Checkpoint:
     config: Config
     optim: dict[str, np.ndarray] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    classes: tuple[str, ...] = ()  # the class names (index = label); () when the checkpoint stores none
 
     @property
     def resumable(self) -> bool:
@@ -53,11 +56,14 @@ def save_checkpoint(
     config: Config,
     optim: dict[str, np.ndarray] | None = None,
     state: dict[str, Any] | None = None,
+    classes: tuple[str, ...] | list[str] | None = None,
 ) -> Path:
-    """Write atomically (temp file + fsync + rename). Returns `path`."""
+    """Write atomically (temp file + fsync + rename). Returns `path`. `classes`: the class names, stored when given."""
     path = Path(path)
     arrays: dict[str, np.ndarray] = {**model.named_params(), **model.named_buffers()}
     arrays["config"] = np.array(json.dumps(config_to_dict(config)))
+    if classes:
+        arrays["classes"] = np.array(json.dumps([str(c) for c in classes]))
     for k, v in (optim or {}).items():
         arrays[f"optim.{k}"] = v
     if state is not None:
@@ -97,8 +103,17 @@ def load_checkpoint(path: Path) -> Checkpoint:
             state = json.loads(str(arrays.pop("state")))
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: the 'state' entry is not valid JSON ({e})") from None
+    classes: tuple[str, ...] = ()
+    if "classes" in arrays:
+        try:
+            names = json.loads(str(arrays.pop("classes")))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: the 'classes' entry is not valid JSON ({e})") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CheckpointError(f"{path}: the 'classes' entry must be a JSON list of class names (strings)")
+        classes = tuple(names)
     optim = {k.removeprefix("optim."): arrays.pop(k) for k in list(arrays) if k.startswith("optim.")}
-    return Checkpoint(params=arrays, config=config, optim=optim, state=state)
+    return Checkpoint(params=arrays, config=config, optim=optim, state=state, classes=classes)
 
 
 def apply_params(ckpt: Checkpoint, model: Sequential, source: Path | str) -> None:

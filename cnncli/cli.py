@@ -1,12 +1,12 @@
 """The `cnn` command line: the Typer app and its commands. Commands live in `cli_train`, `cli_bench`,
-`cli_viz` and `cli_sweep` (parse, call the library, render); the import graph runs one way, from here to them to
-`cnncli/clikit.py`. The CLI modules are the only ones that talk to the terminal."""
+`cli_viz`, `cli_sweep` and `cli_predict` (parse, call the library, render); the import graph runs one way,
+from here to them to `cnncli/clikit.py`. The CLI modules are the only ones that talk to the terminal."""
 
 from __future__ import annotations
 
 import typer
 
-from cnncli import cli_bench, cli_sweep, cli_train, cli_viz
+from cnncli import cli_bench, cli_predict, cli_sweep, cli_train, cli_viz
 
 app = typer.Typer(
     name="cnn",
@@ -26,6 +26,8 @@ app.command(help=cli_viz.TRACE_HELP)(cli_viz.trace)
 app.command()(cli_viz.plot)
 app.add_typer(cli_sweep.sweep_app, name="sweep")
 app.command()(cli_sweep.runs)
+app.command()(cli_predict.predict)
+app.command()(cli_predict.export)
 
 app.info.context_settings = {"help_option_names": ["-h", "--help"]}
 

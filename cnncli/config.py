@@ -1,9 +1,9 @@
 """YAML configs -> frozen dataclasses, with errors that name the key path and the value.
 
 A config has four parts: `seed`, `model` (input shape and layer list), `data` and `train`. Every key has a
-default except the model's layers. Unknown keys are errors that suggest the nearest valid key;
-`--set key.path=value` overrides are applied to the raw mapping before validation, so they are checked
-exactly like the file.
+default except the model's layers; `model.input_shape` defaults to the data set's image shape. Unknown keys
+are errors that suggest the nearest valid key; `--set key.path=value` overrides are applied to the raw
+mapping before validation, so they are checked exactly like the file.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from cnncli.registry import LAYER_TYPES
 
 @dataclass(frozen=True)
 class ModelConfig:
-    input_shape: tuple[int, ...] = field(default=(3, 32, 32), metadata={"min": 1, "len": 3})
+    # One image's (C, H, W). Left out (None), `build_config` takes it from the data set `data` names
+    # (`cnncli.data.image_shape`), so every built config, and so every run's config.yaml and checkpoint, has it.
+    input_shape: tuple[int, ...] | None = field(default=None, metadata={"min": 1, "len": 3})
     layers: tuple[LayerOptions, ...] = ()  # each entry is its layer type's Options (cnncli/registry.py)
 
 
@@ -280,7 +282,19 @@ def build_config(raw: Any, name: str = "config") -> Config:
         raise ConfigError("model.layers: missing; list the network's layers (see configs/seed.yaml)")
     if not isinstance(model["layers"], list) or not model["layers"]:
         raise ConfigError(f"model.layers: expected a non-empty list of layers, got {_fmt(model['layers'])}")
-    return _build(Config, raw, "")
+    return resolve_input_shape(_build(Config, raw, ""))
+
+
+def resolve_input_shape(cfg: Config) -> Config:
+    """`cfg` with `model.input_shape` taken from its data set when the config leaves it out: the one place
+    it is resolved. From the config alone, nothing read: (3, 32, 32) for CIFAR-10/100, (1, 28, 28) for the
+    MNISTs, ``data.image_size`` for a folder. A stated shape is kept; training checks it against the data."""
+    if cfg.model.input_shape is not None:
+        return cfg
+    from cnncli.data import image_shape  # data.py imports this module
+
+    model = dataclasses.replace(cfg.model, input_shape=tuple(image_shape(cfg.data)))
+    return dataclasses.replace(cfg, model=model)
 
 
 # ------------------------------------------------------------------------------------------ load & set

@@ -410,6 +410,17 @@ def download_label(data_cfg: DataConfig) -> str:
     )
 
 
+def image_shape(data_cfg: DataConfig) -> tuple[int, int, int]:
+    """One image's shape (C, H, W) in the data set `data_cfg` names, from the config alone (nothing read):
+    CIFAR-10/100 (3, 32, 32), MNIST and Fashion-MNIST (1, 28, 28), ``folder`` ``data.image_size``."""
+    name = _known(data_cfg.dataset)
+    if name == "folder":
+        from cnncli import images
+
+        return images.check_image_size(tuple(data_cfg.image_size))
+    return _STATIC_SHAPES[name]
+
+
 def dataset_shape(data_cfg: DataConfig, folder: Path | None = None) -> tuple[tuple[int, int, int], int]:
     """(input shape (C, H, W), number of classes) of the data set `data_cfg` names, without loading it.
 
@@ -425,17 +436,17 @@ def dataset_shape(data_cfg: DataConfig, folder: Path | None = None) -> tuple[tup
         The folder is missing or has no class sub-folders.
     """
     name = _known(data_cfg.dataset)
+    shape = image_shape(data_cfg)
     if name == "folder":
         from cnncli import images
 
-        shape = images.check_image_size(tuple(data_cfg.image_size))
         root = folder if folder is not None else resolve_data_dir(None, data_cfg.dir, dataset="folder")
         return shape, len(images.folder_classes(Path(root)))
     if name == "cifar100":
         from cnncli import datasets
 
-        return _STATIC_SHAPES[name], datasets.CIFAR100_FINE if data_cfg.labels == "fine" else datasets.CIFAR100_COARSE
-    return _STATIC_SHAPES[name], NUM_CLASSES  # cifar10, mnist, fashion-mnist: 10 classes each
+        return shape, datasets.CIFAR100_FINE if data_cfg.labels == "fine" else datasets.CIFAR100_COARSE
+    return shape, NUM_CLASSES  # cifar10, mnist, fashion-mnist: 10 classes each
 
 
 def ensure_dataset(

@@ -240,6 +240,33 @@ class _State:
             raise CnnError(f"{source}: the training state is incomplete or damaged ({e!r})") from None
 
 
+def check_fits_data(model: Sequential, cfg: Config, data_folder: Path) -> None:
+    """The network takes the data set's images and gives one score per class, or ConfigError in one line:
+    `model.input_shape` with both shapes, or the layer that sets the output count with both numbers. Reads no
+    image (`data.dataset_shape`: static, or a folder data set's class sub-folders listed)."""
+    shape, n_classes = data_mod.dataset_shape(cfg.data, data_folder)
+    title = f"the image folder {data_folder}" if cfg.data.dataset == "folder" else data_mod.TITLES[cfg.data.dataset]
+    if model.input_shape != tuple(shape):
+        raise ConfigError(
+            f"model.input_shape = {list(model.input_shape)} does not match the images of {title}, {list(shape)}; "
+            "leave model.input_shape out to take it from the data set"
+        )
+    if model.output_shape == (n_classes,):
+        return
+    shapes = [model.input_shape]
+    for layer in model.layers:
+        shapes.append(layer.output_shape(shapes[-1]))
+    i = len(model.layers) - 1  # the last layer that changes the shape sets the output count
+    while i > 0 and shapes[i + 1] == shapes[i]:
+        i -= 1
+    layer = model.layers[i]
+    hint = f"; set its out_features to {n_classes}" if hasattr(layer.options, "out_features") else ""
+    raise ConfigError(
+        f"model.layers[{i}] ({layer.name or layer.kind}): gives {model.output_shape[0]} outputs, but {title} has "
+        f"{n_classes} classes{hint}"
+    )
+
+
 def default_run_dir(cfg: Config, root: Path = Path("runs")) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = root / f"{cfg.name}-{stamp}"
@@ -273,25 +300,15 @@ def train(
     t_start = time.perf_counter()
     tc = cfg.train
 
+    model = build_model(cfg.model, seed=cfg.seed)
+    check_fits_data(model, cfg, data_folder)  # before the data set is read
     dataset = data_mod.load_dataset(cfg.data, data_folder)
     splits = data_mod.make_splits(
         dataset.train_x, dataset.train_y, val_size=cfg.data.val_size, limit=cfg.data.limit, seed=cfg.seed
     )
     # data.normalize: auto -> the statistics of the training split, stored in the run's config and checkpoints
     cfg = replace(cfg, data=data_mod.resolve_normalization(cfg.data, splits.train_x))
-    n_classes = len(dataset.classes)
 
-    model = build_model(cfg.model, seed=cfg.seed)
-    if model.input_shape != tuple(dataset.train_x.shape[1:]):
-        raise ConfigError(
-            f"model.input_shape: {list(model.input_shape)} does not match the images "
-            f"{list(dataset.train_x.shape[1:])} of {cfg.data.dataset}"
-        )
-    if model.output_shape != (n_classes,):
-        raise ConfigError(
-            f"model.layers: the last layer gives {model.output_shape[0]} outputs but "
-            f"{cfg.data.dataset} has {n_classes} classes"
-        )
     normalizer = Normalizer(cfg.data.normalize, model.input_shape[0])
     params = model.named_params()
     optimizer = make_optimizer(params, tc.optimizer, model.decayed())
@@ -329,7 +346,7 @@ def train(
     )
 
     def save(path: Path) -> None:
-        save_checkpoint(path, model, cfg, optim=optimizer.state, state=state.to_json())
+        save_checkpoint(path, model, cfg, optim=optimizer.state, state=state.to_json(), classes=dataset.classes)
 
     history = [EpochMetrics(**h) for h in state.history]
     es = tc.early_stopping
@@ -472,6 +489,16 @@ def lock_run_dir(run_dir: Path) -> Any:
     return f
 
 
+def refuse_earlier_run(out_dir: Path) -> None:
+    """ConfigError when `out_dir` holds an earlier run (a checkpoint or metrics.csv): a new run never replaces it
+    unless asked (--overwrite)."""
+    held = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if held:
+        hint = f"continue it with --resume {out_dir / 'last.npz'}, " if "last.npz" in held else ""
+        raise ConfigError(f"{out_dir}: holds an earlier run ({', '.join(held)}); {hint}choose another --out, "
+                          "or pass --overwrite to replace it")
+
+
 @dataclass
 class RunPlan:
     """What `cnn train` is asked to do, resolved: the config, the run folder, and what it starts from."""
@@ -519,11 +546,7 @@ def plan_run(
     cfg = load_config(config, overrides)
     init_ckpt = load_checkpoint(init) if init is not None else None
     if out_dir is not None and not overwrite:
-        held = [name for name in RUN_FILES if (out_dir / name).exists()]
-        if held:
-            hint = f"continue it with --resume {out_dir / 'last.npz'}, " if "last.npz" in held else ""
-            raise ConfigError(f"{out_dir}: holds an earlier run ({', '.join(held)}); {hint}choose another --out, "
-                              "or pass --overwrite to replace it")
+        refuse_earlier_run(out_dir)
     return RunPlan(cfg, out_dir or default_run_dir(cfg), init=init_ckpt, init_path=init)
 
 

@@ -68,7 +68,8 @@ def test_training_checkpoint_layout(trained: Path) -> None:
     for k, shape in SHAPES.items():
         assert arrays[f"optim.{k}.momentum"].shape == shape
         assert np.any(arrays[f"optim.{k}.momentum"] != 0)
-    assert set(arrays) == {*SHAPES, "config", "state", *(f"optim.{k}.momentum" for k in SHAPES)}
+    assert set(arrays) == {*SHAPES, "config", "state", "classes", *(f"optim.{k}.momentum" for k in SHAPES)}
+    assert arrays["classes"].shape == () and json.loads(str(arrays["classes"]))[:2] == ["airplane", "automobile"]
 
     assert arrays["config"].shape == () and arrays["config"].dtype.kind == "U"
     config = json.loads(str(arrays["config"]))
