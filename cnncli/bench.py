@@ -40,6 +40,7 @@ class LayerShare:
     backward_share: float
     forward_ms: float  # per step, on one thread
     backward_ms: float
+    matmul_share: float | None = None  # fraction of this row's time inside matrix products (fused engine)
 
 
 @dataclass
@@ -87,10 +88,13 @@ def _profile(model: Sequential, x: np.ndarray, y: np.ndarray, step: Callable[[],
     """Shares of one training step: the engine's stages timed on one thread, the loss (forward column), the
     sum of the micro-batch gradients and the optimizer update (backward column); they add up to 1."""
     rows: dict[str, list[float]] = {}
+    matmul: dict[str, float] = {}
     update = 0.0
     for _ in range(passes):
         if model.fast:
             timed = model.engine().profile(x, y)
+            for name, (f_mm, b_mm) in model.engine().matmul_seconds.items():
+                matmul[name] = matmul.get(name, 0.0) + f_mm + b_mm
         else:
             timed = _profile_layers(model, x, y)
         for name, f, b in timed:
@@ -103,7 +107,9 @@ def _profile(model: Sequential, x: np.ndarray, y: np.ndarray, step: Callable[[],
     rows["optimizer update"] = [0.0, update]
     total = sum(f + b for f, b in rows.values()) or 1.0
     return [
-        LayerShare(name, f / total, b / total, 1000 * f / passes, 1000 * b / passes) for name, (f, b) in rows.items()
+        LayerShare(name, f / total, b / total, 1000 * f / passes, 1000 * b / passes,
+                   matmul[name] / (f + b) if name in matmul and f + b > 0 else None)
+        for name, (f, b) in rows.items()
     ]
 
 

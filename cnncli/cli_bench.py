@@ -110,9 +110,11 @@ def bench(
     shares.add_column("forward", justify="right")
     shares.add_column("backward", justify="right")
     shares.add_column("ms (fwd + bwd)", justify="right")
+    shares.add_column("in matrix products", justify="right")
     for row in res.layers:
+        mm = f"{100 * row.matmul_share:.0f}%" if row.matmul_share is not None and row.matmul_share > 0 else ""
         shares.add_row(row.name, f"{100 * row.forward_share:.1f}%", f"{100 * row.backward_share:.1f}%",
-                       f"{row.forward_ms + row.backward_ms:.2f}")
+                       f"{row.forward_ms + row.backward_ms:.2f}", mm)
     out.print(shares)
     threads_txt = f"{blas['threads']} thread(s) by default" if blas["threads"] is not None else "thread count unknown"
     limit = "limited to 1 per worker" if blas["controllable"] else "cannot be limited: 1 worker"

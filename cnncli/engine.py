@@ -51,6 +51,21 @@ EVAL_MICRO_BATCH = 20
 MAX_THREADS = 8
 
 
+# While `Engine.profile` runs (one thread): seconds spent inside the engine's matrix products, [total].
+_MATMUL_CLOCK: list[float] | None = None
+
+
+def _matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """np.matmul(a, b, out=out), timed into _MATMUL_CLOCK when profiling."""
+    clock = _MATMUL_CLOCK
+    if clock is None:
+        return np.matmul(a, b, out=out)
+    t0 = time.perf_counter()
+    r = np.matmul(a, b, out=out)
+    clock[0] += time.perf_counter() - t0
+    return r
+
+
 _LOCK = threading.Lock()
 _CONTROLLER: ThreadpoolController | None = None
 
@@ -424,7 +439,7 @@ class _ConvStage(_Stage):
     def forward(self, buf: _Buffers, train: bool) -> None:
         w, b = self.conv.params["W"], self.conv.params.get("b")
         np.copyto(buf.cols, buf.src)  # im2col, one strided copy
-        np.matmul(w.reshape(w.shape[0], -1), buf.cols2, out=buf.s2)  # S = W (C_out, C·K·K) @ cols (C·K·K, M)
+        _matmul(w.reshape(w.shape[0], -1), buf.cols2, out=buf.s2)  # S = W (C_out, C·K·K) @ cols (C·K·K, M)
         if self.core is not None:
             self._forward_bn(buf, b, train)
             return
@@ -493,7 +508,7 @@ class _ConvStage(_Stage):
     def _weights_and_input(self, buf: _Buffers, w: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
         """δW and δX from δS (buf.ds2)."""
         gw = grads["W"]
-        np.matmul(buf.ds2, buf.cols2.T, out=gw.reshape(gw.shape[0], -1))  # δW = δS (C_out, M) @ colsᵀ
+        _matmul(buf.ds2, buf.cols2.T, out=gw.reshape(gw.shape[0], -1))  # δW = δS (C_out, M) @ colsᵀ
         if not self.need_dx:
             return None
         # δX[n,c',x,y] = Σ_{c,u,v} W[c,c',u,v] · δS[n,c,i,j] over s·i+u−pad = x, s·j+v−pad = y
@@ -519,7 +534,7 @@ class _ConvStage(_Stage):
         c, k = self.in_shape[0], self.conv.kernel_size
         wp = self.in_shape[2] + 2 * self.conv.padding
         plane = buf.ds_pitch.shape[1]
-        np.matmul(w_t, buf.ds_pitch, out=buf.dcols_pitch.reshape(c * k * k, plane))
+        _matmul(w_t, buf.ds_pitch, out=buf.dcols_pitch.reshape(c * k * k, plane))
         buf.dx_flat.fill(0)
         for u in range(k):
             for v in range(k):
@@ -528,7 +543,7 @@ class _ConvStage(_Stage):
 
     def _dx_scatter(self, buf: _Buffers, w_t: np.ndarray) -> None:
         """Any stride: δcols in the column layout, each kernel (and window) offset one strided add."""
-        np.matmul(w_t, buf.ds2, out=buf.dcols2)  # (C·K·K, M)
+        _matmul(w_t, buf.ds2, out=buf.dcols2)  # (C·K·K, M)
         buf.dxp.fill(0)
         k, s = self.conv.kernel_size, self.conv.stride
         if self.blocked:
@@ -607,7 +622,7 @@ class _LinearStage(_Stage):
 
     def forward(self, buf: _Buffers, train: bool) -> None:
         w, b = self.linear.params["W"], self.linear.params.get("b")
-        np.matmul(buf.x, w.T, out=buf.out)  # z (N, out) = h (N, in) @ Wᵀ
+        _matmul(buf.x, w.T, out=buf.out)  # z (N, out) = h (N, in) @ Wᵀ
         if b is not None:
             buf.out += b
         if self.relu:
@@ -620,10 +635,10 @@ class _LinearStage(_Stage):
             delta = buf.delta
         if "b" in grads:
             np.sum(delta, axis=0, out=grads["b"])  # δb[i] = Σ_n δz[n,i]
-        np.matmul(delta.T, buf.x, out=grads["W"])  # δW[i,k] = Σ_n δz[n,i] · h[n,k]
+        _matmul(delta.T, buf.x, out=grads["W"])  # δW[i,k] = Σ_n δz[n,i] · h[n,k]
         if not self.need_dx:
             return None
-        return np.matmul(delta, self.linear.params["W"], out=buf.dx)  # δh[n,k] = Σ_i W[i,k] · δz[n,i]
+        return _matmul(delta, self.linear.params["W"], out=buf.dx)  # δh[n,k] = Σ_i W[i,k] · δz[n,i]
 
 
 class _ReluStage(_Stage):
@@ -974,6 +989,7 @@ class Engine:
         self._dtype: np.dtype | None = None
         self._workspaces: dict[tuple[bool, int, int], list[_Buffers]] = {}
         self._slots: list[dict[str, dict[str, np.ndarray]]] = []
+        self.matmul_seconds: dict[str, tuple[float, float]] = {}  # filled by `profile`
 
     # ---- buffers ------------------------------------------------------------------------------------
     def _param_layers(self) -> list[Layer]:
@@ -1131,16 +1147,21 @@ class Engine:
 
     def profile(self, x: np.ndarray, y: np.ndarray) -> list[tuple[str, float, float]]:
         """One training pass on the calling thread alone, timed: [(stage label, forward s, backward s), …,
-        ('softmax cross-entropy', s, 0), ('gradient sum', 0, s)]; fills the grads as `loss_and_grads`."""
+        ('softmax cross-entropy', s, 0), ('gradient sum', 0, s)]; fills the grads as `loss_and_grads`.
+        `self.matmul_seconds[label]` is then the (forward, backward) seconds of each stage spent inside
+        matrix products."""
+        global _MATMUL_CLOCK
         rows = len(self.stages) + 2
-        timings = np.zeros((rows, 2))
+        timings = np.zeros((rows, 4))
         threads, self.threads = self.threads, 1
+        _MATMUL_CLOCK = [0.0]
         try:
             self._train(x, y, timings)
         finally:
-            self.threads = threads
+            self.threads, _MATMUL_CLOCK = threads, None
         labels = [s.label for s in self.stages] + ["softmax cross-entropy", "gradient sum"]
-        return [(label, float(f), float(b)) for label, (f, b) in zip(labels, timings, strict=True)]
+        self.matmul_seconds = {label: (float(t[2]), float(t[3])) for label, t in zip(labels, timings, strict=True)}
+        return [(label, float(t[0]), float(t[1])) for label, t in zip(labels, timings, strict=True)]
 
     def _train(self, x: np.ndarray, y: np.ndarray, timings: np.ndarray | None) -> tuple[float, np.ndarray]:
         x, y = np.asarray(x), np.asarray(y)
@@ -1166,11 +1187,14 @@ class Engine:
                 self._bind(ws, reducer, t)
                 ws[-1].out = _image_view(logits[a:b], b - a, out_shape)
                 self._load(ws, x[a:b])
+                mm = _MATMUL_CLOCK
                 for i, (stage, buf) in enumerate(zip(self.stages, ws, strict=True)):
                     t0 = clock() if timings is not None else 0.0
+                    m0 = mm[0] if mm is not None else 0.0
                     stage.forward(buf, True)
                     if timings is not None:
                         timings[i, 0] += clock() - t0
+                        timings[i, 2] += (mm[0] - m0) if mm is not None else 0.0
                 t0 = clock() if timings is not None else 0.0
                 losses[j], dz = _softmax_xent(logits[a:b], y[a:b], total)
                 if timings is not None:
@@ -1181,9 +1205,11 @@ class Engine:
                         break
                     stage = self.stages[i]
                     t0 = clock() if timings is not None else 0.0
+                    m0 = mm[0] if mm is not None else 0.0
                     d = stage.backward(ws[i], _image_view(d, b - a, stage.out_shape), stage.grads_of(slots[j]))
                     if timings is not None:
                         timings[i, 1] += clock() - t0
+                        timings[i, 3] += (mm[0] - m0) if mm is not None else 0.0
 
         self._run([job] * workers, reducer)
         t0 = clock()

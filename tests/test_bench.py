@@ -256,3 +256,23 @@ def test_torch_script_follows_cnn_train_recipe(tmp_path: Path, real_cifar_dir: P
     assert ep["val_loss"] == pytest.approx(m.val_loss, rel=1e-3)
     assert abs(ep["val_acc"] - m.val_acc) <= 2 / 256
     assert abs(d["test_acc"] - ours.test.accuracy) <= 0.002
+
+
+def test_the_profile_says_how_much_of_each_stage_is_inside_matrix_products() -> None:
+    from cnncli.config import build_config
+    from cnncli.model import build_model
+
+    layers = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1}, {"type": "relu"},
+              {"type": "maxpool", "kernel_size": 2}, {"type": "maxpool", "kernel_size": 2}, {"type": "flatten"},
+              {"type": "linear", "out_features": 3}]
+    model = build_model(build_config({"model": {"input_shape": [3, 8, 8], "layers": layers}}).model)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 3, 8, 8)).astype(np.float32), rng.integers(0, 3, 16)
+    engine = model.engine()
+    timed = {label: f + b for label, f, b in engine.profile(x, y)}
+    mm = engine.matmul_seconds
+    conv, pool, fc = (s.label for s in engine.stages)
+    assert 0 < sum(mm[conv]) <= timed[conv] and 0 < sum(mm[fc]) <= timed[fc]
+    assert sum(mm[pool]) == 0  # a pool stage has no product
+    model.loss_and_grads(x, y)  # outside the profile nothing is timed
+    assert engine.matmul_seconds == mm
