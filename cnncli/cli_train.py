@@ -23,6 +23,7 @@ from cnncli.clikit import (
     SplitOpt,
     ThreadsOpt,
     check_split,
+    complete_config,
     err,
     load_layers,
     out,
@@ -76,6 +77,7 @@ def download(
 @user_errors
 def gradcheck(
     config: ConfigOpt = CONFIG_DEFAULT,
+    set_: SetOpt = None,
     batch: Annotated[int, typer.Option("--batch-size", min=1, metavar="N", help="Images in the random batch.")] = 4,
     eps: Annotated[float, typer.Option(min=1e-12, metavar="E", help="Finite-difference step ε.")] = 1e-3,
     tol: Annotated[float, typer.Option(min=0.0, metavar="T", help="Largest relative error that passes.")] = 1e-6,
@@ -99,10 +101,10 @@ def gradcheck(
     from cnncli.progress import count_progress
 
     load_layers(layers)
-    cfg = load_config(config)
+    cfg = load_config(config, list(set_ or []))
     model = build_model(cfg.model, seed=seed)
     start = time.perf_counter()
-    with count_progress("gradcheck: finite differences", "entry", quiet=quiet) as progress:
+    with count_progress("gradcheck: finite differences", "entries", quiet=quiet) as progress:
         results = run_gradcheck(model, batch=batch, eps=eps, tol=tol, seed=seed, max_entries=max_entries,
                                 progress=progress)
     seconds = time.perf_counter() - start
@@ -212,7 +214,7 @@ def sparkline(values: list[float]) -> str:
 def train(
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", metavar="NAME|PATH",
+        typer.Option("--config", "-c", metavar="NAME|PATH", autocompletion=complete_config,
                      help="The run's config: a built-in name (cnn config list) or a YAML file."),
     ] = None,
     set_: SetOpt = None,

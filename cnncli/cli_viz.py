@@ -16,8 +16,10 @@ from cnncli.clikit import (
     DataDirOpt,
     JsonOpt,
     LayersOpt,
+    SetOpt,
     SplitOpt,
     check_split,
+    complete_config,
     load_layers,
     out,
     prepare_data,
@@ -64,10 +66,11 @@ def trace(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", metavar="NAME|PATH",
+        typer.Option("--config", "-c", metavar="NAME|PATH", autocompletion=complete_config,
                      help="Fresh weights of this config (a built-in name or a YAML file), from its seed. "
                      "Default: seed."),
     ] = None,
+    set_: SetOpt = None,
     index: Annotated[int, typer.Option("--index", "-i", metavar="I", help="Which image of the split (0-based).")] = 0,
     split: SplitOpt = "test",
     save: Annotated[
@@ -99,6 +102,8 @@ def trace(
     check_split(split)
     if checkpoint is not None and config is not None:
         raise ConfigError("give a CHECKPOINT or --config, not both (a checkpoint holds its own config)")
+    if checkpoint is not None and set_:
+        raise ConfigError("--set changes a config: it goes with --config, not with a CHECKPOINT (which holds its own)")
     if png is not None:
         from cnncli.plot import require_matplotlib
 
@@ -110,7 +115,7 @@ def trace(
         source = f"{checkpoint} (checkpoint weights)"
     else:
         config = config or CONFIG_DEFAULT
-        cfg = load_config(config)
+        cfg = load_config(config, list(set_ or []))
         model = build_model(cfg.model, seed=cfg.seed)
         source = f"{config} (fresh weights, seed {cfg.seed})"
 

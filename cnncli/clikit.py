@@ -62,10 +62,17 @@ DataDirOpt = Annotated[
     ),
 ]
 
+def complete_config(incomplete: str) -> list[str]:
+    """Shell completion of --config: the built-in names that start with what is typed (else the shell's files)."""
+    from cnncli.config import builtin_configs
+
+    return [name for name in builtin_configs() if name.startswith(incomplete)]
+
+
 CONFIG_DEFAULT = Path("seed")
 ConfigOpt = Annotated[
     Path,
-    typer.Option("--config", "-c", metavar="NAME|PATH",
+    typer.Option("--config", "-c", metavar="NAME|PATH", autocompletion=complete_config,
                  help="A built-in config's name (cnn config list) or a YAML file describing the network."),
 ]
 SetOpt = Annotated[
@@ -101,7 +108,8 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No pr
                                         "line.")]
 SPLITS = ("test", "train", "val")
 SplitOpt = Annotated[
-    str, typer.Option("--split", metavar="test|train|val", help="Which images: the test set, or the training or "
+    str, typer.Option("--split", metavar="test|train|val", autocompletion=lambda incomplete: [
+        s for s in SPLITS if s.startswith(incomplete)], help="Which images: the test set, or the training or "
                       "validation part of the training set as the config splits it (data.val_size, data.limit).")
 ]
 

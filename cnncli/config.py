@@ -492,8 +492,9 @@ def _builtin_hint(path: Path) -> str:
 
 def resolve_config(spec: Path | str) -> Path:
     """The file `--config` means: a built-in config's name (`seed`, `seed-diagram`, … : `cnn config list`)
-    unless a file of exactly that name exists here, else the path as given. ConfigError (one line, listing the
-    built-in names) for a bare name that is neither."""
+    unless a file of exactly that name exists here, else the path as given (a name with a .yaml or .yml suffix
+    or a folder part is always a path). ConfigError (one line, listing the built-in names) for a bare name that
+    is neither."""
     text = str(spec)
     path = Path(spec)
     if not _is_bare_name(text) or path.is_file():
@@ -501,6 +502,8 @@ def resolve_config(spec: Path | str) -> Path:
     names = builtin_configs()
     if text in names:
         return names[text]
+    if path.exists():
+        return path  # a folder or a pipe of that name: read_config_text says what it is
     hint = difflib.get_close_matches(text, names, n=1, cutoff=0.6)
     did = f"; did you mean {hint[0]!r}?" if hint else ""
     raise ConfigError(f"{_cut(text)}: no config file of that name, and no built-in config {_cut(text)!r}{did} "

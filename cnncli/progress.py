@@ -140,7 +140,7 @@ def count_progress(desc: str, unit: str, quiet: bool = False) -> Iterator[Callab
         if now - last < interval or done >= total:
             return
         last = now
-        print(f"{desc}: {done:,} of {total:,} {unit}s ({100 * done / total:.0f}%), {now - start:.0f} s",
+        print(f"{desc}: {done:,} of {total:,} {unit} ({100 * done / total:.0f}%), {now - start:.0f} s",
               file=sys.stderr, flush=True)
 
     yield update_plain
