@@ -13,6 +13,8 @@ import typer
 from cnncli.clikit import (
     CONFIG_DEFAULT,
     BatchSizeOpt,
+    CnnCommand,
+    CnnGroup,
     ConfigOpt,
     DataDirOpt,
     EvalBatchSizeOpt,
@@ -165,6 +167,7 @@ def _render_against(res: TorchBenchResult) -> None:
 
 
 torch_script = typer.Typer(
+    cls=CnnGroup,
     help="PyTorch twin of `cnn train` (same network, weights, data order, augmentation, schedule), to time "
     "both as whole processes. Needs torch installed.",
     no_args_is_help=True,
@@ -178,7 +181,7 @@ def _torch_script_main() -> None:
     """Keep `train` a subcommand even though it is the only one."""
 
 
-@torch_script.command("train")
+@torch_script.command("train", cls=CnnCommand)
 @user_errors
 def torch_train(
     config: ConfigOpt = CONFIG_DEFAULT,

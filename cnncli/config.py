@@ -451,15 +451,22 @@ def apply_overrides(raw: Any, overrides: list[str]) -> dict[str, Any]:
     return _apply(raw, overrides)[0]
 
 
+def _within(path: str, parent: str) -> bool:
+    """'model.layers[0].type' lies within 'model.layers' and 'model'; everything within '' (the top level)."""
+    return not parent or path.startswith((parent + ".", parent + "["))
+
+
 def build_with_overrides(raw: Any, overrides: list[str] | None, source: str, name: str = "config") -> Config:
     """`build_config(apply_overrides(raw, overrides))`, with errors that say where the wrong value came from:
-    `--set KEY=VALUE: …` for a value an override set (or a key inside it), `SOURCE: key.path: …` otherwise."""
+    `--set KEY=VALUE: …` for a value an override set (a key inside it, or one it created on its way), and
+    `SOURCE: key.path: …` otherwise."""
     raw, where = _apply(raw, list(overrides or []))
     try:
         return build_config(raw, name=name)
     except ConfigValueError as e:
         for path, item in reversed(where):  # the last --set of a key is the one that counts
-            if e.path == path or e.path.startswith((path + ".", path + "[")):
+            # the --set's value, a key inside it, or a key the --set created on its way (train.optimiser.lr=…)
+            if e.path == path or _within(e.path, path) or _within(path, e.path):
                 detail = e.detail if e.path == path else str(e)
                 raise ConfigError(f"--set {item}: {detail}") from None
         raise ConfigError(f"{source}: {e}") from None

@@ -61,17 +61,19 @@ def byte_progress(desc: str) -> Iterator[Callable[[int, int | None], None]]:
         bars: list[tqdm] = []  # created on the first update, so that nothing is drawn when nothing happens
         start = time.monotonic()
 
+        # tqdm's own byte formatting labels 1024-based sizes "MB" (and its rate is 1000-based): the sizes are
+        # formatted here, in binary units, and shown through the bar's free-text {unit} field
         def update(done: int, total: int | None) -> None:
             if not bars:
-                bars.append(tqdm(desc=desc, file=sys.stderr, bar_format="{desc}: {postfix}", dynamic_ncols=True))
+                bars.append(tqdm(desc=desc, file=sys.stderr, bar_format="{desc}: {unit}", unit="", dynamic_ncols=True))
             bar = bars[0]
             if total is not None and bar.total != total:
                 bar.total = total
-                bar.bar_format = "{desc}: {percentage:3.0f}%|{bar}| {postfix}"
+                bar.bar_format = "{desc}: {percentage:3.0f}%|{bar}| {unit}"
             rate = done / max(time.monotonic() - start, 1e-9)
-            of = f" / {_human_bytes(total)}" if total else ""
+            of = f" / {_human_bytes(total):>10}" if total else ""
             bar.n = done
-            bar.set_postfix_str(f"{_human_bytes(done)}{of}, {_human_bytes(rate)}/s", refresh=False)
+            bar.unit = f"{_human_bytes(done):>10}{of}, {_human_bytes(rate):>10}/s"  # fixed widths: the bar stays put
             bar.refresh()
 
         failed = False

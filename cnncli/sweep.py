@@ -53,7 +53,7 @@ from typing import Any
 import yaml
 
 from cnncli.atomic import atomic_write
-from cnncli.config import Config, config_to_dict, load_config, parse_yaml
+from cnncli.config import Config, config_to_dict, load_config, parse_yaml, resolve_config
 from cnncli.errors import CnnError, ConfigError
 from cnncli.runs import OVERRIDES_FILE, process_alive, read_json_file
 from cnncli.safeload import describe, show
@@ -371,7 +371,7 @@ def build_spec(
             check("--sample", d, v)
     grid_seeds = next((list(d.values) for d in grid if d.key == "seed"), None)
     spec = SweepSpec(
-        config=str(Path(config).resolve()), config_name=base.name, sets=list(sets), grid=grid, sample=sample,
+        config=str(resolve_config(config).resolve()), config_name=base.name, sets=list(sets), grid=grid, sample=sample,
         seeds=grid_seeds or [base.seed + i for i in range(seeds)], metric=metric, mode=mode,
         base_hash=_config_hash(base), layers=[str(Path(p).resolve()) for p in layers or []], tensorboard=tensorboard,
     )  # fmt: skip

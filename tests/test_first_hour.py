@@ -397,3 +397,23 @@ def test_gradcheck_shows_progress_and_ctrl_c_leaves_no_half_drawn_bar(home: Path
     assert code == 130
     visible = [line for line in _screen(seen) if line.strip()]
     assert not any("finite differences" in line for line in visible), visible[-3:]
+
+
+def test_download_bar_speaks_binary_units_and_ctrl_c_erases_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cnncli import progress
+
+    assert progress._human_bytes(170_498_071) == "162.6 MiB"  # CIFAR-10's archive: 170,498,071 / 1024²
+    master, slave = _pty(100)
+    with open(slave, "w", buffering=1) as stream:
+        monkeypatch.setattr(sys, "stderr", stream)
+        with pytest.raises(KeyboardInterrupt), progress.byte_progress("CIFAR-10 archive") as update:
+            for i in range(1, 4):
+                update(i * 30 * 1024**2, 170_498_071)
+            raise KeyboardInterrupt
+        with progress.byte_progress("finished") as update:
+            update(2048, 2048)
+    data = _drain(master)
+    os.close(master)
+    assert "90.0 MiB /  162.6 MiB" in data and " MB" not in data
+    visible = [line for line in _screen(data) if line.strip()]
+    assert len(visible) == 1 and visible[0].startswith("finished: 100%") and "2.0 KiB /    2.0 KiB" in visible[0]
