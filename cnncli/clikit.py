@@ -34,6 +34,11 @@ err = _console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def one_line(text: str) -> str:
+    """`text` with its control characters escaped (a newline in a file name → \\n): an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def user_errors(fn: F) -> F:
     """Turn a CnnError into one red line on stderr and exit code 1; real bugs keep their traceback."""
 
@@ -42,7 +47,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CnnError as e:
-            err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, emoji=False)
+            err.print(f"[red]error:[/red] {escape(one_line(str(e)))}", soft_wrap=True, emoji=False)
             raise typer.Exit(code=1) from None
 
     return wrapper  # type: ignore[return-value]

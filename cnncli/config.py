@@ -350,6 +350,8 @@ def read_config_text(path: Path) -> str:
         if path.suffix == ".npz":
             raise ConfigError(f"{path}: is a .npz checkpoint, not a YAML config; to evaluate it: cnn eval {path}")
         raise ConfigError(f"{path}: is a zip archive, not a YAML config")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ConfigError(f"{path}: is UTF-16 text; a config is UTF-8 (save it as UTF-8)")
     if b"\x00" in data[:65536]:
         raise ConfigError(f"{path}: is a binary file, not a YAML config")
     try:

@@ -183,6 +183,16 @@ def test_files_that_are_no_yaml_config_say_what_they_are(home: Path) -> None:
     assert one_line(cnn("summary", "--config", str(fifo), cwd=home, timeout=30)).startswith(f"error: {fifo}: is not")
 
 
+def test_a_control_character_in_a_name_keeps_the_error_on_one_line(tmp_path: Path) -> None:
+    err = _one_line_error(runner.invoke(app, ["summary", "--config", str(tmp_path / "two\nlines.yaml")]))
+    assert err == f"error: {tmp_path}/two\\nlines.yaml: config file not found (built-in configs: " + ", ".join(
+        sorted(p.stem for p in CONFIGS.glob("*.yaml"))) + ")"
+    latin = tmp_path / "u16.yaml"
+    latin.write_bytes("seed: 0\n".encode("utf-16"))
+    assert _one_line_error(runner.invoke(app, ["summary", "-c", str(latin)])).endswith("is UTF-16 text; a config is "
+                                                                                     "UTF-8 (save it as UTF-8)")
+
+
 # ------------------------------------------------------------------------------- quiet, json, no-ops
 
 
