@@ -358,10 +358,15 @@ def build_spec(
     base = load_config(config, sets)
 
     def check(option: str, d: Dimension, value: Any) -> None:
+        item = override(d.key, value)
         try:
-            load_config(config, [*sets, override(d.key, value)])
+            load_config(config, [*sets, item])
         except ConfigError as e:
-            raise ConfigError(f"{option} {d.describe()}: {e}") from None
+            msg = str(e)
+            if msg.startswith(f"--set {item}: "):  # the value came from the --grid/--sample, not from a --set
+                rest = msg.removeprefix(f"--set {item}: ")
+                msg = rest if rest.startswith(d.key) else f"{d.key}: {rest}"
+            raise ConfigError(f"{option} {d.describe()}: {msg}") from None
 
     for d in grid:
         for v in d.values:
