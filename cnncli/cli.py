@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import typer
 
-from cnncli import cli_bench, cli_predict, cli_sweep, cli_train, cli_viz
+from cnncli import cli_bench, cli_config, cli_predict, cli_sweep, cli_train, cli_viz
+from cnncli.clikit import CnnGroup, use_cnn_classes
 
 app = typer.Typer(
     name="cnn",
+    cls=CnnGroup,
     help="Train convolutional networks on CIFAR-10 in pure NumPy, every pass written by hand.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # cnn --install-completion (bash, zsh, fish, PowerShell), cnn --show-completion
     pretty_exceptions_enable=False,
 )
 
@@ -28,8 +30,10 @@ app.add_typer(cli_sweep.sweep_app, name="sweep")
 app.command()(cli_sweep.runs)
 app.command()(cli_predict.predict)
 app.command()(cli_predict.export)
+app.add_typer(cli_config.config_app, name="config")
 
 app.info.context_settings = {"help_option_names": ["-h", "--help"]}
+use_cnn_classes(app)  # after every registration: one look and the old option spellings for every command
 
 
 def _version(value: bool) -> None:

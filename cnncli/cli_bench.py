@@ -12,13 +12,21 @@ import typer
 
 from cnncli.clikit import (
     CONFIG_DEFAULT,
+    BatchSizeOpt,
+    CnnCommand,
+    CnnGroup,
     ConfigOpt,
     DataDirOpt,
+    EvalBatchSizeOpt,
     JsonOpt,
     LayersOpt,
+    SetOpt,
+    ThreadsOpt,
     load_layers,
     out,
     prepare_data,
+    print_json,
+    renamed,
     user_errors,
 )
 
@@ -31,18 +39,18 @@ class Against(str, Enum):
     torch = "torch"
 
 
+@renamed({"--batch": "--batch-size", "--eval-batch": "--eval-batch-size"})
 @user_errors
 def bench(
     config: ConfigOpt = CONFIG_DEFAULT,
-    batch: Annotated[int | None, typer.Option(min=1, help="Training batch. Default: train.batch_size.")] = None,
-    eval_batch: Annotated[
-        int | None, typer.Option("--eval-batch", min=1, help="Inference batch. Default: train.eval_batch_size.")
-    ] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Timed training steps per repeat (inference: a quarter).")] = 20,
-    repeats: Annotated[int, typer.Option(min=1, help="Repeats; the median is reported.")] = 5,
-    threads: Annotated[
-        int | None, typer.Option(min=1, help="Worker threads. Default: $CNNCLI_THREADS, else the usable CPUs.")
-    ] = None,
+    set_: SetOpt = None,
+    batch: BatchSizeOpt = None,
+    eval_batch: EvalBatchSizeOpt = None,
+    steps: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Timed training steps per repeat (inference: a quarter).")
+    ] = 20,
+    repeats: Annotated[int, typer.Option(min=1, metavar="N", help="Repeats; the median is reported.")] = 5,
+    threads: ThreadsOpt = None,
     reference: Annotated[
         bool, typer.Option("--reference", help="Time the per-layer reference path instead of the fused engine.")
     ] = False,
@@ -50,6 +58,7 @@ def bench(
         Against | None,
         typer.Option(
             "--against",
+            metavar="torch",
             help="Time the same network and step in PyTorch (CPU, NCHW and channels_last) in the same run, "
             "interleaved rounds (--repeats), and print the ratios. Needs torch installed (never a dependency).",
         ),
@@ -62,8 +71,6 @@ def bench(
     layers: LayersOpt = None,
 ) -> None:
     """Images per second of a training step (forward, loss, backward, update) and of inference, on random data."""
-    import json
-
     from rich.table import Table
 
     from cnncli.bench import run_bench
@@ -74,19 +81,19 @@ def bench(
         from cnncli.torchbench import import_torch, run_against_torch
 
         import_torch()  # before reading anything: without torch, the one-line install hint
-        cfg = load_config(config)
+        cfg = load_config(config, list(set_ or []))
         tres = run_against_torch(cfg, str(config), batch=batch, eval_batch=eval_batch, steps=steps, rounds=repeats,
                                  threads=threads, reference=reference)
         if json_out:
-            out.print_json(json.dumps(tres.to_dict()))
+            print_json(tres.to_dict())
         else:
             _render_against(tres)
         return
-    cfg = load_config(config)
+    cfg = load_config(config, list(set_ or []))
     res = run_bench(cfg, str(config), batch=batch, eval_batch=eval_batch, steps=steps, repeats=repeats,
                     threads=threads, reference=reference, retune=retune)
     if json_out:
-        out.print_json(json.dumps(res.to_dict()))
+        print_json(res.to_dict())
         return
     blas = res.blas
     lib = Path(blas["library"]).name if blas["library"] else "not found"
@@ -167,6 +174,7 @@ def _render_against(res: TorchBenchResult) -> None:
 
 
 torch_script = typer.Typer(
+    cls=CnnGroup,
     help="PyTorch twin of `cnn train` (same network, weights, data order, augmentation, schedule), to time "
     "both as whole processes. Needs torch installed.",
     no_args_is_help=True,
@@ -180,23 +188,25 @@ def _torch_script_main() -> None:
     """Keep `train` a subcommand even though it is the only one."""
 
 
-@torch_script.command("train")
+@torch_script.command("train", cls=CnnCommand)
 @user_errors
 def torch_train(
     config: ConfigOpt = CONFIG_DEFAULT,
     data_dir: DataDirOpt = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (train.epochs); the schedule spans them.")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Epochs (train.epochs); the schedule spans them.")
+    ] = None,
     memory_format: Annotated[
-        str, typer.Option("--memory-format", help="PyTorch memory format: contiguous (NCHW) or channels_last.")
+        str, typer.Option("--memory-format", metavar="FORMAT",
+                          help="PyTorch memory format: contiguous (NCHW) or channels_last.")
     ] = "contiguous",
     threads: Annotated[
-        int | None, typer.Option(min=1, help="Threads. Default: cnncli's worker count for a training batch.")
+        int | None, typer.Option(min=1, metavar="N", help="Threads. Default: cnncli's worker count for a training "
+                                 "batch.")
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Train the config's network in PyTorch with `cnn train`'s recipe; print each epoch, the test accuracy."""
-    import json
-
     from cnncli.config import load_config
     from cnncli.torchbench import FORMATS, TorchBenchError, import_torch, train_torch
 
@@ -218,7 +228,7 @@ def torch_train(
                   f"{cfg.train.epochs} epoch(s)")
     res = train_torch(cfg, folder, memory_format=memory_format, threads=threads, on_epoch=show)
     if json_out:
-        out.print_json(json.dumps(res.to_dict()))
+        print_json(res.to_dict())
         return
     if res.test_acc is not None:
         out.print(f"test (best epoch {res.best_epoch}): loss {res.test_loss:.4f}, accuracy {res.test_acc:.2%}")

@@ -3,7 +3,6 @@ folder). Sweeps need the sweep extra: pip install 'cnncli\[sweep]'."""
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,12 +10,22 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperGroup
 
-from cnncli.clikit import DataDirOpt, JsonOpt, LayersOpt, err, load_layers, out, prepare_data, user_errors
+from cnncli.clikit import (
+    CnnGroup,
+    DataDirOpt,
+    JsonOpt,
+    LayersOpt,
+    err,
+    load_layers,
+    out,
+    prepare_data,
+    print_json,
+    user_errors,
+)
 
 
-class _RunByDefault(TyperGroup):
+class _RunByDefault(CnnGroup):
     """`cnn sweep CONFIG …` means `cnn sweep run CONFIG …`; `cnn sweep show …` is the other command."""
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
@@ -38,7 +47,7 @@ StorageOpt = Annotated[
     str | None,
     typer.Option("--storage", help="Any Optuna storage URL (postgresql://user@host/db, sqlite:///file.db) or a "
                  "journal file path; several machines running the same command with one URL share the study. "
-                 "Default: the journal file study.journal in the sweep folder."),
+                 "Default: the journal file study.journal in the sweep folder.", metavar="URL|FILE"),
 ]
 
 
@@ -70,54 +79,64 @@ def _folder(path: str | None, base: Path | None) -> str:
 @sweep_app.command("run")
 @user_errors
 def sweep(
-    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="The YAML config every trial starts from.")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="The config every trial starts from: a built-in "
+                                           "name (cnn config list) or a YAML file.")],
     grid: Annotated[
         list[str] | None,
-        typer.Option("--grid", help="A grid dimension, the key path of --set and its values: "
+        typer.Option("--grid", metavar="KEY=V1,V2", help="A grid dimension, the key path of --set and its values: "
                      "--grid train.optimizer.lr=0.003,0.01,0.03 (repeatable; every combination runs)."),
     ] = None,
     sample: Annotated[
         list[str] | None,
         typer.Option("--sample", help="A sampled key: KEY=loguniform:LOW:HIGH, uniform:LOW:HIGH, int:LOW:HIGH or "
-                     "choice:A,B,C (repeatable; with --trials)."),
+                     "choice:A,B,C (repeatable; with --trials).", metavar="KEY=KIND:…"),
     ] = None,
     trials: Annotated[
         int | None,
         typer.Option("--trials", min=1, help="Points to sample (--sample), or at most this many grid trials. "
-                     "It counts the whole study: re-running adds only what is missing."),
+                     "It counts the whole study: re-running adds only what is missing.", metavar="N"),
     ] = None,
-    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Run each point with this many seeds "
+    seeds: Annotated[int, typer.Option("--seeds", min=1, metavar="K", help="Run each point with this many seeds "
                                        "(config seed, +1, …); a grid dimension 'seed'.")] = 1,
     metric: Annotated[str, typer.Option("--metric", help="val_acc, val_loss, train_acc or train_loss; a trial "
-                                        "scores its best epoch.")] = "val_acc",
+                                        "scores its best epoch.", metavar="NAME")] = "val_acc",
     mode: Annotated[str | None, typer.Option("--mode", help="max or min. Default: max for accuracies, min for "
-                                             "losses.")] = None,
+                                             "losses.", metavar="max|min")] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a config key for every trial (repeatable).")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Override a config key for every trial (repeatable)."),
     ] = None,
     data_dir: DataDirOpt = None,
     layers: LayersOpt = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="The sweep folder (trial-NNNN run folders, sweep.json, the journal). "
-                                  "Default: runs/NAME.")
+                                  "Default: runs/NAME.", metavar="DIR")
     ] = None,
     name: Annotated[
         str | None, typer.Option("--name", help="The study's name. Default: the --out folder's name, else "
-                                 "<config>-sweep-<hash of the search space>, so the same command continues.")
+                                 "<config>-sweep-<hash of the search space>, so the same command continues.",
+                                 metavar="NAME")
     ] = None,
     storage: StorageOpt = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes on this machine.")] = 1,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Worker processes on this machine.", metavar="W")
+    ] = 1,
     threads: Annotated[
         int | None, typer.Option("--threads", min=1, help="Engine threads per worker. Default: the CPUs shared "
-                                 "out (one each when workers = CPUs).")
+                                 "out (one each when workers = CPUs).", metavar="N")
     ] = None,
     prune: Annotated[
         str | None, typer.Option("--prune", help="median or asha: stop unpromising trials early, from their "
-                                 "per-epoch metric (off by default: a grid's results then never depend on timing).")
+                                 "per-epoch metric (off by default: a grid's results then never depend on timing).",
+                                 metavar="median|asha")
     ] = None,
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="TensorBoard event files in every trial, and its hyper-parameters "
                            "for the HParams view (tensorboard --logdir SWEEP_FOLDER).")
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="At the end, the table of trials as one JSON object (progress lines go to "
+                           "stderr).")
     ] = False,
 ) -> None:
     """Run a sweep (also: cnn sweep CONFIG …). Every trial is an ordinary run folder under the sweep folder.
@@ -144,8 +163,9 @@ def sweep(
     study = sw.prepare(spec, sweep_dir, name, storage)
     todo = sw.pending(study, target)
     where = "journal " + str(sweep_dir / sw.JOURNAL_FILE) if storage is None else sw.masked_url(storage)
-    out.print(f"[bold]sweep {escape(name)}[/bold]: {escape(spec.describe())}", soft_wrap=True)
-    out.print(f"folder {escape(str(sweep_dir))}, study in {escape(where)}; {target} trials in all, {todo} to run",
+    say = err if json_out else out  # --json keeps stdout for the one JSON object
+    say.print(f"[bold]sweep {escape(name)}[/bold]: {escape(spec.describe())}", soft_wrap=True)
+    say.print(f"folder {escape(str(sweep_dir))}, study in {escape(where)}; {target} trials in all, {todo} to run",
               soft_wrap=True)
     outcome = None
     if todo:
@@ -156,15 +176,15 @@ def sweep(
             raise typer.Exit(code=128 + signal.SIGINT) from None
         n_workers = min(workers, todo)
         n_threads = threads or sw.default_threads(n_workers)
-        out.print(f"{n_workers} worker process(es), {n_threads} engine thread(s) each")
+        say.print(f"{n_workers} worker process(es), {n_threads} engine thread(s) each")
         outcome = sw.run_sweep(sweep_dir, spec, name, storage, folder, target, n_workers, n_threads, prune,
-                               lambda ev: _render_event(ev, spec.metric))
+                               lambda ev: _render_event(ev, spec.metric, say))
     else:
-        out.print("nothing left to run: the study already holds every trial")
-    _show_table(study, spec, sweep_dir, json_out=False)
+        say.print("nothing left to run: the study already holds every trial")
+    _show_table(study, spec, sweep_dir, json_out=json_out)
     if outcome is not None:
-        peaks = ", ".join(f"{p:.0f} MB" for p in outcome.peaks_mb) or "unknown"
-        out.print(f"{outcome.ran} trial(s) ran in {outcome.seconds:.1f} s wall time; peak memory per worker: {peaks}")
+        peaks = ", ".join(f"{p:.0f} MiB" for p in outcome.peaks_mb) or "unknown"  # ru_maxrss KiB / 1024
+        say.print(f"{outcome.ran} trial(s) ran in {outcome.seconds:.1f} s wall time; peak memory per worker: {peaks}")
         for e in outcome.errors:
             err.print(f"[red]error:[/red] {escape(e)}", soft_wrap=True)
         if outcome.interrupted:
@@ -175,7 +195,7 @@ def sweep(
             raise typer.Exit(code=1)
 
 
-def _render_event(ev: dict[str, Any], metric: str) -> None:
+def _render_event(ev: dict[str, Any], metric: str, out: Any = out) -> None:
     kind = ev.get("event")
     if kind == "start":
         params = " ".join(f"{k}={_value_text(v)}" for k, v in ev["params"].items())
@@ -215,7 +235,7 @@ def _show_table(study: Any, spec: Any, sweep_dir: Path | None, json_out: bool) -
         payload = {"study": study.study_name, "metric": metric, "mode": "max" if maximize else "min",
                    "trials": [r.to_json() for r in rows], "best": best.to_json() if best else None,
                    "points": [p.__dict__ for p in points]}
-        out.print_json(json.dumps(payload))
+        print_json(payload)
         return
     keys = sorted({k for r in rows for k in r.params}) if spec is None else [k for k in spec.keys() if k != "seed"]
     table = Table(title=f"study {study.study_name}: {len(rows)} trials, best {metric} first")
@@ -283,14 +303,15 @@ def show(
 def runs(
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="Where to look, recursively (a sweep folder too).")]
     = Path("runs"),
-    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per run.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per run, one per line.")] = False,
 ) -> None:
     """The run folders under DIR: config, overrides, epochs, best validation and test accuracy, time, state."""
     from cnncli.runs import list_runs
 
     found = list_runs(folder)
     if json_out:
-        out.print_json(json.dumps([r.to_json(folder) for r in found]))
+        for r in found:
+            print_json(r.to_json(folder))
         return
     if not found:
         out.print(f"no run folders under {escape(str(folder))}")

@@ -12,14 +12,24 @@ from rich.markup import escape
 
 from cnncli.clikit import (
     CONFIG_DEFAULT,
+    BatchSizeOpt,
     ConfigOpt,
     DataDirOpt,
+    EvalBatchSizeOpt,
     JsonOpt,
     LayersOpt,
+    QuietOpt,
+    SetOpt,
+    SplitOpt,
+    ThreadsOpt,
+    check_split,
+    complete_config,
     err,
     load_layers,
     out,
     prepare_data,
+    print_json,
+    renamed,
     shape_text,
     user_errors,
 )
@@ -28,7 +38,11 @@ from cnncli.clikit import (
 @user_errors
 def download(
     data_dir: DataDirOpt = None,
-    dataset: Annotated[str, typer.Option(help="cifar10, cifar100, mnist or fashion-mnist.")] = "cifar10",
+    dataset: Annotated[
+        str, typer.Option(metavar="NAME", help="cifar10, cifar100, mnist or fashion-mnist.")
+    ] = "cifar10",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Download, verify and extract a data set (nothing happens when it is already there).
 
@@ -48,26 +62,35 @@ def download(
         raise ConfigError(f"--dataset: must be one of {', '.join(data.DOWNLOADABLE)}, got {dataset!r}")
     data_cfg = DataConfig(dataset=dataset)
     target = data.resolve_data_dir(data_dir, None)
-    with byte_progress(data.download_label(data_cfg)) as update:
-        folder = data.ensure_dataset(data_cfg, target, update)
-    err.print(f"{data.TITLES[dataset]} ready in {escape(str(folder))}", soft_wrap=True)
+    if quiet:
+        folder = data.ensure_dataset(data_cfg, target, lambda done, total: None)
+    else:
+        with byte_progress(data.download_label(data_cfg)) as update:
+            folder = data.ensure_dataset(data_cfg, target, update)
+    if json_out:
+        print_json({"dataset": dataset, "folder": str(folder)})
+    else:
+        err.print(f"{data.TITLES[dataset]} ready in {escape(str(folder))}", soft_wrap=True)
 
 
+@renamed({"--batch": "--batch-size"})
 @user_errors
 def gradcheck(
     config: ConfigOpt = CONFIG_DEFAULT,
-    batch: Annotated[int, typer.Option(min=1, help="Images in the random batch.")] = 4,
-    eps: Annotated[float, typer.Option(min=1e-12, help="Finite-difference step ε.")] = 1e-3,
-    tol: Annotated[float, typer.Option(min=0.0, help="Largest relative error that passes.")] = 1e-6,
-    seed: Annotated[int, typer.Option(help="Seed of the weights, the batch and the sampled entries.")] = 0,
+    set_: SetOpt = None,
+    batch: Annotated[int, typer.Option("--batch-size", min=1, metavar="N", help="Images in the random batch.")] = 4,
+    eps: Annotated[float, typer.Option(min=1e-12, metavar="E", help="Finite-difference step ε.")] = 1e-3,
+    tol: Annotated[float, typer.Option(min=0.0, metavar="T", help="Largest relative error that passes.")] = 1e-6,
+    seed: Annotated[int, typer.Option(min=0, metavar="N", help="Seed of the weights, the batch and the sampled "
+                                      "entries.")] = 0,
     max_entries: Annotated[
-        int, typer.Option(min=1, help="Tensors larger than this are checked on a random subset this size.")
+        int, typer.Option(min=1, metavar="N", help="Tensors larger than this are checked on a random subset this size.")
     ] = 200,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
     layers: LayersOpt = None,
 ) -> None:
     """Compare every analytic gradient (each parameter and the input X) with finite differences, in float64."""
-    import json
     import time
 
     from rich.table import Table
@@ -75,12 +98,15 @@ def gradcheck(
     from cnncli.config import load_config
     from cnncli.gradcheck import gradcheck as run_gradcheck
     from cnncli.model import build_model
+    from cnncli.progress import count_progress
 
     load_layers(layers)
-    cfg = load_config(config)
+    cfg = load_config(config, list(set_ or []))
     model = build_model(cfg.model, seed=seed)
     start = time.perf_counter()
-    results = run_gradcheck(model, batch=batch, eps=eps, tol=tol, seed=seed, max_entries=max_entries)
+    with count_progress("gradcheck: finite differences", "entries", quiet=quiet) as progress:
+        results = run_gradcheck(model, batch=batch, eps=eps, tol=tol, seed=seed, max_entries=max_entries,
+                                progress=progress)
     seconds = time.perf_counter() - start
     ok = all(r.passed for r in results)
     if json_out:
@@ -107,7 +133,7 @@ def gradcheck(
                 for r in results
             ],
         }
-        out.print_json(json.dumps(payload))
+        print_json(payload)
     else:
         table = Table(title=f"gradcheck {config} — float64, batch {batch}, ε={eps:g}, tol={tol:g}")
         table.add_column("tensor")
@@ -134,7 +160,8 @@ def gradcheck(
 
 
 @user_errors
-def summary(config: ConfigOpt = CONFIG_DEFAULT, layers: LayersOpt = None) -> None:
+def summary(config: ConfigOpt = CONFIG_DEFAULT, set_: SetOpt = None, json_out: JsonOpt = False,
+            layers: LayersOpt = None) -> None:
     """Each layer with its output shape, parameters, buffers and multiply-adds per image."""
     from rich.table import Table
 
@@ -142,8 +169,18 @@ def summary(config: ConfigOpt = CONFIG_DEFAULT, layers: LayersOpt = None) -> Non
     from cnncli.model import build_model
 
     load_layers(layers)
-    cfg = load_config(config)
+    cfg = load_config(config, list(set_ or []))
     model = build_model(cfg.model, seed=cfg.seed)
+    rows = model.summary()
+    if json_out:
+        print_json({
+            "config": str(config), "input_shape": list(model.input_shape),
+            "layers": [{"index": r.index, "name": r.name, "type": r.description, "output_shape": list(r.output_shape),
+                        "params": r.params, "buffers": r.buffers, "macs": r.macs} for r in rows],
+            "params": sum(r.params for r in rows), "buffers": sum(r.buffers for r in rows),
+            "macs": sum(r.macs for r in rows),
+        })  # fmt: skip
+        return
     table = Table(title=f"{config} — input {shape_text(model.input_shape)}")
     table.add_column("#", justify="right")
     table.add_column("layer")
@@ -152,7 +189,6 @@ def summary(config: ConfigOpt = CONFIG_DEFAULT, layers: LayersOpt = None) -> Non
     table.add_column("parameters", justify="right")
     table.add_column("buffers", justify="right")
     table.add_column("multiply-adds", justify="right")
-    rows = model.summary()
     for r in rows:
         table.add_row(str(r.index), r.name, r.description, shape_text(r.output_shape), f"{r.params:,}",
                       f"{r.buffers:,}", f"{r.macs:,}")
@@ -176,23 +212,31 @@ def sparkline(values: list[float]) -> str:
 
 @user_errors
 def train(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config of the run.")] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a config key: --set train.optimizer.lr=0.05 (repeatable)."),
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", metavar="NAME|PATH", autocompletion=complete_config,
+                     help="The run's config: a built-in name (cnn config list) or a YAML file."),
     ] = None,
+    set_: SetOpt = None,
     data_dir: DataDirOpt = None,
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Run folder. Default: runs/<config name>-<timestamp>.")
+        Path | None, typer.Option("--out", metavar="DIR", help="Run folder. Default: runs/<config name>-<timestamp>.")
     ] = None,
     resume: Annotated[
-        Path | None, typer.Option("--resume", help="Continue a run from its last.npz (bit-for-bit).")
+        Path | None,
+        typer.Option("--resume", metavar="CHECKPOINT", help="Continue a run from its last.npz (bit-for-bit)."),
     ] = None,
     init: Annotated[
-        Path | None, typer.Option("--init", help="Start from these weights (any checkpoint with the same shapes).")
+        Path | None,
+        typer.Option("--init", metavar="CHECKPOINT", help="Start from these weights (any checkpoint with the same "
+                     "shapes)."),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Total epochs (also when resuming).")] = None,
-    seed: Annotated[int | None, typer.Option(min=0, help="Seed of weights, split, order and augmentation.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, metavar="N", help="Total epochs (also when resuming).")] = None,
+    batch_size: BatchSizeOpt = None,
+    seed: Annotated[
+        int | None, typer.Option(min=0, metavar="N", help="Seed of weights, split, order and augmentation.")
+    ] = None,
+    threads: ThreadsOpt = None,
     layers: LayersOpt = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the earlier run in --out (otherwise refused).")
@@ -202,56 +246,118 @@ def train(
         typer.Option("--tensorboard", help="Write TensorBoard event files into the run folder (train.tensorboard; "
                      "needs the tensorboard extra)."),
     ] = False,
+    quiet: QuietOpt = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the final summary as one JSON object (progress goes to stderr).")
+    ] = False,
 ) -> None:
     """Train on CIFAR-10; leaves config.yaml, metrics.csv, run.json, last.npz and best.npz in the run folder."""
+    import os
     import signal as _signal
+    import sys
 
     from cnncli.config import config_to_yaml
     from cnncli.progress import TrainProgress
-    from cnncli.train import TrainingInterrupted, plan_run, run_plan
+    from cnncli.train import Callbacks, TrainingInterrupted, plan_run, run_plan
 
     load_layers(layers)
     overrides = list(set_ or [])
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
+    if batch_size is not None:
+        overrides.append(f"train.batch_size={batch_size}")
     if seed is not None:
         overrides.append(f"seed={seed}")
     if tensorboard:
         overrides.append("train.tensorboard=true")
+    if threads is not None:
+        os.environ["CNNCLI_THREADS"] = str(threads)  # the engine reads it when it sizes its worker pool
     plan = plan_run(config, overrides, out_dir=out_dir, resume=resume, init=init, overwrite=overwrite)
     for note in plan.notes:
         err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     cfg = plan.cfg
+    if plan.resume is not None:
+        _refuse_nothing_to_do(plan, resume, epochs)
     if cfg.train.tensorboard:
         from cnncli.tb import require_writer
 
         require_writer()
-    folder = prepare_data(data_dir, cfg)
-    out.print("[bold]resolved config[/bold]")
-    out.print(config_to_yaml(cfg).rstrip(), markup=False, soft_wrap=True)
-    progress = TrainProgress()
+    folder = prepare_data(data_dir, cfg, quiet=quiet)
+    if not quiet and not json_out:
+        out.print("[bold]resolved config[/bold]")
+        out.print(config_to_yaml(cfg).rstrip(), markup=False, soft_wrap=True)
+    # --json keeps stdout for the one JSON line: the progress goes to stderr; --quiet shows none
+    progress = Callbacks() if quiet else TrainProgress(stream=sys.stderr if json_out else None)
+    close = getattr(progress, "close", lambda: None)
     # A diverging run overflows before its loss turns NaN; train() reports that in one line, so NumPy's
     # overflow warnings (raised in the engine's worker threads too) would only be noise.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"cnncli\.")
     try:
         result = run_plan(plan, folder, callbacks=progress, overrides=overrides)
     except TrainingInterrupted as e:
-        progress.close()
+        close()
         err.print(f"[yellow]{escape(str(e))}[/yellow]", soft_wrap=True)
         command = f"cnn train --resume {e.path}" + (f" --data-dir {data_dir}" if data_dir else "")
         command += "".join(f" --layers {p}" for p in layers or [])
         err.print(f"resume with:  {escape(command)}", soft_wrap=True)
         raise typer.Exit(code=128 + _signal.SIGINT) from None
     except KeyboardInterrupt:
-        progress.close()
+        close()
         err.print("[yellow]aborted[/yellow] (the run folder keeps the last completed epoch's checkpoint)")
         raise typer.Exit(code=128 + _signal.SIGINT) from None
     finally:
-        progress.close()
+        close()
 
     # the hint must work as printed: the data the run used (resolved, not a download) and its layer files
     extra = f" --data-dir {folder}" + "".join(f" --layers {p}" for p in layers or [])
-    _print_train_summary(result, extra)
+    if json_out:
+        print_json(_train_summary_json(result, f"cnn eval {result.best_path}{extra}"))
+    elif quiet:
+        out.print(_train_summary_line(result, extra), soft_wrap=True, markup=False, highlight=False)
+    else:
+        _print_train_summary(result, extra)
+
+
+def _refuse_nothing_to_do(plan: Any, resume: Path | None, epochs: int | None) -> None:
+    """--resume of a run that already has the epochs asked for would train nothing and rewrite its files for
+    nothing: ConfigError saying so and how to extend it (before anything is written)."""
+    from cnncli.errors import ConfigError
+
+    state = plan.resume.state if isinstance(plan.resume.state, dict) else {}
+    done = state.get("epoch")
+    total = plan.cfg.train.epochs
+    if not isinstance(done, int) or isinstance(done, bool) or done < total:
+        return
+    asked = f"--epochs {epochs} is the total, not a number to add" if epochs is not None else \
+        f"its config asks for {total}"
+    raise ConfigError(f"{resume}: the run already has {done} epoch(s) and {asked}: nothing to train; to extend it, "
+                      f"give a larger total: cnn train --resume {resume} --epochs {done + 1} (one more)")
+
+
+def _train_summary_json(result: Any, eval_command: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    h = result.history
+    return {
+        "run_dir": str(result.run_dir), "best_checkpoint": str(result.best_path),
+        "last_checkpoint": str(result.last_path), "epochs": len(h), "best_epoch": result.best_epoch,
+        "best_val_acc": result.best_val_acc, "test_acc": result.test.accuracy if result.test else None,
+        "test_loss": result.test.loss if result.test else None,
+        "final_train_loss": h[-1].train_loss if h else None, "final_train_acc": h[-1].train_acc if h else None,
+        "stopped_early": result.stopped_early, "seconds": round(result.seconds, 3),
+        "history": [asdict(m) for m in h], "eval_command": eval_command,
+    }  # fmt: skip
+
+
+def _train_summary_line(result: Any, extra: str) -> str:
+    """--quiet's one line: what the run reached, where it is, how to evaluate it."""
+    parts = []
+    if result.test is not None:
+        parts.append(f"test accuracy {100 * result.test.accuracy:.2f}%")
+    if result.best_val_acc is not None:
+        parts.append(f"best validation accuracy {100 * result.best_val_acc:.2f}% (epoch {result.best_epoch})")
+    parts.append(f"{len(result.history)} epoch(s) in {result.seconds:.1f} s")
+    return f"{', '.join(parts)}; run folder {result.run_dir}; evaluate with: cnn eval {result.best_path}{extra}"
 
 
 def _print_train_summary(result: Any, extra: str = "") -> None:
@@ -276,51 +382,48 @@ def _print_train_summary(result: Any, extra: str = "") -> None:
     out.print(f"evaluate with:  cnn eval {result.best_path}{extra}", soft_wrap=True)
 
 
+@renamed({"--batch-size": "--eval-batch-size"})
 @user_errors
 def eval_(
-    checkpoint: Annotated[Path, typer.Argument(help="A .npz checkpoint (best.npz, last.npz, or exported weights).")],
+    checkpoint: Annotated[
+        Path, typer.Argument(metavar="CHECKPOINT", help="A .npz checkpoint (best.npz, last.npz, or exported weights).")
+    ],
     data_dir: DataDirOpt = None,
-    split: Annotated[str, typer.Option(help="test, train or val (val/train as split by the stored config).")] = "test",
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward pass.")] = None,
+    split: SplitOpt = "test",
+    eval_batch_size: EvalBatchSizeOpt = None,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     layers: LayersOpt = None,
 ) -> None:
     """Loss, accuracy, per-class accuracy and confusion matrix of a checkpoint."""
-    import json
+    import os
 
     from rich.table import Table
 
-    from cnncli import data
     from cnncli.checkpoint import load_checkpoint
-    from cnncli.errors import ConfigError
+    from cnncli.clikit import split_images
     from cnncli.evaluate import evaluate
     from cnncli.preprocess import Normalizer
     from cnncli.train import model_from_checkpoint
 
-    if split not in ("test", "train", "val"):
-        raise ConfigError(f"--split: must be test, train or val, got {split!r}")
+    check_split(split)
+    if threads is not None:
+        os.environ["CNNCLI_THREADS"] = str(threads)
     load_layers(layers)
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config
     model = model_from_checkpoint(ckpt, checkpoint)
-    folder = prepare_data(data_dir, cfg)
-    ds = data.load_dataset(cfg.data, folder, train=split != "test", test=split == "test")
-    if split == "test":
-        x, y = ds.test_x, ds.test_y
-        if not len(x):
-            raise ConfigError(f"--split test: {folder} has no test images (a folder data set needs a test/ folder)")
-    else:
-        s = data.make_splits(ds.train_x, ds.train_y, val_size=cfg.data.val_size, limit=cfg.data.limit, seed=cfg.seed)
-        x, y = (s.val_x, s.val_y) if split == "val" else (s.train_x, s.train_y)
-        if not len(x):
-            raise ConfigError(f"--split {split}: empty for this checkpoint (data.val_size is {cfg.data.val_size})")
+    folder = prepare_data(data_dir, cfg, quiet=json_out)
+    x, y, classes = split_images(cfg, folder, split)
+    from cnncli import data
+
     normalizer = Normalizer(data.normalization_for(cfg.data, folder, cfg.seed), model.input_shape[0])
-    res = evaluate(model, x, y, normalizer, batch_size or cfg.train.eval_batch_size, ds.classes)
+    res = evaluate(model, x, y, normalizer, eval_batch_size or cfg.train.eval_batch_size, classes)
     if json_out:
-        out.print_json(json.dumps({"checkpoint": str(checkpoint), "split": split, **res.to_dict()}))
+        print_json({"checkpoint": str(checkpoint), "split": split, **res.to_dict()})
         return
     out.print(
-        f"[bold]{checkpoint}[/bold] on the {split} split ({res.n:,} images): "
+        f"[bold]{escape(str(checkpoint))}[/bold] on the {split} split ({res.n:,} images): "
         f"accuracy [bold]{100 * res.accuracy:.2f}%[/bold], loss {res.loss:.4f}"
     )
     per = Table(title="per-class accuracy")
@@ -328,18 +431,30 @@ def eval_(
     per.add_column("accuracy", justify="right")
     per.add_column("images", justify="right")
     for name, acc, n in zip(res.classes, res.per_class, res.confusion.sum(axis=1), strict=True):
-        per.add_row(name, "—" if n == 0 else f"{100 * acc:.1f}%", f"{n:,}")
+        per.add_row(escape(name), "—" if n == 0 else f"{100 * acc:.1f}%", f"{n:,}")
     out.print(per)
-    conf = Table(title="confusion matrix (rows: true class, columns: predicted)")
+    out.print(confusion_table(res.confusion, res.classes, out.width))
+
+
+def confusion_table(confusion: Any, classes: list[str], width: int) -> Any:
+    """The confusion matrix as a table with the class names in full as column headings; when they do not fit
+    `width`, the columns are numbered and each row names its number (never names cut short)."""
+    from rich.cells import cell_len
+    from rich.table import Table
+
+    cells = [max(len(str(v)) for v in confusion[:, j]) for j in range(len(classes))]
+    label = max(cell_len(n) for n in classes)
+    full = label + 4 + sum(max(cell_len(n), c) + 3 for n, c in zip(classes, cells, strict=True))
+    numbered = full > width
+    title = "confusion matrix (rows: true class, columns: predicted" + (", numbered as the rows)" if numbered else ")")
+    conf = Table(title=title)
     conf.add_column("")
-    for name in res.classes:
-        conf.add_column(name[:5], justify="right")
-    for i, name in enumerate(res.classes):
-        cells = [
+    for j, name in enumerate(classes):
+        conf.add_column(str(j) if numbered else escape(name), justify="right", no_wrap=True)
+    for i, name in enumerate(classes):
+        row = [
             f"[bold green]{v}[/bold green]" if i == j else (str(v) if v else "[dim]0[/dim]")
-            for j, v in enumerate(res.confusion[i])
+            for j, v in enumerate(confusion[i])
         ]
-        conf.add_row(name, *cells)
-    out.print(conf)
-
-
+        conf.add_row(f"{i} {escape(name)}" if numbered else escape(name), *row)
+    return conf

@@ -11,7 +11,23 @@ import typer
 from rich.cells import cell_len
 from rich.markup import escape
 
-from cnncli.clikit import CONFIG_DEFAULT, DataDirOpt, LayersOpt, load_layers, out, prepare_data, shape_text, user_errors
+from cnncli.clikit import (
+    CONFIG_DEFAULT,
+    DataDirOpt,
+    JsonOpt,
+    LayersOpt,
+    SetOpt,
+    SplitOpt,
+    check_split,
+    complete_config,
+    load_layers,
+    out,
+    prepare_data,
+    print_json,
+    shape_text,
+    split_images,
+    user_errors,
+)
 
 TRACE_HELP = "\n\n".join([
     "Walk one CIFAR-10 image through the forward pass and backpropagation in the notation of docs/derivations.md "
@@ -22,8 +38,9 @@ TRACE_HELP = "\n\n".join([
     "is dropped), min / max / mean "
     "and what it tells. Each gradient is checked on a few entries against a five-point finite difference "
     "(float64, CS231n relative error); exit code 1 if a check fails.",
-    "The weights are a checkpoint's, or a config's fresh initialisation (--config, default configs/seed.yaml). "
-    "The image is normalised with the config's data.normalize.",
+    "The weights are a checkpoint's, or a config's fresh initialisation (--config, default: the built-in seed). "
+    "The image is normalised with the config's data.normalize; --split val and train are the parts of the "
+    "training set as the config splits it.",
     "--save FILE.npz keys (load with np.load(..., allow_pickle=False)): forward X, S1, A1, P1 (S2, A2, … for "
     "deeper configs), h, z, p, L (0-d), y (one-hot); gradients 'd' + key: dz, db_fc, dW_fc, dh, dP1, dA1, dS1, "
     "db1, dW1, dX; parameters W1, b1, W_fc, b_fc (several linear layers: W_<name>, b_<name>); also label (0-d "
@@ -49,29 +66,32 @@ def trace(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="Fresh weights of this config, from its seed. Default: configs/seed.yaml."),
+        typer.Option("--config", "-c", metavar="NAME|PATH", autocompletion=complete_config,
+                     help="Fresh weights of this config (a built-in name or a YAML file), from its seed. "
+                     "Default: seed."),
     ] = None,
-    index: Annotated[int, typer.Option("--index", "-i", help="Which image of the split (0-based).")] = 0,
-    split: Annotated[str, typer.Option(help="test or train.")] = "test",
+    set_: SetOpt = None,
+    index: Annotated[int, typer.Option("--index", "-i", metavar="I", help="Which image of the split (0-based).")] = 0,
+    split: SplitOpt = "test",
     save: Annotated[
-        Path | None, typer.Option("--save", help="Write every tensor to this .npz (keys: see above).")
+        Path | None, typer.Option("--save", metavar="FILE", help="Write every tensor to this .npz (keys: see above).")
     ] = None,
     png: Annotated[
         Path | None,
-        typer.Option("--png", help="Draw X, the conv1 filters, feature maps and their gradients (needs matplotlib)."),
+        typer.Option("--png", metavar="FILE",
+                     help="Draw X, the conv1 filters, feature maps and their gradients (needs matplotlib)."),
     ] = None,
-    checks: Annotated[int, typer.Option("--checks", min=0, help="Entries of each gradient to check.")] = 5,
+    checks: Annotated[int, typer.Option("--checks", min=0, metavar="N", help="Entries of each gradient to check.")] = 5,
     data_dir: DataDirOpt = None,
+    json_out: JsonOpt = False,
     layers: LayersOpt = None,
 ) -> None:
     """See TRACE_HELP (the command's help)."""
-    import numpy as np
 
     from cnncli import data
-    from cnncli.atomic import atomic_write
     from cnncli.checkpoint import load_checkpoint
     from cnncli.config import load_config
-    from cnncli.errors import CnnError, ConfigError
+    from cnncli.errors import ConfigError
     from cnncli.model import build_model
     from cnncli.preprocess import Normalizer
     from cnncli.trace import pick_image
@@ -79,10 +99,11 @@ def trace(
     from cnncli.train import model_from_checkpoint
 
     load_layers(layers)
-    if split not in ("test", "train"):
-        raise ConfigError(f"--split: must be test or train, got {split!r}")
+    check_split(split)
     if checkpoint is not None and config is not None:
         raise ConfigError("give a CHECKPOINT or --config, not both (a checkpoint holds its own config)")
+    if checkpoint is not None and set_:
+        raise ConfigError("--set changes a config: it goes with --config, not with a CHECKPOINT (which holds its own)")
     if png is not None:
         from cnncli.plot import require_matplotlib
 
@@ -94,21 +115,27 @@ def trace(
         source = f"{checkpoint} (checkpoint weights)"
     else:
         config = config or CONFIG_DEFAULT
-        cfg = load_config(config)
+        cfg = load_config(config, list(set_ or []))
         model = build_model(cfg.model, seed=cfg.seed)
         source = f"{config} (fresh weights, seed {cfg.seed})"
 
-    folder = prepare_data(data_dir, cfg)
-    ds = data.load_dataset(cfg.data, folder, train=split == "train", test=split == "test")
-    xs, ys = (ds.test_x, ds.test_y) if split == "test" else (ds.train_x, ds.train_y)
+    folder = prepare_data(data_dir, cfg, quiet=json_out)
+    xs, ys, classes = split_images(cfg, folder, split)
     image, label = pick_image(xs, ys, index, split)
     if tuple(image.shape) != tuple(model.input_shape):
         raise ConfigError(f"model.input_shape: {list(model.input_shape)} does not match the images {list(image.shape)}")
     x = Normalizer(data.normalization_for(cfg.data, folder, cfg.seed), model.input_shape[0])(image[None])[0]
-    t = run_trace(model, x, label, ds.classes, checks=checks, image=image)
+    t = run_trace(model, x, label, classes, checks=checks, image=image)
+    if json_out:
+        _save_trace_files(t, save, png, source, split, index, quiet=True)
+        print_json(_trace_json(t, source, split, index, classes, label))
+        if checks > 0 and not t.passed:
+            raise typer.Exit(code=1)
+        return
+    ds_classes = classes
 
     out.print(
-        f"[bold]trace[/bold] {escape(source)} · {split} image {index}: [bold]{escape(ds.classes[label])}[/bold] · "
+        f"[bold]trace[/bold] {escape(source)} · {split} image {index}: [bold]{escape(ds_classes[label])}[/bold] · "
         "float64, shapes per image (batch axis dropped)",
         soft_wrap=True,
     )
@@ -118,7 +145,7 @@ def trace(
     p_true = t["p"].value[label]
     verdict = "[green]right[/green]" if pred == label else "[red]wrong[/red]"
     out.print(
-        f"\nprediction {escape(pred_name)} (p = {pred_p:.3f}), {verdict}; true label {escape(ds.classes[label])} "
+        f"\nprediction {escape(pred_name)} (p = {pred_p:.3f}), {verdict}; true label {escape(ds_classes[label])} "
         f"(p = {p_true:.3f}); L = −log p_true = {t.loss:.4f}"
     )
     if checks > 0:
@@ -131,6 +158,19 @@ def trace(
             f"ε = {_sci(t.eps)}, 5-point, evaluated on the unperturbed pass's ReLU/max-pool piece)",
             soft_wrap=True,
         )
+    _save_trace_files(t, save, png, source, split, index, quiet=False)
+    if checks > 0 and not t.passed:
+        raise typer.Exit(code=1)
+
+
+def _save_trace_files(t: Any, save: Path | None, png: Path | None, source: str, split: str, index: int,
+                      quiet: bool) -> None:
+    """--save (every tensor, .npz) and --png (pictures); says what it wrote unless `quiet` (--json)."""
+    import numpy as np
+
+    from cnncli.atomic import atomic_write
+    from cnncli.errors import CnnError
+
     if save is not None:
         arrays = t.arrays()
         try:
@@ -138,14 +178,36 @@ def trace(
                 np.savez(f, **arrays)
         except OSError as e:
             raise CnnError(f"--save {save}: cannot write ({e.strerror or e})") from None
-        out.print(f"saved {len(arrays)} arrays to {escape(str(save))}: {escape(' '.join(arrays))}", soft_wrap=True)
+        if not quiet:
+            out.print(f"saved {len(arrays)} arrays to {escape(str(save))}: {escape(' '.join(arrays))}", soft_wrap=True)
     if png is not None:
         from cnncli.plot import trace_png
 
         trace_png(t, png, title=f"{source} · {split} image {index}")
-        out.print(f"wrote {escape(str(png))}")
-    if checks > 0 and not t.passed:
-        raise typer.Exit(code=1)
+        if not quiet:
+            out.print(f"wrote {escape(str(png))}")
+
+
+def _trace_json(t: Any, source: str, split: str, index: int, classes: list[str], label: int) -> dict[str, Any]:
+    """One object: the image, the prediction, and per tensor its statistics, facts and finite-difference check."""
+
+    def step(s: Any) -> dict[str, Any]:
+        mn, mx, mean = s.stats
+        d: dict[str, Any] = {"symbol": s.symbol.text, "key": s.key, "phase": s.phase, "section": s.section,
+                             "shape": list(s.shape), "min": mn, "max": mx, "mean": mean, "facts": list(s.facts)}
+        if s.check is not None:
+            c = s.check
+            d["check"] = {"entries": len(c.errors), "max_rel_error": c.max_rel_error, "kinks": c.kinks,
+                          "passed": c.passed}
+        return d
+
+    pred, pred_name, pred_p = t.top[0]
+    return {
+        "source": source, "split": split, "index": index, "label": label, "class": classes[label],
+        "prediction": pred, "predicted_class": pred_name, "p_predicted": pred_p,
+        "p_true": float(t["p"].value[label]), "loss": t.loss, "passed": t.passed, "eps": t.eps, "tol": t.tol,
+        "steps": [step(s) for s in t.forward + t.backward],
+    }  # fmt: skip
 
 
 def _print_steps(title: str, steps: list[Any], with_checks: bool) -> None:
@@ -192,7 +254,8 @@ def plot(
         typer.Argument(metavar="RUN…", help="Run folders written by cnn train, or folders holding several (a sweep)."),
     ],
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Where the PNGs go. Default: RUN (one folder), else here.")
+        Path | None, typer.Option("--out", metavar="DIR", help="Where the PNGs go. Default: RUN (one folder), else "
+                                  "here.")
     ] = None,
     confusion: Annotated[
         bool,
@@ -200,6 +263,7 @@ def plot(
                      "data)."),
     ] = True,
     data_dir: DataDirOpt = None,
+    json_out: JsonOpt = False,
     layers: LayersOpt = None,
 ) -> None:
     r"""Pictures of runs (needs the viz extra: pip install 'cnncli\[viz]'). One run folder: its learning curves
@@ -212,7 +276,7 @@ def plot(
                                      or not find_runs(run_dirs[0]))
     if single:
         load_layers(layers)
-        _plot_one(run_dirs[0], out_dir, confusion, data_dir)
+        _plot_one(run_dirs[0], out_dir, confusion, data_dir, json_out)
         return
     from cnncli.plot import RunFolderError, compare_curves_png
     from cnncli.runs import group_runs, summarize_run
@@ -239,11 +303,14 @@ def plot(
     heading = f"{title}{len(summaries)} runs in {len(groups)} groups, mean ± sample std over seeds"
     path = compare_curves_png(groups, target / "compare.png", title=heading)
     skipped = len(folders) - len(summaries)
+    if json_out:
+        print_json({"wrote": [str(path)], "runs": len(summaries), "groups": len(groups), "skipped": skipped})
+        return
     note = f" ({skipped} run(s) without a finished epoch left out)" if skipped else ""
     out.print(f"wrote {escape(str(path))}: {len(summaries)} runs in {len(groups)} groups{note}")
 
 
-def _plot_one(run_dir: Path, out_dir: Path | None, confusion: bool, data_dir: Path | None) -> None:
+def _plot_one(run_dir: Path, out_dir: Path | None, confusion: bool, data_dir: Path | None, json_out: bool) -> None:
     from cnncli import data
     from cnncli.checkpoint import load_checkpoint
     from cnncli.evaluate import evaluate
@@ -256,17 +323,23 @@ def _plot_one(run_dir: Path, out_dir: Path | None, confusion: bool, data_dir: Pa
     target = out_dir or run_dir
     name = run_dir.resolve().name
     written = [learning_curves_png(metrics, target / "learning_curves.png", title=name)]
+    result: dict[str, Any] = {}
     if confusion:
         best = run_dir / "best.npz"
         ckpt = load_checkpoint(best)
         model = model_from_checkpoint(ckpt, best)
         cfg = ckpt.config
-        folder = prepare_data(data_dir, cfg)
+        folder = prepare_data(data_dir, cfg, quiet=json_out)
         ds = data.load_dataset(cfg.data, folder, train=False, test=True)
         normalizer = Normalizer(data.normalization_for(cfg.data, folder, cfg.seed), model.input_shape[0])
         res = evaluate(model, ds.test_x, ds.test_y, normalizer, cfg.train.eval_batch_size, ds.classes)
         written.append(confusion_png(res.confusion, res.classes, target / "confusion.png",
                                      title=f"{name}/best.npz on the test set"))
-        out.print(f"best.npz on the test set: accuracy {100 * res.accuracy:.2f}%, loss {res.loss:.4f}")
+        result = {"test_acc": res.accuracy, "test_loss": res.loss}
+        if not json_out:
+            out.print(f"best.npz on the test set: accuracy {100 * res.accuracy:.2f}%, loss {res.loss:.4f}")
+    if json_out:
+        print_json({"wrote": [str(p) for p in written], **result})
+        return
     for p in written:
         out.print(f"wrote {escape(str(p))}")

@@ -11,8 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import json
-import re
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import yaml
 from cnncli.errors import ConfigError
 from cnncli.options import LayerOptions
 from cnncli.registry import LAYER_TYPES
+from cnncli.safeload import MAX_INT, MAX_SHOWN, describe, load_json, load_yaml, show
 
 # ---------------------------------------------------------------------------------------------- schema
 # `metadata={"min": x}` bounds a number from below (inclusive); "gt" bounds it strictly;
@@ -159,24 +159,33 @@ TAGGED_UNIONS: dict[Any, tuple[str, Any]] = {
 # --------------------------------------------------------------------------------------------- builder
 
 
+class ConfigValueError(ConfigError):
+    """A ConfigError about one key: `path` is its key path ('train.optimizer.lr'), `detail` what is wrong, so
+    that a caller can say where the value came from (the file or a --set)."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(f"{path}: {detail}" if path else detail)
+        self.path, self.detail = path, detail
+
+
 def _fmt(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, str) else repr(value)
+    return show(value)
 
 
 def _check_bounds(value: Any, meta: Any, path: str) -> None:
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{path}: must be one of {', '.join(meta['choices'])}, got {_fmt(value)}")
+        raise ConfigValueError(path, f"must be one of {', '.join(meta['choices'])}, got {_fmt(value)}")
     if isinstance(value, bool) or not isinstance(value, int | float):
         return
     if "min" in meta and value < meta["min"]:
         kind = "a positive number" if meta["min"] == 1 else f"at least {meta['min']}"
-        raise ConfigError(f"{path}: must be {kind}, got {_fmt(value)}")
+        raise ConfigValueError(path, f"must be {kind}, got {_fmt(value)}")
     if "max" in meta and value > meta["max"]:
-        raise ConfigError(f"{path}: must be at most {meta['max']}, got {_fmt(value)}")
+        raise ConfigValueError(path, f"must be at most {meta['max']}, got {_fmt(value)}")
     if "gt" in meta and value <= meta["gt"]:
-        raise ConfigError(f"{path}: must be greater than {meta['gt']}, got {_fmt(value)}")
+        raise ConfigValueError(path, f"must be greater than {meta['gt']}, got {_fmt(value)}")
     if "lt" in meta and value >= meta["lt"]:
-        raise ConfigError(f"{path}: must be less than {meta['lt']}, got {_fmt(value)}")
+        raise ConfigValueError(path, f"must be less than {meta['lt']}, got {_fmt(value)}")
 
 
 def _convert(value: Any, tp: Any, meta: Any, path: str) -> Any:
@@ -185,15 +194,18 @@ def _convert(value: Any, tp: Any, meta: Any, path: str) -> Any:
         what, tables = TAGGED_UNIONS[tp]
         table = tables()
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping with a 'type' key, got {_fmt(value)}")
+            raise ConfigValueError(path, f"expected a mapping with a 'type' key, got {describe(value)}")
         if "type" not in value:
-            raise ConfigError(f"{path}: missing 'type' (one of {', '.join(table)})")
+            raise ConfigValueError(path, f"missing 'type' (one of {', '.join(table)})")
         kind = value["type"]
+        if not isinstance(kind, str):
+            raise ConfigValueError(f"{path}.type", f"expected the name of a {what} (one of {', '.join(table)}), "
+                                   f"got {describe(kind)}")
         if kind not in table:
-            hint = difflib.get_close_matches(str(kind), table, n=1)
+            hint = difflib.get_close_matches(kind, table, n=1)
             did = f" (did you mean {hint[0]!r}?)" if hint else ""
             own = "; a layer of your own needs --layers FILE" if tp is LayerOptions and not did else ""
-            raise ConfigError(f"{path}.type: unknown {what} {_fmt(kind)}{did}; one of {', '.join(table)}{own}")
+            raise ConfigValueError(f"{path}.type", f"unknown {what} {_fmt(kind)}{did}; one of {', '.join(table)}{own}")
         return _build(table[kind], value, path)
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -205,38 +217,42 @@ def _convert(value: Any, tp: Any, meta: Any, path: str) -> Any:
         return _convert(value, args[0], meta, path)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {_fmt(value)}")
+            raise ConfigValueError(path, f"expected a mapping, got {describe(value)}")
         return _build(tp, value, path)
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}: expected a list, got {_fmt(value)}")
+            raise ConfigValueError(path, f"expected a list, got {describe(value)}")
         if "len" in meta and len(value) != meta["len"]:
-            raise ConfigError(f"{path}: expected a list of {meta['len']} values, got {_fmt(list(value))}")
+            raise ConfigValueError(path, f"expected a list of {meta['len']} values, got {describe(list(value))}")
         item_meta = {k: v for k, v in meta.items() if k != "len"}
         return tuple(_convert(v, item_tp, item_meta, f"{path}[{i}]") for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {_fmt(value)}")
+            raise ConfigValueError(path, f"expected true or false, got {describe(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             else:
-                raise ConfigError(f"{path}: expected an integer, got {_fmt(value)}")
+                raise ConfigValueError(path, f"expected an integer, got {describe(value)}")
+        if abs(value) > MAX_INT:
+            raise ConfigValueError(path, f"the integer {_fmt(value)} is too large (at most {MAX_INT})")
         _check_bounds(value, meta, path)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: expected a number, got {_fmt(value)}")
+            raise ConfigValueError(path, f"expected a number, got {describe(value)}")
+        if isinstance(value, int) and abs(value) > MAX_INT:
+            raise ConfigValueError(path, f"the number {_fmt(value)} is too large (at most {MAX_INT})")
         if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{path}: expected a finite number, got {_fmt(value)}")
+            raise ConfigValueError(path, f"expected a finite number, got {_fmt(value)}")
         _check_bounds(float(value), meta, path)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {_fmt(value)}")
+            raise ConfigValueError(path, f"expected a string, got {describe(value)}")
         _check_bounds(value, meta, path)
         return value
     raise TypeError(f"unsupported annotation {tp!r} at {path}")  # a bug in the schema, not user input
@@ -255,11 +271,12 @@ def _build(cls: type, raw: dict[str, Any], path: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            where = f"{path}.{key}" if path else str(key)
-            hint = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            name = key if isinstance(key, str) and len(key) <= MAX_SHOWN else _fmt(key)
+            where = f"{path}.{name}" if path else name
+            hint = difflib.get_close_matches(str(name), fields, n=1, cutoff=0.6)
             did = f"; did you mean {(path + '.' if path else '') + hint[0]!r}?" if hint else ""
             valid = ", ".join(fields)
-            raise ConfigError(f"{where}: unknown key{did} (valid keys here: {valid})")
+            raise ConfigValueError(where, f"unknown key{did} (valid keys here: {valid})")
     hints = _hints(cls)
     kwargs = {}
     for name, f in fields.items():
@@ -274,14 +291,17 @@ def build_config(raw: Any, name: str = "config") -> Config:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config: expected a mapping at the top level, got {_fmt(raw)}")
+        raise ConfigValueError("", f"expected a mapping (seed, model, data, train) at the top level, got "
+                               f"{describe(raw)}")
     raw = dict(raw)
     raw.setdefault("name", name)
     model = raw.get("model")
-    if not isinstance(model, dict) or "layers" not in model:
-        raise ConfigError("model.layers: missing; list the network's layers (see configs/seed.yaml)")
+    if model is not None and not isinstance(model, dict):
+        raise ConfigValueError("model", f"expected a mapping (input_shape, layers), got {describe(model)}")
+    if model is None or "layers" not in model:
+        raise ConfigValueError("model.layers", "missing; list the network's layers (see cnn config show seed)")
     if not isinstance(model["layers"], list) or not model["layers"]:
-        raise ConfigError(f"model.layers: expected a non-empty list of layers, got {_fmt(model['layers'])}")
+        raise ConfigValueError("model.layers", f"expected a non-empty list of layers, got {describe(model['layers'])}")
     return resolve_input_shape(_build(Config, raw, ""))
 
 
@@ -299,41 +319,72 @@ def resolve_input_shape(cfg: Config) -> Config:
 
 # ------------------------------------------------------------------------------------------ load & set
 
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e6` and `1e-3` (no dot, or no sign) as strings; here they are floats, as people mean."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+MAX_CONFIG_BYTES = 4 * 1024**2  # a config file is a few kilobytes; anything this large is something else
 
 
 def parse_yaml(text: str) -> Any:
-    """`yaml.safe_load` that also reads exponent floats such as 1e6."""
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: builds only plain data
+    """YAML text -> plain data, bounded (cnncli/safeload.py: no aliases, no deep nesting, no huge integers);
+    also reads exponent floats such as 1e6. Raises yaml.YAMLError."""
+    return load_yaml(text)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """' at line 3, column 7: <problem>' for a YAML error (the message PyYAML gives, on one line)."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return f"{where}: {' '.join(str(e.problem or e.context or 'invalid').split())}"
+    return f": {' '.join(str(e).split())}"
+
+
+def read_config_text(path: Path) -> str:
+    """The text of a config file. ConfigError names the file and says what it is instead when it is no YAML
+    text: missing, a folder, not a regular file (a FIFO or device would block or never end), too large, empty,
+    a checkpoint (.npz) or another binary file, not UTF-8."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found{_builtin_hint(path)}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path}: is not a regular file (a pipe or device), not a YAML config")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: is {st.st_size / 1024**2:.1f} MiB, not a YAML config (a config is at most "
+                          f"{MAX_CONFIG_BYTES // 1024**2} MiB)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        if path.suffix == ".npz":
+            raise ConfigError(f"{path}: is a .npz checkpoint, not a YAML config; to evaluate it: cnn eval {path}")
+        raise ConfigError(f"{path}: is a zip archive, not a YAML config")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ConfigError(f"{path}: is UTF-16 text; a config is UTF-8 (save it as UTF-8)")
+    if b"\x00" in data[:65536]:
+        raise ConfigError(f"{path}: is a binary file, not a YAML config")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}), not a YAML "
+                          "config") from None
+    if not text.strip():
+        raise ConfigError(f"{path}: is empty, not a config (see cnn config show seed for one to start from)")
+    return text
 
 
 def read_yaml(path: Path) -> Any:
-    """Parse a YAML file; ConfigError names the file (and the line, for a syntax error)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a config file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config file ({e})") from None
+    """Parse a YAML config file; ConfigError names the file (and the line, for a syntax error)."""
+    text = read_config_text(path)
     try:
         return parse_yaml(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}: {e.problem}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: invalid YAML{_yaml_problem(e)}") from None
 
 
 def _parse_path(key: str) -> list[str | int]:
@@ -356,27 +407,42 @@ def _parse_path(key: str) -> list[str | int]:
     return parts
 
 
-def apply_overrides(raw: Any, overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.path=value` strings (value parsed as YAML) to a raw config mapping, returning a copy."""
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _key_text(parts: list[str | int]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
+
+
+def _apply(raw: Any, overrides: list[str]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """`apply_overrides`, also returning (key path as build_config names it, the --set text) per override."""
     raw = copy.deepcopy(raw if raw is not None else {})
+    if not isinstance(raw, dict):
+        raise ConfigValueError("", f"expected a mapping at the top level, got {describe(raw)}")
+    where: list[tuple[str, str]] = []
     for item in overrides:
         key, eq, text = item.partition("=")
         key = key.strip()
+        shown = _cut(item)
         if not eq or not key:
-            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set train.epochs=3")
+            raise ConfigError(f"--set {shown!r}: expected key.path=value, e.g. --set train.epochs=3")
         try:
             parts = _parse_path(key)
-            value = parse_yaml(text) if text.strip() else None
         except ValueError:
-            raise ConfigError(f"--set {item!r}: cannot read the key path {key!r}") from None
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {item!r}: cannot read the value {text!r}") from None
+            raise ConfigError(f"--set {shown!r}: cannot read the key path {_cut(key)!r}") from None
+        try:
+            value = parse_yaml(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {shown!r}: cannot read the value{_yaml_problem(e)}") from None
+        key = _cut(key)
         node: Any = raw
         for i, part in enumerate(parts[:-1]):
-            sub = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts[: i + 1]).lstrip(".")
+            sub = _key_text(parts[: i + 1])
             if isinstance(part, int):
                 if not isinstance(node, list) or not -len(node) <= part < len(node):
                     raise ConfigError(f"--set {key}: {sub} is not an existing list entry")
+                parts[i] = part % len(node)  # -1 -> the index build_config names
                 node = node[part]
             else:
                 if not isinstance(node, dict):
@@ -388,24 +454,94 @@ def apply_overrides(raw: Any, overrides: list[str]) -> dict[str, Any]:
         if isinstance(last, int):
             if not isinstance(node, list) or not -len(node) <= last < len(node):
                 raise ConfigError(f"--set {key}: not an existing list entry")
+            parts[-1] = last % len(node)
         elif not isinstance(node, dict):
             raise ConfigError(f"--set {key}: the parent is not a mapping")
         node[last] = value
-    return raw
+        where.append((_key_text(parts), shown))
+    return raw, where
+
+
+def apply_overrides(raw: Any, overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` strings (value parsed as YAML) to a raw config mapping, returning a copy."""
+    return _apply(raw, overrides)[0]
+
+
+def _within(path: str, parent: str) -> bool:
+    """'model.layers[0].type' lies within 'model.layers' and 'model'; everything within '' (the top level)."""
+    return not parent or path.startswith((parent + ".", parent + "["))
+
+
+def build_with_overrides(raw: Any, overrides: list[str] | None, source: str, name: str = "config") -> Config:
+    """`build_config(apply_overrides(raw, overrides))`, with errors that say where the wrong value came from:
+    `--set KEY=VALUE: …` for a value an override set (a key inside it, or one it created on its way), and
+    `SOURCE: key.path: …` otherwise."""
+    raw, where = _apply(raw, list(overrides or []))
+    try:
+        return build_config(raw, name=name)
+    except ConfigValueError as e:
+        for path, item in reversed(where):  # the last --set of a key is the one that counts
+            # the --set's value, a key inside it, or a key the --set created on its way (train.optimiser.lr=…)
+            if e.path == path or _within(e.path, path) or _within(path, e.path):
+                detail = e.detail if e.path == path else str(e)
+                raise ConfigError(f"--set {item}: {detail}") from None
+        raise ConfigError(f"{source}: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------ built-in configs
+
+# The configs shipped in the package: cnncli/configs is a link to the checkout's configs/ folder (the source
+# of truth), and the wheel carries the files themselves (package data), so `--config seed` works anywhere.
+BUILTIN_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def builtin_configs() -> dict[str, Path]:
+    """Name -> file of every built-in config (the .yaml files of cnncli/configs), sorted by name."""
+    return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.yaml"), key=lambda p: p.stem)}
+
+
+def _is_bare_name(text: str) -> bool:
+    return bool(text) and "/" not in text and "\\" not in text and not text.endswith((".yaml", ".yml"))
+
+
+def _builtin_hint(path: Path) -> str:
+    names = builtin_configs()
+    if path.stem in names:
+        return f" (the built-in config of that name: --config {path.stem})"
+    return f" (built-in configs: {', '.join(names)})" if names else ""
+
+
+def resolve_config(spec: Path | str) -> Path:
+    """The file `--config` means: a built-in config's name (`seed`, `seed-diagram`, … : `cnn config list`)
+    unless a file of exactly that name exists here, else the path as given (a name with a .yaml or .yml suffix
+    or a folder part is always a path). ConfigError (one line, listing the built-in names) for a bare name that
+    is neither."""
+    text = str(spec)
+    path = Path(spec)
+    if not _is_bare_name(text) or path.is_file():
+        return path
+    names = builtin_configs()
+    if text in names:
+        return names[text]
+    if path.exists():
+        return path  # a folder or a pipe of that name: read_config_text says what it is
+    hint = difflib.get_close_matches(text, names, n=1, cutoff=0.6)
+    did = f"; did you mean {hint[0]!r}?" if hint else ""
+    raise ConfigError(f"{_cut(text)}: no config file of that name, and no built-in config {_cut(text)!r}{did} "
+                      f"(built-in configs: {', '.join(names)}; or give a path to a .yaml file)")
 
 
 def load_config(path: Path | str, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply `--set` overrides, validate. The config's name is the file's stem."""
-    path = Path(path)
+    """Read a YAML config (a path, or a built-in config's name: `resolve_config`), apply `--set` overrides,
+    validate. The config's name is the file's stem. Errors name the file, or the --set a wrong value came from."""
+    path = resolve_config(path)
     raw = read_yaml(path)
-    if overrides:
-        if raw is not None and not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        raw = apply_overrides(raw, overrides)
-    try:
-        return build_config(raw, name=path.stem)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: is not a YAML config: its top level is {describe(raw)}, a config is a mapping "
+                          "(seed, model, data, train)")
+    return build_with_overrides(raw, overrides, str(path), name=path.stem)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -426,12 +562,14 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def config_from_json(text: str, source: str) -> Config:
-    """Rebuild a config stored as JSON (in a checkpoint); errors name `source`."""
+    """Rebuild a config stored as JSON (in a checkpoint; bounded as cnncli/safeload.py says); errors name
+    `source`."""
     try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{source}: the stored config is not valid JSON ({e})") from None
+        raw = load_json(text)
+    except ValueError as e:
+        raise ConfigError(f"{source}: the stored config is not valid JSON ({_cut(str(e))})") from None
     try:
-        return build_config(raw, name=raw.get("name", "config") if isinstance(raw, dict) else "config")
+        name = raw.get("name", "config") if isinstance(raw, dict) else "config"
+        return build_config(raw, name=name if isinstance(name, str) else "config")
     except ConfigError as e:
         raise ConfigError(f"{source}: stored config: {e}") from None

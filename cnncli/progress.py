@@ -6,6 +6,8 @@ Library code never prints; it calls the callbacks made here.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,16 +19,39 @@ from tqdm import tqdm
 PLAIN_INTERVAL_S = 5.0
 
 
+def plain_interval() -> float:
+    """Seconds between plain progress lines: $CNNCLI_PROGRESS_SECONDS, else 5."""
+    try:
+        return max(0.0, float(os.environ.get("CNNCLI_PROGRESS_SECONDS", PLAIN_INTERVAL_S)))
+    except ValueError:
+        return PLAIN_INTERVAL_S
+
+
 def is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
 def _human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
+    """Binary units, labelled as such: 512 B, 1.5 KiB, 162.6 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return shutil.get_terminal_size().columns
+
+
+def _finish(bar: tqdm, failed: bool) -> None:
+    """Close a bar; after an exception (Ctrl-C) erase it rather than leave it half drawn."""
+    if failed:
+        bar.leave = False
+    bar.close()
 
 
 @contextmanager
@@ -34,30 +59,43 @@ def byte_progress(desc: str) -> Iterator[Callable[[int, int | None], None]]:
     """Yields `update(done_bytes, total_bytes_or_None)` that draws a bar (terminal) or plain lines."""
     if is_terminal():
         bars: list[tqdm] = []  # created on the first update, so that nothing is drawn when nothing happens
+        start = time.monotonic()
 
+        # tqdm's own byte formatting labels 1024-based sizes "MB" (and its rate is 1000-based): the sizes are
+        # formatted here, in binary units, and shown through the bar's free-text {unit} field
         def update(done: int, total: int | None) -> None:
             if not bars:
-                bars.append(tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr))
+                bars.append(tqdm(desc=desc, file=sys.stderr, bar_format="{desc}: {unit}", unit="", dynamic_ncols=True))
             bar = bars[0]
             if total is not None and bar.total != total:
                 bar.total = total
+                bar.bar_format = "{desc}: {percentage:3.0f}%|{bar}| {unit}"
+            rate = done / max(time.monotonic() - start, 1e-9)
+            of = f" / {_human_bytes(total):>10}" if total else ""
             bar.n = done
+            bar.unit = f"{_human_bytes(done):>10}{of}, {_human_bytes(rate):>10}/s"  # fixed widths: the bar stays put
             bar.refresh()
 
+        failed = False
         try:
             yield update
+        except BaseException:
+            failed = True
+            raise
         finally:
             for bar in bars:
-                bar.close()
+                _finish(bar, failed)
         return
 
     start = time.monotonic()
     last = [0.0]
 
+    interval = plain_interval()
+
     def update_plain(done: int, total: int | None) -> None:
         now = time.monotonic()
         finished = total is not None and done >= total
-        if now - last[0] < PLAIN_INTERVAL_S and not finished:
+        if now - last[0] < interval and not finished:
             return
         last[0] = now
         rate = done / max(now - start, 1e-9)
@@ -67,6 +105,59 @@ def byte_progress(desc: str) -> Iterator[Callable[[int, int | None], None]]:
     yield update_plain
 
 
+@contextmanager
+def count_progress(desc: str, unit: str, quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """Yields `update(done, total)` for a long count (gradcheck's entries) on stderr: a bar in a terminal
+    (erased at the end, and on Ctrl-C), else a line every few seconds ($CNNCLI_PROGRESS_SECONDS); nothing when
+    `quiet`."""
+    if quiet:
+        yield lambda done, total: None
+        return
+    if is_terminal():
+        bars: list[tqdm] = []
+
+        def update(done: int, total: int) -> None:
+            if not bars:
+                bars.append(tqdm(total=total, desc=desc, unit=f" {unit}", file=sys.stderr, leave=False,
+                                 dynamic_ncols=True, mininterval=0.2))
+            bars[0].update(done - bars[0].n)
+
+        failed = False
+        try:
+            yield update
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            for bar in bars:
+                _finish(bar, failed)
+        return
+
+    interval = plain_interval()
+    start = last = time.monotonic()
+
+    def update_plain(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < interval or done >= total:
+            return
+        last = now
+        print(f"{desc}: {done:,} of {total:,} {unit} ({100 * done / total:.0f}%), {now - start:.0f} s",
+              file=sys.stderr, flush=True)
+
+    yield update_plain
+
+
+# A postfix of fixed width, and a placeholder as wide before the first one: the bar never narrows.
+_POSTFIX = "loss {loss:>7}  acc {acc:>5}%  {ips:>7} img/s"
+
+
+def _postfix(loss: float | None, acc: float | None, ips: float | None) -> str:
+    if loss is None or acc is None or ips is None:
+        return _POSTFIX.format(loss="–", acc="–", ips="–")
+    return _POSTFIX.format(loss=f"{loss:.4f}", acc=f"{100 * acc:.1f}", ips=f"{ips:,.0f}")
+
+
 class TrainProgress:
     """Renders the training loop's callbacks on stdout.
 
@@ -74,10 +165,10 @@ class TrainProgress:
     Not a terminal: a plain line every few seconds during an epoch and one line at its end.
     """
 
-    def __init__(self, stream: TextIO | None = None, interval: float = PLAIN_INTERVAL_S) -> None:
+    def __init__(self, stream: TextIO | None = None, interval: float | None = None) -> None:
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
-        self.interval = interval
+        self.interval = plain_interval() if interval is None else interval
         self.bar: tqdm | None = None
         self.epoch = self.epochs = 0
         self._last_line = 0.0
@@ -102,17 +193,24 @@ class TrainProgress:
         self.epoch, self.epochs = epoch, epochs
         self._last_line = time.monotonic()
         if self.tty:
+            # Everything but the bar has a fixed width (counts padded, the postfix reserved from the start), and
+            # the bar's width is set once per epoch from the terminal's: nothing moves or narrows as it runs.
+            n = len(str(steps))
+            desc = f"epoch {epoch}/{epochs}"
+            rest = len(desc) + 2 + 5 + 2 + 2 * n + 1 + 16 + 2 + len(_postfix(None, None, None))
+            width = max(10, min(40, _columns(self.stream) - 1 - rest))
             self.bar = tqdm(
-                total=steps, initial=start_batch, desc=f"epoch {epoch}/{epochs}", unit="step",
-                file=self.stream, leave=False, dynamic_ncols=True,
+                total=steps, initial=start_batch, desc=desc, unit="step", file=self.stream, leave=False,
+                dynamic_ncols=True, postfix=_postfix(None, None, None),
+                bar_format="{desc}: {percentage:3.0f}%|{bar:%d}| {n_fmt:>%d}/{total_fmt} [{elapsed}<{remaining}]"
+                           "{postfix}".replace("%d", str(width), 1).replace("%d", str(n), 1),
             )
 
     def on_batch(self, batch: int, steps: int, loss: float, acc: float, images_per_s: float, lr: float) -> None:
         if self.bar is not None:
             self.bar.update(batch - self.bar.n)
             if batch == steps or batch % 5 == 0:
-                postfix = f"loss {loss:.4f}  acc {100 * acc:.1f}%  {images_per_s:,.0f} img/s"
-                self.bar.set_postfix_str(postfix, refresh=False)
+                self.bar.set_postfix_str(_postfix(loss, acc, images_per_s), refresh=False)
             return
         now = time.monotonic()
         if now - self._last_line >= self.interval and batch < steps:
@@ -124,7 +222,7 @@ class TrainProgress:
 
     def on_validate(self) -> None:
         if self.bar is not None:
-            self.bar.set_description_str(f"epoch {self.epoch}/{self.epochs} (validating)")
+            self.bar.set_postfix_str("validating".ljust(len(_postfix(None, None, None))))
 
     def on_epoch_end(self, m: Any, is_best: bool) -> None:
         if self.bar is not None:

@@ -28,7 +28,9 @@ import yaml
 
 from cnncli.atomic import atomic_write
 from cnncli.errors import CnnError
+from cnncli.safeload import load_json, load_yaml
 
+MAX_RECORD_BYTES = 16 * 1024**2  # run.json, overrides.json, sweep.json, config.yaml: kilobytes; larger is damage
 RUN_FILE = "run.json"
 OVERRIDES_FILE = "overrides.json"
 STATES = ("running", "finished", "interrupted", "failed", "pruned")
@@ -50,11 +52,26 @@ def write_run_file(run_dir: Path, record: dict[str, Any]) -> Path:
     return path
 
 
-def read_json_file(path: Path) -> dict[str, Any] | None:
-    """A JSON object from `path`, or None when the file is missing, unreadable or not an object."""
+def _read_small_text(path: Path) -> str | None:
+    """The UTF-8 text of a regular file of at most MAX_RECORD_BYTES, else None (never blocks on a pipe)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        p = Path(path)
+        if not p.is_file() or p.stat().st_size > MAX_RECORD_BYTES:
+            return None
+        return p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def read_json_file(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`, or None when the file is missing, unreadable, hostile (too large, too deep,
+    huge integers: cnncli/safeload.py) or not an object."""
+    text = _read_small_text(path)
+    if text is None:
+        return None
+    try:
+        data = load_json(text)
+    except ValueError:
         return None
     return data if isinstance(data, dict) else None
 
@@ -138,23 +155,36 @@ def _float(text: str | None) -> float | None:
 
 def read_history(run_dir: Path) -> list[dict[str, float | None]]:
     """metrics.csv as a list of rows (numbers, None where empty); [] when there is none or it is unreadable."""
-    try:
-        text = (Path(run_dir) / "metrics.csv").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+    text = _read_small_text(Path(run_dir) / "metrics.csv")
+    if text is None:
         return []
     rows = []
-    for row in csv.DictReader(text.splitlines()):
-        rows.append({k: _float(v) for k, v in row.items() if k})
+    try:
+        for row in csv.DictReader(text.splitlines()):
+            rows.append({k: _float(v) for k, v in row.items() if isinstance(k, str) and k and isinstance(v, str)})
+    except csv.Error:  # a damaged file (a field beyond csv's size limit, a NUL byte)
+        return []
     return [r for r in rows if r.get("epoch") is not None]
 
 
 def read_config_raw(run_dir: Path) -> dict[str, Any]:
-    """The run's config.yaml as plain data ({} when it cannot be read)."""
+    """The run's config.yaml as plain data ({} when it cannot be read, or is hostile: cnncli/safeload.py)."""
+    text = _read_small_text(Path(run_dir) / "config.yaml")
+    if text is None:
+        return {}
     try:
-        raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raw = load_yaml(text)
+    except yaml.YAMLError:
         return {}
     return raw if isinstance(raw, dict) else {}
+
+
+def _int_or_none(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _text_or_none(v: Any, limit: int = 500) -> str | None:
+    return v[:limit] if isinstance(v, str) else None
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
@@ -164,13 +194,15 @@ def summarize_run(run_dir: Path) -> RunSummary:
     record = read_json_file(run_dir / RUN_FILE) or {}
     history = read_history(run_dir)
     train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
-    epochs = record.get("epochs", train.get("epochs"))
+    # every field of a record is checked for its kind: a damaged or hostile run.json lists as far as it can
+    epochs = _int_or_none(record.get("epochs", train.get("epochs")))
     overrides = record.get("overrides")
     if not isinstance(overrides, list):
         overrides = (read_json_file(run_dir / OVERRIDES_FILE) or {}).get("overrides", [])
+    overrides = [o for o in overrides if isinstance(o, str)] if isinstance(overrides, list) else []
     vals = [(r["val_acc"], int(r["epoch"])) for r in history if r.get("val_acc") is not None]
     best_val, best_epoch = max(vals, key=lambda v: (v[0], -v[1])) if vals else (None, None)
-    if best_epoch is None and isinstance(record.get("best_epoch"), int) and record["best_epoch"] > 0:
+    if best_epoch is None and (_int_or_none(record.get("best_epoch")) or 0) > 0:
         best_epoch = record["best_epoch"]
     state = record.get("state")
     if state == "running" and process_alive(record.get("host"), record.get("pid")) is False:
@@ -179,17 +211,18 @@ def summarize_run(run_dir: Path) -> RunSummary:
         state = "finished" if isinstance(epochs, int) and len(history) >= epochs else "interrupted"
     return RunSummary(
         path=run_dir,
-        config=str(raw.get("name", record.get("config", "?"))),
-        overrides=[str(o) for o in overrides],
+        config=_text_or_none(raw.get("name", record.get("config")), 200) or "?",
+        overrides=overrides,
         epochs_done=len(history),
-        epochs=epochs if isinstance(epochs, int) else None,
+        epochs=epochs,
         best_epoch=best_epoch,
         best_val_acc=best_val,
-        test_acc=record.get("test_acc") if isinstance(record.get("test_acc"), int | float) else None,
+        test_acc=record.get("test_acc") if isinstance(record.get("test_acc"), int | float) and not isinstance(
+            record.get("test_acc"), bool) else None,
         seconds=sum(r.get("seconds") or 0.0 for r in history),
         state=state,
-        stopped_early=record.get("stopped_early"),
-        error=record.get("error"),
+        stopped_early=_int_or_none(record.get("stopped_early")),
+        error=_text_or_none(record.get("error")),
         history=history,
     )
 

@@ -53,9 +53,10 @@ from typing import Any
 import yaml
 
 from cnncli.atomic import atomic_write
-from cnncli.config import Config, config_to_dict, load_config, parse_yaml
+from cnncli.config import Config, config_to_dict, load_config, parse_yaml, resolve_config
 from cnncli.errors import CnnError, ConfigError
 from cnncli.runs import OVERRIDES_FILE, process_alive, read_json_file
+from cnncli.safeload import describe, show
 
 INSTALL_HINT = "Optuna is not installed; sweeps need the sweep extra: pip install 'cnncli[sweep]'"
 SWEEP_FILE = "sweep.json"
@@ -100,7 +101,13 @@ class Dimension:
         return {"key": self.key, "kind": self.kind, "values": list(self.values), "low": self.low, "high": self.high}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Dimension:
+    def from_json(cls, d: Any, where: str = "dimension") -> Dimension:
+        """From `to_json`'s mapping, every field checked (it may come from a damaged or hostile sweep.json)."""
+        _check_fields(d, where, {"key": str, "kind": str, "values": list, "low": (int, float, type(None)),
+                                 "high": (int, float, type(None))}, required=("key", "kind"))
+        for i, v in enumerate(d.get("values") or ()):
+            if not (v is None or isinstance(v, str | int | float | bool)):
+                raise ConfigError(f"{where}.values[{i}]: expected a single value, got {describe(v)}")
         return cls(d["key"], d["kind"], tuple(d.get("values") or ()), d.get("low"), d.get("high"))
 
     def describe(self) -> str:
@@ -263,16 +270,51 @@ class SweepSpec:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> SweepSpec:
+    def from_json(cls, d: Any) -> SweepSpec:
+        """From `to_json`'s mapping, every field checked: ConfigError names the key and the kind of its value."""
+        _check_fields(d, "spec", {"config": str, "config_name": str, "sets": list, "grid": list, "sample": list,
+                                  "seeds": list, "metric": str, "mode": str, "base_hash": str, "layers": list,
+                                  "tensorboard": bool},
+                      required=("config", "config_name", "sets", "grid", "sample", "seeds", "metric", "mode",
+                                "base_hash"))
+        for key, kind in (("sets", str), ("seeds", int), ("layers", str)):
+            for i, v in enumerate(d.get(key, [])):
+                if not isinstance(v, kind) or isinstance(v, bool):
+                    raise ConfigError(f"spec.{key}[{i}]: expected {'an integer' if kind is int else 'a string'}, "
+                                      f"got {describe(v)}")
         d = dict(d)
-        d["grid"] = [Dimension.from_json(x) for x in d.get("grid", [])]
-        d["sample"] = [Dimension.from_json(x) for x in d.get("sample", [])]
+        d["grid"] = [Dimension.from_json(x, f"spec.grid[{i}]") for i, x in enumerate(d.get("grid", []))]
+        d["sample"] = [Dimension.from_json(x, f"spec.sample[{i}]") for i, x in enumerate(d.get("sample", []))]
         return cls(**d)
 
     def describe(self) -> str:
         dims = " ".join(d.describe() for d in self.grid + self.sample)
         seeds = f" over {len(self.seeds)} seeds" if len(self.seeds) > 1 and not self.seed_in_grid else ""
         return f"{self.config_name}: {dims}{seeds}, {self.metric} ({self.mode})"
+
+
+def _check_fields(d: Any, where: str, kinds: dict[str, Any], required: tuple[str, ...]) -> None:
+    """ConfigError unless `d` is a mapping of known keys, each holding a value of its kind (bool is no number)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {describe(d)}")
+    for key in d:
+        if key not in kinds:
+            raise ConfigError(f"{where}: unknown key {show(key)}")
+    for key in required:
+        if key not in d:
+            raise ConfigError(f"{where}.{key}: missing")
+    for key, kind in kinds.items():
+        if key in d:
+            v = d[key]
+            wrong = not isinstance(v, kind) or (isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple)
+                                                                                        else (kind,)))
+            if wrong:
+                raise ConfigError(f"{where}.{key}: expected {_KIND_WORDS.get(kind, 'another kind')}, got "
+                                  f"{describe(v)}")
+
+
+_KIND_WORDS: dict[Any, str] = {str: "a string", list: "a list", bool: "true or false",
+                               (int, float, type(None)): "a number or null"}
 
 
 def _config_hash(cfg: Config) -> str:
@@ -316,10 +358,15 @@ def build_spec(
     base = load_config(config, sets)
 
     def check(option: str, d: Dimension, value: Any) -> None:
+        item = override(d.key, value)
         try:
-            load_config(config, [*sets, override(d.key, value)])
+            load_config(config, [*sets, item])
         except ConfigError as e:
-            raise ConfigError(f"{option} {d.describe()}: {e}") from None
+            msg = str(e)
+            if msg.startswith(f"--set {item}: "):  # the value came from the --grid/--sample, not from a --set
+                rest = msg.removeprefix(f"--set {item}: ")
+                msg = rest if rest.startswith(d.key) else f"{d.key}: {rest}"
+            raise ConfigError(f"{option} {d.describe()}: {msg}") from None
 
     for d in grid:
         for v in d.values:
@@ -329,7 +376,7 @@ def build_spec(
             check("--sample", d, v)
     grid_seeds = next((list(d.values) for d in grid if d.key == "seed"), None)
     spec = SweepSpec(
-        config=str(Path(config).resolve()), config_name=base.name, sets=list(sets), grid=grid, sample=sample,
+        config=str(resolve_config(config).resolve()), config_name=base.name, sets=list(sets), grid=grid, sample=sample,
         seeds=grid_seeds or [base.seed + i for i in range(seeds)], metric=metric, mode=mode,
         base_hash=_config_hash(base), layers=[str(Path(p).resolve()) for p in layers or []], tensorboard=tensorboard,
     )  # fmt: skip
@@ -450,8 +497,14 @@ def locate(target: str, storage: str | None, runs_root: Path = Path("runs")) -> 
     for folder in (Path(target), runs_root / target):
         info = read_json_file(folder / SWEEP_FILE)
         if info is not None:
-            spec = SweepSpec.from_json(info["spec"]) if isinstance(info.get("spec"), dict) else None
-            return SweepPlace(folder, storage or info.get("storage"), str(info.get("name", folder.name)), spec)
+            try:
+                spec = SweepSpec.from_json(info["spec"]) if "spec" in info else None
+                for key in ("storage", "name"):
+                    if not isinstance(info.get(key), str | type(None)):
+                        raise ConfigError(f"{key}: expected a string, got {describe(info[key])}")
+            except ConfigError as e:
+                raise ConfigError(f"{folder / SWEEP_FILE}: {e}") from None
+            return SweepPlace(folder, storage or info.get("storage"), str(info.get("name") or folder.name), spec)
     if Path(target).is_dir():
         raise ConfigError(f"{target}: not a sweep folder (no {SWEEP_FILE})")
     if storage:
@@ -992,11 +1045,14 @@ def prepare(
     """Open (or start) the study, write sweep.json and recover this host's cut-off trials; returns the study."""
     info = read_json_file(Path(sweep_dir) / SWEEP_FILE)
     if info is not None and info.get("name") not in (None, name):
-        raise ConfigError(f"--out {sweep_dir}: holds the sweep {info.get('name')!r}; give another --out")
-    if info is not None and isinstance(info.get("spec"), dict) and SweepSpec.from_json(info["spec"]).identity() \
-            != spec.identity():
-        raise ConfigError(f"--out {sweep_dir}: holds another sweep ({SweepSpec.from_json(info['spec']).describe()}); "
-                          "give another --out")
+        raise ConfigError(f"--out {sweep_dir}: holds the sweep {show(info.get('name'))}; give another --out")
+    if info is not None and "spec" in info:
+        try:
+            theirs = SweepSpec.from_json(info["spec"])
+        except ConfigError as e:
+            raise ConfigError(f"--out {sweep_dir}: {SWEEP_FILE} is damaged ({e}); give another --out") from None
+        if theirs.identity() != spec.identity():
+            raise ConfigError(f"--out {sweep_dir}: holds another sweep ({theirs.describe()}); give another --out")
     storage = open_storage(storage_url, sweep_dir)
     study = open_study(storage, name, spec)
     write_sweep_file(sweep_dir, spec, name, storage_url)

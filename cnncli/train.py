@@ -35,8 +35,7 @@ from cnncli.checkpoint import Checkpoint, apply_optim, apply_params, load_checkp
 from cnncli.config import (
     Config,
     EarlyStoppingConfig,
-    apply_overrides,
-    build_config,
+    build_with_overrides,
     config_to_dict,
     config_to_yaml,
     load_config,
@@ -534,11 +533,7 @@ def plan_run(
         ckpt = load_checkpoint(resume)
         if not ckpt.resumable:
             raise ConfigError(f"{resume}: holds no training state (parameters only); start from it with --init")
-        raw = apply_overrides(config_to_dict(ckpt.config), overrides)
-        try:
-            cfg = build_config(raw, name=ckpt.config.name)
-        except ConfigError as e:
-            raise ConfigError(f"{resume}: {e}") from None
+        cfg = build_with_overrides(config_to_dict(ckpt.config), overrides, str(resume), name=ckpt.config.name)
         notes = [f"--resume uses the config stored in {resume}; ignoring --config"] if config is not None else []
         return RunPlan(cfg, out_dir or resume.parent, resume=ckpt, resume_path=resume, notes=notes)
     if config is None:

@@ -177,7 +177,7 @@ def test_missing_layers(command: str, tmp_path: Path) -> None:
 def test_empty_file(command: str, tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("", encoding="utf-8")
-    assert "model.layers" in _fail(command, path)
+    assert f"{path}: is empty, not a config" in _fail(command, path)
 
 
 def test_error_is_a_single_line_even_when_long(tmp_path: Path) -> None:

@@ -125,7 +125,7 @@ def test_integers_are_accepted_for_floats_and_integral_floats_for_integers() -> 
     [
         ({"type": "conv", "kernel_size": "3"}, "kernel_size", '"3"'),
         ({"type": "conv", "stride": 1.5}, "stride", "1.5"),
-        ({"type": "conv", "out_channels": True}, "out_channels", "True"),
+        ({"type": "conv", "out_channels": True}, "out_channels", "true"),  # as YAML writes it
         ({"type": "conv", "padding": [1]}, "padding", "[1]"),
     ],
 )

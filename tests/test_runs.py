@@ -78,7 +78,7 @@ def test_states_overrides_and_json_of_hand_made_runs(tmp_path: Path) -> None:
     (root / "not-a-run" / "notes.txt").write_text("x")
 
     result = runner.invoke(app, ["runs", str(root), "--json"])
-    runs = {r["path"]: r for r in json.loads(ok(result))}
+    runs = {r["path"]: r for r in map(json.loads, ok(result).splitlines())}  # one object per line
     assert sorted(runs) == ["a", "b", "old", "sweep/trial-0001", "sweep/trial-0002"]
     assert runs["a"]["state"] == "finished" and runs["a"]["best_val_acc"] == 0.3 and runs["a"]["best_epoch"] == 2
     assert runs["a"]["overrides"] == ["train.optimizer.lr=0.1"] and runs["a"]["test_acc"] == 0.28

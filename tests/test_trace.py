@@ -327,8 +327,8 @@ def test_cli_trace_of_a_checkpoint(real_cifar_dir: Path, tmp_path: Path, seed_tr
     [
         (["--index", "10000"], ["--index", "0..9999", "10000"]),
         (["--index", "-1"], ["--index", "0..9999"]),
-        (["--split", "train", "--index", "50000"], ["--index", "0..49999", "train"]),
-        (["--split", "val"], ["--split", "test or train"]),
+        (["--split", "train", "--index", "45000"], ["--index", "0..44999", "train"]),  # 5,000 held out for val
+        (["--split", "bogus"], ["--split", "test, train or val", "bogus"]),
     ],
 )
 def test_cli_trace_bad_index_or_split(args: list[str], needles: list[str], real_cifar_dir: Path) -> None:

@@ -163,7 +163,7 @@ def test_cnn_bench_tune_measures_says_why_and_the_next_bench_reads_the_cache(tmp
     cfg = tmp_path / "small.yaml"
     cfg.write_text(json.dumps({"model": {"input_shape": [3, 8, 8], "layers": SMALL}}))
     cmd = [str(Path(sys.executable).parent / "cnn"), "bench", "--config", str(cfg), "--steps", "1", "--repeats", "1",
-           "--batch", "16", "--eval-batch", "20"]
+           "--batch-size", "16", "--eval-batch-size", "20"]
     first = subprocess.run([*cmd, "--tune"], capture_output=True, text=True, env=env, timeout=120)
     assert first.returncode == 0, first.stderr
     assert "micro-batches: training" in first.stdout and "(measured now)" in first.stdout
