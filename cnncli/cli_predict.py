@@ -25,7 +25,9 @@ def predict(
         typer.Argument(metavar="IMAGE…", help="Image files (PNG or JPEG), folders of them, or glob patterns "
                        "('photos/**/*.jpg')."),
     ],
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="K", help="Classes shown per image (at most all).")] = 5,
+    top_k: Annotated[
+        int, typer.Option("--top-k", "-k", min=1, metavar="K", help="Classes shown per image (at most all).")
+    ] = 5,
     json_out: Annotated[
         bool, typer.Option("--json", help='One JSON object per line and image: {"file": …, "top": [{"class": …, '
                            '"p": …}, …]}.')
