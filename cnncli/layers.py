@@ -314,7 +314,7 @@ class MaxPool2D(Layer):
     Input (N, C, H, W); output (N, C, H', W') with H' = (H − K) // stride + 1 (rows and columns that no
     window covers are dropped). Backward (docs/derivations.md#max-pooling) routes each window's gradient to exactly one
     position, its arg-max; when several entries tie, the first in row-major order (u, then v) takes it.
-    Keeps only the arg-max offset u·K + v of each window (uint8).
+    Keeps only the arg-max offset u·K + v of each window (uint8; uint32 for windows over 16×16).
     """
 
     type_name = "maxpool"
@@ -363,7 +363,7 @@ class MaxPool2D(Layer):
         k = self.kernel_size
         _, ho, wo = self.output_shape(x.shape[1:])
         out = self._window(x, 0, 0, ho, wo).copy()
-        argmax = np.zeros(out.shape, dtype=np.uint8)
+        argmax = np.zeros(out.shape, dtype=np.uint8 if k * k <= 256 else np.uint32)  # offsets 0 … K²−1
         for o in range(1, k * k):
             cand = self._window(x, o // k, o % k, ho, wo)
             better = cand > out  # strictly greater: the earlier offset keeps a tie

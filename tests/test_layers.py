@@ -759,3 +759,15 @@ def test_full_chain_matches_finite_differences():
         assert analytic[label].shape == arr.shape, label
         err = _rel_error(analytic[label], num)
         assert err < 1e-6, (label, err)
+
+
+def test_max_pool_windows_larger_than_16_by_16_route_to_the_right_offset() -> None:
+    # offsets u·K + v reach K² − 1 = 288 for K = 17: more than a byte holds
+    from cnncli.layers import MaxPool2D
+
+    x = np.zeros((1, 1, 17, 17))
+    x[0, 0, 16, 15] = 1.0  # offset 16·17 + 15 = 287
+    pool = MaxPool2D(kernel_size=17)
+    assert pool.forward(x)[0, 0, 0, 0] == 1.0
+    dx = pool.backward(np.full((1, 1, 1, 1), 2.0))
+    assert dx[0, 0, 16, 15] == 2.0 and dx.sum() == 2.0
