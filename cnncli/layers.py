@@ -57,7 +57,7 @@ class Layer:
     Options: ClassVar[type[LayerOptions]] = NoOptions
     name_prefix: ClassVar[str] = ""  # default names <prefix>1, <prefix>2, …; "" means type_name
     decay: ClassVar[tuple[str, ...]] = ("W",)  # parameters that weight decay applies to
-    doc: ClassVar[str] = ""  # section of docs/derivations.md that derives it (its anchor)
+    doc: ClassVar[str] = ""  # its section of docs/derivations.md (the anchor), or a path of its own document
 
     name: str = ""
     options: LayerOptions | None = None

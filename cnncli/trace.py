@@ -235,7 +235,12 @@ class Step:
     def citation(self) -> str:
         """'docs/derivations.md#convolution (backward, conv1)', …: where the quantity is derived."""
         anchor, _, what = self.section.removeprefix("§").partition(" ")
-        return f"{DOCS}#{anchor} ({self.phase}{', ' + what if what else ''})"
+        detail = f"({self.phase}{', ' + what if what else ''})"
+        if anchor.startswith("?"):  # no section of docs/derivations.md derives it: say so, cite no dead link
+            return f"layer type {anchor[1:]!r}: its class's own docstring (no `doc` section) {detail}"
+        if "/" in anchor or anchor.endswith(".md"):  # a user's layer citing its own document
+            return f"{anchor} {detail}"
+        return f"{DOCS}#{anchor} {detail}"
 
     @property
     def stats(self) -> tuple[float, float, float]:
@@ -340,7 +345,7 @@ DOCS = "docs/derivations.md"
 def _section(layer: Layer, index: int, backward: bool = False) -> str:
     """Where docs/derivations.md derives a layer (its `doc` anchor) and which layer: '§convolution conv1',
     '§relu', …; the forward pass and backpropagation of a layer share one section."""
-    anchor = layer.doc or layer.kind
+    anchor = layer.doc or f"?{layer.kind}"  # "?": a layer type whose class names no section (a user's layer)
     return f"§{anchor} {layer.name}".rstrip() if layer.name else f"§{anchor}"
 
 

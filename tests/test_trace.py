@@ -367,3 +367,23 @@ def test_cli_trace_png_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_p
     err = _one_line_error(runner.invoke(app, ["trace", "--png", str(png), "--data-dir", str(tmp_path / "nodata")]))
     assert "matplotlib" in err and "pip install 'cnncli[viz]'" in err
     assert not png.exists()
+
+
+def test_a_layer_without_a_doc_section_is_cited_by_its_docstring_not_a_dead_anchor() -> None:
+    from cnncli.layers import Layer, ReLU
+    from cnncli.trace import DOCS, Step, _section
+
+    class Mine(Layer):
+        type_name = "mylayer"
+
+    mine, relu = Mine(), ReLU()
+    mine.name = "sq1"
+    fake = type("S", (), {"phase": "forward"})()
+    fake.section = _section(mine, 0)
+    text = Step.citation.fget(fake)  # type: ignore[attr-defined]
+    assert DOCS + "#" not in text and "'mylayer'" in text and "docstring" in text
+    fake.section = _section(relu, 0)
+    assert Step.citation.fget(fake).startswith(f"{DOCS}#relu")  # type: ignore[attr-defined]
+    Mine.doc = "docs/mine.md#squaring"
+    fake.section = _section(mine, 0)
+    assert Step.citation.fget(fake).startswith("docs/mine.md#squaring (forward, sq1)")  # type: ignore[attr-defined]
