@@ -95,6 +95,9 @@ class TrainProgress:
             f"({info.steps_per_epoch} steps per epoch){resumed}"
         )
         self._line(f"run folder: {info.run_dir}")
+        if getattr(info, "cleaned", None):
+            self._line(f"removed {len(info.cleaned)} temporary file(s) left by a run killed while saving: "
+                       + ", ".join(p.name for p in info.cleaned))
 
     def on_epoch_start(self, epoch: int, epochs: int, steps: int, start_batch: int) -> None:
         self.epoch, self.epochs = epoch, epochs
