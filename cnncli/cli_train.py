@@ -310,7 +310,7 @@ def eval_(
     from cnncli.checkpoint import load_checkpoint
     from cnncli.errors import ConfigError
     from cnncli.evaluate import evaluate
-    from cnncli.memory import check_step
+    from cnncli.memory import batch_cap, check_step
     from cnncli.preprocess import Normalizer
     from cnncli.train import model_from_checkpoint
 
@@ -320,8 +320,9 @@ def eval_(
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config
     model = model_from_checkpoint(ckpt, checkpoint)
-    check_step(model, batch_size or cfg.train.eval_batch_size, "--batch-size" if batch_size else
-               f"{checkpoint}: train.eval_batch_size", "one evaluation batch", train=False)
+    asked = batch_size or cfg.train.eval_batch_size
+    check_step(model, min(asked, batch_cap(cfg.data) or asked), "--batch-size" if batch_size else
+               f"{checkpoint}: train.eval_batch_size", "one evaluation batch", asked=asked, train=False)
     folder = prepare_data(data_dir, cfg)
     ds = data.load_dataset(cfg.data, folder, train=split != "test", test=split == "test")
     if split == "test":

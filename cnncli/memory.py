@@ -272,10 +272,10 @@ def estimate_step(model: Sequential, batch: int, *, train: bool = True, itemsize
 
 
 def check_step(model: Sequential, batch: int, key: str, what: str, limit: Limit | None = None,
-               **kwargs: Any) -> StepEstimate:
+               asked: int | None = None, **kwargs: Any) -> StepEstimate:
     """ConfigError when `estimate_step` exceeds the limit. `key` names the batch size (`train.batch_size`,
-    `--batch`), `what` the step ('one training step'). One example too many blames the largest layer; otherwise
-    the batch size, with how many examples would fit."""
+    `--batch`) and `asked` its value when `batch` is that value capped; `what` the step ('one training step').
+    One example too many blames the largest layer; otherwise the batch size, with how many examples would fit."""
     limit = limit or memory_limit()
     est = estimate_step(model, batch, **kwargs)
     if limit.bytes is None or est.total <= limit.bytes:
@@ -291,7 +291,8 @@ def check_step(model: Sequential, batch: int, key: str, what: str, limit: Limit 
         )
     fits = _largest_batch(model, batch, limit.bytes, **kwargs)
     raise ConfigError(
-        f"{key}: {batch:,}: {what} needs an estimated {human_bytes(est.total)} ({parts}); the limit is "
+        f"{key}: {asked or batch:,}{f' (at most {batch:,} images at once)' if asked and asked > batch else ''}: "
+        f"{what} needs an estimated {human_bytes(est.total)} ({parts}); the limit is "
         f"{limit.describe()}; at most about {fits:,} fit"
     )
 
@@ -304,10 +305,21 @@ def _largest_batch(model: Sequential, batch: int, limit: int, **kwargs: Any) -> 
     return lo
 
 
+# The most images a split of each downloadable data set holds (the official files), to cap the batch sizes the
+# checks assume: a batch never holds more images than its split. A folder data set has no known size.
+LARGEST_SPLIT = {"cifar10": 50_000, "cifar100": 50_000, "mnist": 60_000, "fashion-mnist": 60_000}
+
+
+def batch_cap(data_cfg: Any) -> int | None:
+    """The most images one batch of this data config can hold (None: unknown)."""
+    caps = [c for c in (data_cfg.limit, LARGEST_SPLIT.get(data_cfg.dataset)) if c is not None]
+    return min(caps) if caps else None
+
+
 def check_training(cfg: Any) -> None:
     """Refuse, before any data loads, a config whose network or whose training or evaluation step would not fit:
-    builds the network (the parameter check), then `check_step` for train.batch_size (capped by data.limit, as
-    a batch never holds more images than the training set) and train.eval_batch_size."""
+    builds the network (the parameter check), then `check_step` for train.batch_size and train.eval_batch_size
+    (each capped by `batch_cap`, as a batch never holds more images than its split)."""
     from cnncli.config import AdamConfig
     from cnncli.model import build_model
 
@@ -317,7 +329,8 @@ def check_training(cfg: Any) -> None:
     model = build_model(cfg.model, seed=cfg.seed)
     opt = cfg.train.optimizer
     buffers = 2 if isinstance(opt, AdamConfig) else (1 if opt.momentum > 0 else 0)
-    cap = cfg.data.limit if cfg.data.limit is not None else cfg.train.batch_size
+    cap = batch_cap(cfg.data) or max(cfg.train.batch_size, cfg.train.eval_batch_size)
     check_step(model, min(cfg.train.batch_size, cap), "train.batch_size", "one training step", limit,
-               optimizer_buffers=buffers)
-    check_step(model, cfg.train.eval_batch_size, "train.eval_batch_size", "one evaluation batch", limit, train=False)
+               cfg.train.batch_size, optimizer_buffers=buffers)
+    check_step(model, min(cfg.train.eval_batch_size, cap), "train.eval_batch_size", "one evaluation batch", limit,
+               cfg.train.eval_batch_size, train=False)
