@@ -301,7 +301,7 @@ def _check_state(d: Any, source: Path) -> _State:
 
 def default_run_dir(cfg: Config, root: Path = Path("runs")) -> Path:
     """root/<config name>-<timestamp>; ConfigError when the name is not a folder name (cnncli/names.py)."""
-    check_name(cfg.name, "name", RUN_NAME, " (the config's name: its file name unless the config sets name:)")
+    check_name(cfg.name, "name", RUN_NAME, " (the config's name: its name: key, else its file's name)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = root / f"{cfg.name}-{stamp}"
     n = 1
