@@ -328,7 +328,8 @@ def train(
     (best validation accuracy; the last epoch when there is no validation set), run.json (the run's state;
     `overrides`, the `--set` strings, are recorded there), and TensorBoard event files when
     train.tensorboard is on. Raises TrainingDiverged on a NaN/inf loss (last.npz keeps the last good epoch),
-    TrainingInterrupted after saving on Ctrl-C, and passes on a callback's StopRun.
+    TrainingInterrupted after saving on Ctrl-C or SIGTERM, and passes on a callback's StopRun. StorageError (a
+    full disk, a folder that cannot be written) names the file; the previous checkpoint is kept.
     """
     cb = callbacks or Callbacks()
     t_start = time.perf_counter()
