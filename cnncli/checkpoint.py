@@ -89,6 +89,19 @@ class _Expect:
     what: str
 
 
+def shown_name(name: str) -> str:
+    """A member or field name as a message shows it: as is when plain, quoted (escapes visible) otherwise, cut
+    at 80 characters: a hostile name never breaks the one-line message."""
+    plain = name.isprintable() and " " not in name and len(name) <= 80
+    return name if plain else repr(name if len(name) <= 80 else name[:77] + "...")
+
+
+def listed(names: list[str], most: int = 5) -> str:
+    """'a, b, c' or 'a, b, c, d, e and 12 more'."""
+    shown = ", ".join(shown_name(n) for n in names[:most])
+    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
+
+
 def _open_regular(path: Path) -> Any:
     """The file opened for reading, refusing anything that is not a regular file (a FIFO would block the open
     or the read forever; a device never ends) before and after opening it (O_NONBLOCK: a FIFO swapped in between
@@ -206,10 +219,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
             for info in zf.infolist():
                 name = info.filename
                 if not name.endswith(".npy") or info.is_dir():
-                    raise CheckpointError(f"{path}: holds {name!r}, which is not an array (.npy) entry")
+                    raise CheckpointError(f"{path}: holds {name[:80]!r}, which is not an array (.npy) entry")
                 key = name[: -len(".npy")]
                 if key in infos:
-                    raise CheckpointError(f"{path}: holds the entry {key!r} twice")
+                    raise CheckpointError(f"{path}: holds the entry {key[:80]!r} twice")
                 infos[key] = info
             if "config" not in infos:
                 raise CheckpointError(f"{path}: no 'config' entry (the resolved config as JSON text)")
@@ -224,10 +237,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
             arrays = [k for k in infos if k not in ("config", "state") and not k.startswith("optim.")]
             missing = [k for k in shapes if k not in infos]
             if missing:
-                raise CheckpointError(f"{path}: missing parameter array(s) {', '.join(missing)}")
+                raise CheckpointError(f"{path}: missing parameter array(s) {listed(missing)}")
             extra = [k for k in arrays if k not in shapes]
             if extra:
-                raise CheckpointError(f"{path}: unexpected array(s) {', '.join(extra)} for this model")
+                raise CheckpointError(f"{path}: unexpected array(s) {listed(extra)} for this model")
             params = {k: _read_member(zf, infos[k], k, _Expect(shapes[k], "f", "floating point"), path)
                       for k in shapes}
             optim: dict[str, np.ndarray] = {}
@@ -249,7 +262,7 @@ def _optim_expect(key: str, shapes: dict[str, tuple[int, ...]], path: Path) -> _
         return _Expect((), "iu", "an integer step count (a scalar)")
     param, _, buffer = name.rpartition(".")
     if buffer not in OPTIM_BUFFERS or param not in shapes:
-        raise CheckpointError(f"{path}: unexpected optimizer buffer {key} (expected optim.<parameter>.<"
+        raise CheckpointError(f"{path}: unexpected optimizer buffer {shown_name(key)} (expected optim.<parameter>.<"
                               f"{'|'.join(OPTIM_BUFFERS)}> or optim.t)")
     return _Expect(shapes[param], "f", "floating point")
 
@@ -274,10 +287,10 @@ def apply_params(ckpt: Checkpoint, model: Sequential, source: Path | str) -> Non
     expected = {**model.named_params(), **model.named_buffers()}
     missing = [k for k in expected if k not in ckpt.params]
     if missing:
-        raise CheckpointError(f"{source}: missing parameter array(s) {', '.join(missing)}")
+        raise CheckpointError(f"{source}: missing parameter array(s) {listed(missing)}")
     extra = [k for k in ckpt.params if k not in expected]
     if extra:
-        raise CheckpointError(f"{source}: unexpected array(s) {', '.join(extra)} for this model")
+        raise CheckpointError(f"{source}: unexpected array(s) {listed(extra)} for this model")
     cast = {}
     for k, v in expected.items():
         got = ckpt.params[k]

@@ -58,7 +58,10 @@ def main() -> None:
 
     signals.console_script()  # a command leaving because of a signal exits quietly on further ones
     try:
-        code = app(standalone_mode=False)
+        # every command: SIGTERM stops it as Ctrl-C does (exit 143), and repeated signals never interrupt the
+        # unwinding; `cnn train` turns the first one inside its loop into a saved, resumable stop
+        with signals.stop_signals():
+            code = app(standalone_mode=False)
     except _CLICK_ERROR as e:  # type: ignore[misc]
         ctx = getattr(e, "ctx", None)
         where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""

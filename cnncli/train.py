@@ -33,7 +33,14 @@ import numpy as np
 
 from cnncli import data as data_mod
 from cnncli.atomic import atomic_write, stale_temp_files
-from cnncli.checkpoint import Checkpoint, apply_optim, apply_params, load_checkpoint, save_checkpoint
+from cnncli.checkpoint import (
+    Checkpoint,
+    apply_optim,
+    apply_params,
+    load_checkpoint,
+    save_checkpoint,
+    shown_name,
+)
 from cnncli.config import (
     Config,
     EarlyStoppingConfig,
@@ -249,7 +256,8 @@ def _check_state(d: Any, source: Path) -> _State:
         raise CheckpointError(f"{source}: the training state is not a JSON object")
     unknown = [k for k in d if k not in _STATE_KEYS]
     if unknown:
-        raise CheckpointError(f"{source}: state.{unknown[0]}: unknown field (fields: {', '.join(_STATE_KEYS)})")
+        raise CheckpointError(f"{source}: state.{shown_name(unknown[0])}: unknown field (fields: "
+                              f"{', '.join(_STATE_KEYS)})")
     missing = [k for k in _STATE_KEYS if k not in d]
     if missing:
         raise CheckpointError(f"{source}: state.{missing[0]}: missing; the training state is incomplete")

@@ -21,7 +21,7 @@ from faultkit import cnn, copy_of_run, train
 from helpers import closed_port_url
 from typer.testing import CliRunner
 
-from cnncli.checkpoint import apply_params, load_checkpoint, save_checkpoint
+from cnncli.checkpoint import apply_optim, apply_params, load_checkpoint, save_checkpoint
 from cnncli.cli import app
 from cnncli.config import load_config
 from cnncli.errors import CheckpointError
@@ -151,6 +151,10 @@ def test_optimizer_buffers_are_checked_by_name_dtype_and_shape(good: Path, tmp_p
         ("optim.t", _npy(np.zeros((), np.float64)), "optim.t has dtype float64, expected an integer step count"),
     ]:
         _refused(_zip(tmp_path / "bad.npz", {**m, key: npy}), expected)
+    # values: finite once cast to the buffer's dtype, as parameters
+    path = _zip(tmp_path / "nan.npz", {**m, "optim.fc1.b.momentum": _npy(np.full(10, 1e300))})
+    with pytest.raises(CheckpointError, match=r"optim\.fc1\.b\.momentum holds NaN or infinite values once cast"):
+        apply_optim(load_checkpoint(path), {"fc1.b.momentum": np.zeros(10, np.float32)}, path)
 
 
 def test_entries_that_are_not_arrays_or_come_twice(good: Path, tmp_path: Path) -> None:

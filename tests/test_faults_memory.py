@@ -104,10 +104,12 @@ def test_a_batch_too_large_names_the_batch_size_and_how_many_fit(tmp_path: Path,
     assert 1_000 < fits < 50_000
 
 
-def test_gradcheck_batch_and_eval_batch_size_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gradcheck_bench_and_eval_batches_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(LIMIT_ENV, "1GiB")
     err = one_line_error(runner.invoke(app, ["gradcheck", "--config", str(SEED), "--batch", "10000000"]))
     assert err.startswith("error: --batch: 10,000,000: gradcheck (float64, the whole batch) needs an estimated")
+    err = one_line_error(runner.invoke(app, ["bench", "--config", str(SEED), "--eval-batch", "10000000"]))
+    assert err.startswith("error: --eval-batch: 10,000,000: one inference batch needs an estimated")
     cfg = load_config(SEED)
     ckpt = save_checkpoint(tmp_path / "w.npz", build_model(cfg.model), cfg)
     monkeypatch.setenv(LIMIT_ENV, "64MiB")
