@@ -59,15 +59,26 @@ def main() -> None:
     """The `cnn` console script: the app, with Click's usage errors printed as one line (exit 2)."""
     import sys
 
+    from cnncli import signals
     from cnncli.clikit import err
 
+    signals.console_script()  # a command leaving because of a signal exits quietly on further ones
     try:
-        code = app(standalone_mode=False)
+        # every command: SIGTERM stops it as Ctrl-C does (exit 143), and repeated signals never interrupt the
+        # unwinding; `cnn train` turns the first one inside its loop into a saved, resumable stop
+        with signals.stop_signals():
+            code = app(standalone_mode=False)
     except _CLICK_ERROR as e:  # type: ignore[misc]
         ctx = getattr(e, "ctx", None)
         where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
         err.print(f"[red]error:[/red] {e.format_message()}{where}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+    except typer.Abort:  # Ctrl-C outside a command's own handling (Click turns KeyboardInterrupt into Abort)
+        code = signals.exit_code(signals.last_signal())
+        signals.exit_now(code)
+    code = code if isinstance(code, int) else 0
+    if signals.last_signal() is not None:  # stopped by a signal: nothing may run (or be interrupted) at shutdown
+        if code == 130:  # Typer's code for any KeyboardInterrupt: say which signal it was
+            code = signals.exit_code(signals.last_signal())
+        signals.exit_now(code)
+    sys.exit(code)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -37,6 +37,19 @@ if TYPE_CHECKING:
 
 class Against(str, Enum):
     torch = "torch"
+
+
+def _check_sizes(cfg: Any, batch: int | None, eval_batch: int | None, reference: bool) -> None:
+    """Refuse batches (random data, not capped by a data set) that would not fit, before allocating them."""
+    from cnncli.memory import check_step
+    from cnncli.model import build_model
+
+    model = build_model(cfg.model, seed=0)
+    engine = not reference
+    check_step(model, batch or cfg.train.batch_size, "--batch-size" if batch else "train.batch_size",
+               "one training step", engine=engine)
+    check_step(model, eval_batch or cfg.train.eval_batch_size, "--eval-batch-size" if eval_batch else
+               "train.eval_batch_size", "one inference batch", train=False, engine=engine)
 
 
 @renamed({"--batch": "--batch-size", "--eval-batch": "--eval-batch-size"})
@@ -82,6 +95,7 @@ def bench(
 
         import_torch()  # before reading anything: without torch, the one-line install hint
         cfg = load_config(config, list(set_ or []))
+        _check_sizes(cfg, batch, eval_batch, reference)
         tres = run_against_torch(cfg, str(config), batch=batch, eval_batch=eval_batch, steps=steps, rounds=repeats,
                                  threads=threads, reference=reference)
         if json_out:
@@ -90,6 +104,7 @@ def bench(
             _render_against(tres)
         return
     cfg = load_config(config, list(set_ or []))
+    _check_sizes(cfg, batch, eval_batch, reference)
     res = run_bench(cfg, str(config), batch=batch, eval_batch=eval_batch, steps=steps, repeats=repeats,
                     threads=threads, reference=reference, retune=retune)
     if json_out:

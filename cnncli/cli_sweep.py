@@ -159,6 +159,10 @@ def sweep(
                                layers, tensorboard)
     target = sw.target_trials(spec, trials)
     name = name or (out_dir.name if out_dir else sw.default_name(spec))
+    if out_dir is None:  # the name makes the folder under runs/: it must stay a folder name there
+        from cnncli.names import RUN_NAME, check_name
+
+        check_name(name, "--name", RUN_NAME)
     sweep_dir = out_dir or Path("runs") / name
     study = sw.prepare(spec, sweep_dir, name, storage)
     todo = sw.pending(study, target)

@@ -97,12 +97,15 @@ def gradcheck(
 
     from cnncli.config import load_config
     from cnncli.gradcheck import gradcheck as run_gradcheck
+    from cnncli.memory import check_step
     from cnncli.model import build_model
     from cnncli.progress import count_progress
 
     load_layers(layers)
     cfg = load_config(config, list(set_ or []))
     model = build_model(cfg.model, seed=seed)
+    check_step(model, batch, "--batch", "gradcheck (float64, the whole batch)", itemsize=8, engine=False,
+               optimizer_buffers=0)
     start = time.perf_counter()
     with count_progress("gradcheck: finite differences", "entries", quiet=quiet) as progress:
         results = run_gradcheck(model, batch=batch, eps=eps, tol=tol, seed=seed, max_entries=max_entries,
@@ -251,13 +254,33 @@ def train(
         bool, typer.Option("--json", help="Print the final summary as one JSON object (progress goes to stderr).")
     ] = False,
 ) -> None:
-    """Train on CIFAR-10; leaves config.yaml, metrics.csv, run.json, last.npz and best.npz in the run folder."""
+    """Train on CIFAR-10; leaves config.yaml, metrics.csv, run.json, last.npz and best.npz in the run folder.
+
+    Ctrl-C or SIGTERM: the running step finishes, a resumable checkpoint is saved, the command that resumes is
+    printed; exit 130 (Ctrl-C) or 143 (SIGTERM). A second signal stops at once, keeping the last checkpoint."""
+    from cnncli.signals import exit_code, last_signal, signal_name, stop_signals
+
+    with stop_signals():  # from the start: a SIGTERM while the data loads stops as cleanly as Ctrl-C
+        try:
+            _train(config, set_, data_dir, out_dir, resume, init, epochs, batch_size, seed, threads, layers, overwrite,
+                   tensorboard, quiet, json_out)
+        except KeyboardInterrupt:
+            signum = last_signal()
+            err.print(f"[yellow]aborted by {signal_name(signum)}[/yellow] before a resumable checkpoint was saved "
+                      "(a run folder keeps the checkpoint of its last completed epoch)", soft_wrap=True)
+            raise typer.Exit(code=exit_code(signum)) from None
+
+
+def _train(config: Path | None, set_: list[str] | None, data_dir: Path | None, out_dir: Path | None,
+           resume: Path | None, init: Path | None, epochs: int | None, batch_size: int | None, seed: int | None,
+           threads: int | None, layers: list[Path] | None, overwrite: bool, tensorboard: bool, quiet: bool,
+           json_out: bool) -> None:
     import os
-    import signal as _signal
     import sys
 
     from cnncli.config import config_to_yaml
     from cnncli.progress import TrainProgress
+    from cnncli.signals import exit_code
     from cnncli.train import Callbacks, TrainingInterrupted, plan_run, run_plan
 
     load_layers(layers)
@@ -300,11 +323,7 @@ def train(
         command = f"cnn train --resume {e.path}" + (f" --data-dir {data_dir}" if data_dir else "")
         command += "".join(f" --layers {p}" for p in layers or [])
         err.print(f"resume with:  {escape(command)}", soft_wrap=True)
-        raise typer.Exit(code=128 + _signal.SIGINT) from None
-    except KeyboardInterrupt:
-        close()
-        err.print("[yellow]aborted[/yellow] (the run folder keeps the last completed epoch's checkpoint)")
-        raise typer.Exit(code=128 + _signal.SIGINT) from None
+        raise typer.Exit(code=exit_code(e.signum)) from None
     finally:
         close()
 
@@ -403,6 +422,7 @@ def eval_(
     from cnncli.checkpoint import load_checkpoint
     from cnncli.clikit import split_images
     from cnncli.evaluate import evaluate
+    from cnncli.memory import batch_cap, check_step
     from cnncli.preprocess import Normalizer
     from cnncli.train import model_from_checkpoint
 
@@ -413,6 +433,9 @@ def eval_(
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config
     model = model_from_checkpoint(ckpt, checkpoint)
+    asked = eval_batch_size or cfg.train.eval_batch_size
+    check_step(model, min(asked, batch_cap(cfg.data) or asked), "--eval-batch-size" if eval_batch_size else
+               f"{checkpoint}: train.eval_batch_size", "one evaluation batch", asked=asked, train=False)
     folder = prepare_data(data_dir, cfg, quiet=json_out)
     x, y, classes = split_images(cfg, folder, split)
     from cnncli import data

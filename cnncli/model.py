@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cnncli import memory
 from cnncli.config import ModelConfig
 from cnncli.engine import Engine
 from cnncli.errors import ConfigError
 from cnncli.layers import Layer, Shape, softmax_cross_entropy
+from cnncli.names import check_name
 from cnncli.options import LayerOptions
 from cnncli.registry import LAYER_TYPES
 
@@ -216,6 +218,16 @@ def build_layers(
         counts[prefix] = counts.get(prefix, 0) + 1
         default_name = f"{prefix}{counts[prefix]}"
         label = f"{where} ({opts.name or (default_name if cls.name_prefix else opts.type)})"
+        budget = memory.current_budget()
+        try:
+            if opts.name is not None:
+                check_name(opts.name, f"{where}.name")
+            if budget is not None:  # before the layer allocates its parameters: an absurd size stops here
+                budget.reserve(opts, shape, label)
+        except NestedLayerError:
+            raise
+        except ConfigError as e:  # a block's caller adds its own index to the path
+            raise NestedLayerError(str(e)) from None
         try:
             layer = cls.from_options(opts, shape, rng, dtype)
             out = layer.output_shape(shape)
@@ -243,7 +255,8 @@ def build_model(cfg: ModelConfig, seed: int = 0, dtype: type = np.float32) -> Se
     """
     rng = np.random.default_rng(seed)
     try:
-        layers, shape = build_layers(cfg.layers, tuple(cfg.input_shape), rng, dtype)
+        with memory.param_budget(np.dtype(dtype).itemsize):
+            layers, shape = build_layers(cfg.layers, tuple(cfg.input_shape), rng, dtype)
     except NestedLayerError as e:
         raise ConfigError(str(e)) from None
     if len(shape) != 1:

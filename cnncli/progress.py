@@ -188,6 +188,9 @@ class TrainProgress:
         self._line(f"run folder: {info.run_dir}")
         if getattr(info, "engine", ""):
             self._line(info.engine)
+        if getattr(info, "cleaned", None):
+            self._line(f"removed {len(info.cleaned)} temporary file(s) left by a run killed while saving: "
+                       + ", ".join(p.name for p in info.cleaned))
 
     def on_epoch_start(self, epoch: int, epochs: int, steps: int, start_batch: int) -> None:
         self.epoch, self.epochs = epoch, epochs

@@ -2,8 +2,9 @@
 
 Reproducibility: the data order of epoch e comes from `default_rng([seed, e])` and the augmentation of batch
 b of epoch e from `default_rng([seed, e, b])`, so (seed, epoch, batch) is the whole random state, and a run
-stopped after any batch resumes bit-for-bit. Ctrl-C is deferred to the end of the running step (the update
-is never half-applied); a second Ctrl-C aborts at once.
+stopped after any batch resumes bit-for-bit. Ctrl-C and SIGTERM are deferred to the end of the running step
+(the update is never half-applied; cnncli/signals.py); a second one aborts at once, but never inside a
+checkpoint write.
 
 Early stopping and the plateau schedule are functions of the recorded per-epoch history (which the
 checkpoint stores), so a resumed run stops after the same epoch and uses the same learning rates as one
@@ -17,8 +18,10 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import signal
-import threading
+import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager, nullcontext
@@ -30,8 +33,15 @@ import numpy as np
 
 from cnncli import data as data_mod
 from cnncli import tune
-from cnncli.atomic import atomic_write
-from cnncli.checkpoint import Checkpoint, apply_optim, apply_params, load_checkpoint, save_checkpoint
+from cnncli.atomic import atomic_write, stale_temp_files
+from cnncli.checkpoint import (
+    Checkpoint,
+    apply_optim,
+    apply_params,
+    load_checkpoint,
+    save_checkpoint,
+    shown_name,
+)
 from cnncli.config import (
     Config,
     EarlyStoppingConfig,
@@ -40,12 +50,15 @@ from cnncli.config import (
     config_to_yaml,
     load_config,
 )
-from cnncli.errors import CnnError, ConfigError, TrainingDiverged
+from cnncli.errors import CheckpointError, CnnError, ConfigError, StorageError, TrainingDiverged, os_reason
 from cnncli.evaluate import EvalResult, evaluate
+from cnncli.memory import check_training
 from cnncli.model import Sequential, build_model
+from cnncli.names import RUN_NAME, check_name
 from cnncli.optim import improves, learning_rate, make_optimizer, mode_of
 from cnncli.preprocess import Normalizer, augment
-from cnncli.runs import write_run_file
+from cnncli.runs import RUN_FILE, write_run_file
+from cnncli.signals import signal_name, stop_signals
 
 METRIC_FIELDS = (
     "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s",
@@ -79,6 +92,7 @@ class RunInfo:
     data_folder: Path
     resumed_from: Path | None
     engine: str = ""  # the engine's micro-batch sizes and where they come from (cnncli/tune.py)
+    cleaned: list[Path] = field(default_factory=list)  # temporary files a killed run left, removed at the start
 
 
 @dataclass
@@ -159,36 +173,21 @@ def _recorded(record: Callable[..., None]) -> Iterator[None]:
         raise
     except BaseException as e:
         state = "interrupted" if isinstance(e, TrainingInterrupted | KeyboardInterrupt) else "failed"
-        record(state, error=None if state == "interrupted" else (str(e) if isinstance(e, CnnError) else repr(e)))
+        try:
+            record(state, error=None if state == "interrupted" else (str(e) if isinstance(e, CnnError) else repr(e)))
+        except StorageError:  # a full disk fails this write too: the error that stopped the run is the one to show
+            pass
         raise
 
 
 class TrainingInterrupted(CnnError):
-    """Ctrl-C: a resumable checkpoint was saved at `path`."""
+    """Ctrl-C or SIGTERM (`signum`): a resumable checkpoint was saved at `path`."""
 
-    def __init__(self, path: Path, epoch: int, batch: int) -> None:
-        super().__init__(f"interrupted at epoch {epoch}, batch {batch}; resumable checkpoint saved to {path}")
+    def __init__(self, path: Path, epoch: int, batch: int, signum: int | None = None) -> None:
+        what = "interrupted" if signum in (None, signal.SIGINT) else f"stopped by {signal_name(signum)}"
+        super().__init__(f"{what} at epoch {epoch}, batch {batch}; resumable checkpoint saved to {path}")
         self.path, self.epoch, self.batch = path, epoch, batch
-
-
-@contextmanager
-def _deferred_sigint() -> Iterator[threading.Event]:
-    """Turn the first Ctrl-C into a flag checked between steps; a second one raises KeyboardInterrupt."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if flag.is_set():
-            raise KeyboardInterrupt
-        flag.set()
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        self.signum = signum if signum is not None else signal.SIGINT
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -224,19 +223,95 @@ class _State:
 
     @classmethod
     def from_json(cls, d: dict[str, Any], source: Path) -> _State:
-        try:
-            return cls(
-                epoch=int(d["epoch"]),
-                batch=int(d["batch"]),
-                step=int(d["step"]),
-                best_val_acc=None if d.get("best_val_acc") is None else float(d["best_val_acc"]),
-                best_epoch=int(d.get("best_epoch", 0)),
-                history=list(d.get("history", [])),
-                partial=dict(d.get("partial", {})),
-                engine=dict(d.get("engine", {})),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise CnnError(f"{source}: the training state is incomplete or damaged ({e!r})") from None
+        """The state of a checkpoint's `state` entry, every field checked (a checkpoint is hostile until then);
+        CheckpointError names the file and the field. What depends on the data (batch < steps per epoch) is
+        checked by `train` once the data is loaded."""
+        return _check_state(d, source)
+
+
+_STATE_KEYS = ("format", "epoch", "batch", "step", "best_val_acc", "best_epoch", "history", "partial")
+_PARTIAL_KEYS = ("loss", "correct", "seen", "train_seconds")
+MAX_EPOCHS = 10**7  # more completed epochs than any run makes: a forged counter
+
+
+def _check_state(d: Any, source: Path) -> _State:
+    def bad(key: str, want: str, got: Any) -> CheckpointError:
+        shown = repr(got)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return CheckpointError(f"{source}: state.{key}: expected {want}, got {shown}")
+
+    def integer(key: str, value: Any, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise bad(key, f"an integer from {lo} to {hi}", value)
+        return value
+
+    def number(key: str, value: Any, lo: float = 0.0, hi: float = math.inf, none: bool = False) -> float | None:
+        if value is None and none:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                or not lo <= value <= hi:
+            span = f"from {lo:g} to {hi:g}" if math.isfinite(hi) else f"at least {lo:g}"
+            raise bad(key, f"a finite number {span}" + (" or null" if none else ""), value)
+        return float(value)
+
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{source}: the training state is not a JSON object")
+    unknown = [k for k in d if k not in (*_STATE_KEYS, "engine")]
+    if unknown:
+        raise CheckpointError(f"{source}: state.{shown_name(unknown[0])}: unknown field (fields: "
+                              f"{', '.join(_STATE_KEYS)})")
+    missing = [k for k in _STATE_KEYS if k not in d]
+    if missing:
+        raise CheckpointError(f"{source}: state.{missing[0]}: missing; the training state is incomplete")
+    if d["format"] != 1 or isinstance(d["format"], bool):
+        raise bad("format", "1 (the only state format)", d["format"])
+    epoch = integer("epoch", d["epoch"], 0, MAX_EPOCHS)
+    batch = integer("batch", d["batch"], 0, 2**62)
+    step = integer("step", d["step"], epoch + batch, 2**62)  # every epoch took at least one step
+    best_epoch = integer("best_epoch", d["best_epoch"], 1 if epoch else 0, epoch)
+    best_val_acc = number("best_val_acc", d["best_val_acc"], 0.0, 1.0, none=True)
+    history = d["history"]
+    if not isinstance(history, list) or len(history) != epoch:
+        n = len(history) if isinstance(history, list) else None
+        raise bad("history", f"a list of {epoch} metrics rows (one per completed epoch)",
+                  f"{n} rows" if n is not None else history)
+    rows = []
+    for i, row in enumerate(history):
+        key = f"history[{i}]"
+        if not isinstance(row, dict) or set(row) != set(METRIC_FIELDS):
+            raise bad(key, f"a mapping of {', '.join(METRIC_FIELDS)}", row)
+        integer(f"{key}.epoch", row["epoch"], i + 1, i + 1)
+        for name in ("train_loss", "lr", "seconds", "images_per_s"):
+            number(f"{key}.{name}", row[name])
+        number(f"{key}.train_acc", row["train_acc"], 0.0, 1.0)
+        number(f"{key}.val_loss", row["val_loss"], none=True)
+        number(f"{key}.val_acc", row["val_acc"], 0.0, 1.0, none=True)
+        if (row["val_loss"] is None) != (row["val_acc"] is None):
+            raise bad(f"{key}.val_acc", "a value exactly when val_loss has one", row["val_acc"])
+        rows.append(dict(row))
+    if best_epoch and rows[best_epoch - 1]["val_acc"] != best_val_acc:
+        raise bad("best_val_acc", f"the val_acc of epoch {best_epoch} (state.best_epoch), "
+                  f"{rows[best_epoch - 1]['val_acc']!r}", best_val_acc)
+    partial = d["partial"]
+    if not isinstance(partial, dict):
+        raise bad("partial", "a mapping", partial)
+    if batch == 0 and partial:
+        raise bad("partial", "{} at an epoch boundary (state.batch is 0)", partial)
+    if batch:
+        if set(partial) != set(_PARTIAL_KEYS):
+            raise bad("partial", f"the running sums {', '.join(_PARTIAL_KEYS)} of the epoch in progress", partial)
+        sums = {k: number(f"partial.{k}", partial[k]) for k in _PARTIAL_KEYS}
+        assert all(v is not None for v in sums.values())
+        if not 0 < sums["seen"] <= 2**62 or sums["correct"] > sums["seen"]:  # type: ignore[operator]
+            raise bad("partial.seen", "images seen so far (more than 0, at least partial.correct)", sums["seen"])
+        partial = sums
+    engine = d.get("engine", {})  # optional (older checkpoints have none): the run's micro-batch sizes
+    if not isinstance(engine, dict) or (engine and set(engine) != {"train_micro_batch", "eval_micro_batch"}):
+        raise bad("engine", "a mapping of train_micro_batch, eval_micro_batch", engine)
+    for key, value in engine.items():
+        integer(f"engine.{key}", value, 1, 4096)
+    return _State(epoch=epoch, batch=batch, step=step, best_val_acc=best_val_acc, best_epoch=best_epoch,
+                  history=rows, partial=dict(partial), engine=dict(engine))
 
 
 def check_fits_data(model: Sequential, cfg: Config, data_folder: Path) -> None:
@@ -267,6 +342,8 @@ def check_fits_data(model: Sequential, cfg: Config, data_folder: Path) -> None:
 
 
 def default_run_dir(cfg: Config, root: Path = Path("runs")) -> Path:
+    """root/<config name>-<timestamp>; ConfigError when the name is not a folder name (cnncli/names.py)."""
+    check_name(cfg.name, "name", RUN_NAME, " (the config's name: its name: key, else its file's name)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = root / f"{cfg.name}-{stamp}"
     n = 1
@@ -293,7 +370,8 @@ def train(
     (best validation accuracy; the last epoch when there is no validation set), run.json (the run's state;
     `overrides`, the `--set` strings, are recorded there), and TensorBoard event files when
     train.tensorboard is on. Raises TrainingDiverged on a NaN/inf loss (last.npz keeps the last good epoch),
-    TrainingInterrupted after saving on Ctrl-C, and passes on a callback's StopRun.
+    TrainingInterrupted after saving on Ctrl-C or SIGTERM, and passes on a callback's StopRun. StorageError (a
+    full disk, a folder that cannot be written) names the file; the previous checkpoint is kept.
     """
     cb = callbacks or Callbacks()
     t_start = time.perf_counter()
@@ -315,9 +393,9 @@ def train(
 
     if resume is not None:
         source = resume_path or Path("checkpoint")
-        apply_params(resume, model, source)
-        apply_optim(resume, optimizer.state, source)
         state = _State.from_json(resume.state, source)
+        apply_params(resume, model, source)
+        apply_optim(resume, optimizer.state, source, step=state.step)
     elif init is not None:
         apply_params(init, model, init_path or Path("init checkpoint"))
 
@@ -330,19 +408,16 @@ def train(
         from cnncli.tb import TensorBoardLog, require_writer
 
         require_writer()  # before anything is written
-    run_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_run_dir(run_dir)  # held until training ends: one run per folder
+    cleaned = remove_stale_temp_files(run_dir)  # safe now: no other run writes here
     _write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
     last_path, best_path = run_dir / "last.npz", run_dir / "best.npz"
 
     n_train = len(splits.train_x)
     steps = math.ceil(n_train / tc.batch_size)
-    cb.on_start(
-        RunInfo(run_dir, n_train, len(splits.val_x), len(dataset.test_x), steps, state.epoch, state.batch,
-                tc.epochs, data_folder, resume_path,
-                f"micro-batches {tuning.train_micro_batch} (training), {tuning.eval_micro_batch} (inference): "
-                f"{tuning.source}")
-    )
+    if state.batch >= steps:
+        raise CheckpointError(f"{resume_path}: state.batch: {state.batch} batches done in epoch {state.epoch + 1}, "
+                              f"but an epoch of this run has {steps} steps (data.limit or train.batch_size changed?)")
 
     def save(path: Path) -> None:
         save_checkpoint(path, model, cfg, optim=optimizer.state, state=state.to_json(), classes=dataset.classes)
@@ -365,7 +440,15 @@ def train(
     if tc.tensorboard:
         tb = TensorBoardLog(run_dir, model, purge_step=state.step if resume is not None else None)
     tb_ctx = closing(tb) if tb is not None else nullcontext()
-    with closing(lock), _deferred_sigint() as stop, _recorded(record), tb_ctx:
+    # exits in reverse: once the loop leaves with an exception (deferring), later signals are ignored while
+    # run.json records how it ended
+    with closing(lock), stop_signals() as stop, _recorded(record), stop.deferring(), tb_ctx:
+        cb.on_start(  # inside: from the first line it prints, a signal is a stop request
+            RunInfo(run_dir, n_train, len(splits.val_x), len(dataset.test_x), steps, state.epoch, state.batch,
+                    tc.epochs, data_folder, resume_path, cleaned=cleaned,
+                    engine=f"micro-batches {tuning.train_micro_batch} (training), {tuning.eval_micro_batch} "
+                    f"(inference): {tuning.source}")
+        )
         for epoch in range(state.epoch, tc.epochs):
             if stopped_early is not None:
                 break
@@ -409,8 +492,9 @@ def train(
                 if stop.is_set() and b + 1 < steps:
                     sums["train_seconds"] = elapsed
                     state.partial = sums
-                    save(last_path)
-                    raise TrainingInterrupted(last_path, epoch + 1, b + 1)
+                    with stop.shielded():
+                        save(last_path)
+                    raise TrainingInterrupted(last_path, epoch + 1, b + 1, stop.signum)
             sums["train_seconds"] += time.perf_counter() - t_train
 
             val = None
@@ -434,10 +518,11 @@ def train(
             if is_best:
                 state.best_val_acc = val.accuracy if val else None
                 state.best_epoch = epoch + 1
-            save(last_path)
-            if is_best:
-                save(best_path)
-            _write_text_atomic(run_dir / "metrics.csv", metrics_csv(history))
+            with stop.shielded():  # the epoch's files are written together, never cut by a signal
+                save(last_path)
+                if is_best:
+                    save(best_path)
+                _write_text_atomic(run_dir / "metrics.csv", metrics_csv(history))
             if tb is not None:
                 tb.epoch(metrics, state.step)
             cb.on_epoch_end(metrics, is_best)
@@ -445,14 +530,18 @@ def train(
                 stopped_early = epoch + 1
                 break
             if stop.is_set() and epoch + 1 < tc.epochs:
-                raise TrainingInterrupted(last_path, epoch + 1, steps)
+                raise TrainingInterrupted(last_path, epoch + 1, steps, stop.signum)
 
     test = None
     if len(dataset.test_x) and best_path.exists():
         cb.on_test()
         best = load_checkpoint(best_path)
         apply_params(best, model, best_path)
-        test = evaluate(model, dataset.test_x, dataset.test_y, normalizer, tc.eval_batch_size, dataset.classes)
+        try:
+            test = evaluate(model, dataset.test_x, dataset.test_y, normalizer, tc.eval_batch_size, dataset.classes)
+        except KeyboardInterrupt:  # every epoch is saved; a --resume runs the test evaluation
+            record("interrupted")
+            raise
     record("finished", test_acc=test.accuracy if test else None, test_loss=test.loss if test else None)
     return TrainResult(
         run_dir=run_dir,
@@ -472,13 +561,23 @@ RUN_FILES = ("last.npz", "best.npz", "metrics.csv")  # a folder holding any of t
 
 
 def lock_run_dir(run_dir: Path) -> Any:
-    """Take the run folder's lock (an flock on `.cnn-train.lock` in it) for as long as the returned file
-    stays open; ConfigError when another `cnn train` holds it. Where flock does not exist, no lock."""
+    """Create the run folder if needed and take its lock (an flock on `.cnn-train.lock` in it) for as long as
+    the returned file stays open; ConfigError when another `cnn train` holds it, StorageError when the folder
+    cannot be made or written. Where flock does not exist, no lock."""
+    check_run_dir(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"{run_dir}: cannot create the run folder: {os_reason(e)}", e.errno, e.strerror) from None
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         return io.StringIO()
-    f = open(run_dir / LOCK_NAME, "a+")  # noqa: SIM115 - kept open: the lock lives as long as the file
+    try:
+        f = open(run_dir / LOCK_NAME, "a+")  # noqa: SIM115 - kept open: the lock lives as long as the file
+    except OSError as e:
+        raise StorageError(f"{run_dir / LOCK_NAME}: cannot open the run folder's lock: {os_reason(e)}", e.errno,
+                           e.strerror) from None
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -496,6 +595,53 @@ def refuse_earlier_run(out_dir: Path) -> None:
         hint = f"continue it with --resume {out_dir / 'last.npz'}, " if "last.npz" in held else ""
         raise ConfigError(f"{out_dir}: holds an earlier run ({', '.join(held)}); {hint}choose another --out, "
                           "or pass --overwrite to replace it")
+
+
+# Files of a run folder written through atomic_write; their temporary files (.<name>.<random>.tmp) left by a kill
+ATOMIC_FILES = ("last.npz", "best.npz", "metrics.csv", "config.yaml", RUN_FILE)
+
+_KINDS = {stat.S_IFREG: "a file", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run folder that cannot hold a run, without creating it: the path (or a folder above it) is a file,
+    a FIFO, a device or a broken link, or its nearest existing folder cannot be written (read-only, no
+    permission). StorageError names the path and the OS reason. Cheap: meant to run before any data loads."""
+    run_dir = Path(run_dir)
+    for p in (run_dir, *run_dir.parents):
+        try:
+            st = os.stat(p)
+        except (FileNotFoundError, NotADirectoryError):
+            if os.path.islink(p):
+                raise StorageError(f"{run_dir}: {'' if p == run_dir else f'{p} '}is a symbolic link to a missing "
+                                   "target") from None
+            continue
+        except OSError as e:
+            raise StorageError(f"{run_dir}: cannot use {p}: {os_reason(e)}", e.errno, e.strerror) from None
+        if not stat.S_ISDIR(st.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a folder")
+            where = "is" if p == run_dir else f"lies under {p}, which is"
+            raise StorageError(f"{run_dir}: {where} {kind}, not a folder; choose another --out")
+        break
+    else:  # pragma: no cover - the root always exists
+        return
+    try:  # can a file be made there? (what the run does next; catches read-only file systems and permissions)
+        fd, probe = tempfile.mkstemp(prefix=".cnn-probe.", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        what = "cannot write in the run folder" if p == run_dir else f"cannot create the run folder in {p}"
+        raise StorageError(f"{run_dir}: {what}: {os_reason(e)}", e.errno, e.strerror) from None
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Remove the temporary files of `ATOMIC_FILES` that a process killed during a write left in `run_dir`
+    (call it holding the folder's lock); returns them."""
+    stale = stale_temp_files(run_dir, ATOMIC_FILES)
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 @dataclass
@@ -534,7 +680,10 @@ def plan_run(
         if not ckpt.resumable:
             raise ConfigError(f"{resume}: holds no training state (parameters only); start from it with --init")
         cfg = build_with_overrides(config_to_dict(ckpt.config), overrides, str(resume), name=ckpt.config.name)
+        _State.from_json(ckpt.state, resume)  # every field, before any data loads
         notes = [f"--resume uses the config stored in {resume}; ignoring --config"] if config is not None else []
+        check_run_dir(out_dir or resume.parent)  # before any data loads: a bad folder fails fast
+        check_training(cfg)  # and a network or batch too large for the memory (overrides may change them)
         return RunPlan(cfg, out_dir or resume.parent, resume=ckpt, resume_path=resume, notes=notes)
     if config is None:
         raise ConfigError("no config: give --config PATH (e.g. configs/seed.yaml) or --resume CHECKPOINT")
@@ -542,7 +691,10 @@ def plan_run(
     init_ckpt = load_checkpoint(init) if init is not None else None
     if out_dir is not None and not overwrite:
         refuse_earlier_run(out_dir)
-    return RunPlan(cfg, out_dir or default_run_dir(cfg), init=init_ckpt, init_path=init)
+    run_dir = out_dir or default_run_dir(cfg)
+    check_run_dir(run_dir)  # before any data loads: a bad folder fails fast
+    check_training(cfg)  # and a network or batch too large for the memory
+    return RunPlan(cfg, run_dir, init=init_ckpt, init_path=init)
 
 
 def run_plan(
