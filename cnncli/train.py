@@ -260,6 +260,8 @@ def _check_state(d: Any, source: Path) -> _State:
     if unknown:
         raise CheckpointError(f"{source}: state.{shown_name(unknown[0])}: unknown field (fields: "
                               f"{', '.join(_STATE_KEYS)})")
+    if "format" not in d:  # checkpoints written before the state had a format number are format 1
+        d = {"format": 1, **d}
     missing = [k for k in _STATE_KEYS if k not in d]
     if missing:
         raise CheckpointError(f"{source}: state.{missing[0]}: missing; the training state is incomplete")

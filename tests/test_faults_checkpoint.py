@@ -295,3 +295,12 @@ def test_a_state_beyond_this_runs_epoch_and_an_adam_step_count_that_disagrees(
     adam = save_checkpoint(tmp_path / "adam.npz", model, cfg, optim=optim, state=state)  # 15 steps, t = 5
     err = one_line_error(train(real_cifar_dir, "--resume", str(adam), "--epochs", "2"))
     assert f"{adam}: optim.t is 5, but the training state says 15 steps were taken" in err
+
+
+def test_a_state_written_before_states_had_a_format_number_still_resumes() -> None:
+    from cnncli.train import _State
+
+    legacy = {"epoch": 0, "batch": 0, "step": 0, "best_val_acc": None, "best_epoch": 0, "history": [], "partial": {}}
+    assert _State.from_json(legacy, Path("old.npz")).epoch == 0
+    with pytest.raises(CheckpointError, match="state.format: expected 1"):
+        _State.from_json({**legacy, "format": 2}, Path("new.npz"))
