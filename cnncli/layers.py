@@ -140,6 +140,25 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+INIT_CHOICES = ("he", "uniform")
+INIT_HELP = ("initial weights: he = normal, std √(2/fan_in), bias 0; uniform = U(±1/√fan_in) for weights and bias "
+             "(PyTorch's default)")
+
+
+def initial_weights(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int, init: str
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(W of `shape`, b (shape[0],)) drawn from `rng`. "he": He/Kaiming normal, std √(2 / fan_in), the scale
+    that keeps ReLU activations' variance steady, and b = 0. "uniform": W and b uniform in ±1/√fan_in, the
+    default of PyTorch's Conv2d and Linear (after a batch-norm the weights' scale sets the effective step size,
+    so this matters there even though the forward pass is normalised)."""
+    if init == "he":
+        return rng.standard_normal(shape) * np.sqrt(2.0 / fan_in), np.zeros(shape[0])
+    if init == "uniform":
+        bound = 1.0 / np.sqrt(fan_in)
+        return rng.uniform(-bound, bound, shape), rng.uniform(-bound, bound, shape[0])
+    raise ValueError(f"init must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
+
+
 @register_layer
 class Conv2D(Layer):
     """2-D convolution (cross-correlation, as the article writes it), docs/derivations.md#convolution.
@@ -164,6 +183,7 @@ class Conv2D(Layer):
         stride: int = option(1, min=1, help="step s between windows")
         padding: int = option(0, min=0, help="zeros added on each side")
         bias: bool = option(True, help="learn a bias b (false before a batch-norm, which has its own shift)")
+        init: str = option("he", choices=INIT_CHOICES, help=INIT_HELP)
 
     @classmethod
     def from_options(cls, opts: LayerOptions, input_shape: Shape, rng: np.random.Generator, dtype: type) -> Conv2D:
@@ -171,7 +191,7 @@ class Conv2D(Layer):
             raise ValueError(f"needs an image input (C, H, W), got {tuple(input_shape)}")
         o = cls.Options(**option_values(opts))
         return cls(input_shape[0], o.out_channels, o.kernel_size, o.stride, o.padding, rng=rng, dtype=dtype,
-                   bias=o.bias)
+                   bias=o.bias, init=o.init)
 
     def __init__(
         self,
@@ -184,6 +204,7 @@ class Conv2D(Layer):
         rng: np.random.Generator | None = None,
         dtype: type = np.float32,
         bias: bool = True,
+        init: str = "he",
     ) -> None:
         super().__init__()
         self.name = name
@@ -192,11 +213,10 @@ class Conv2D(Layer):
         self.needs_input_grad = True
         rng = rng if rng is not None else np.random.default_rng(0)
         fan_in = in_channels * kernel_size * kernel_size
-        # He/Kaiming normal: std = sqrt(2 / fan_in), the scale that keeps ReLU activations' variance steady.
-        w = rng.standard_normal((out_channels, in_channels, kernel_size, kernel_size)) * np.sqrt(2.0 / fan_in)
+        w, b = initial_weights(rng, (out_channels, in_channels, kernel_size, kernel_size), fan_in, init)
         self.params = {"W": w.astype(dtype)}
         if bias:
-            self.params["b"] = np.zeros(out_channels, dtype=dtype)
+            self.params["b"] = b.astype(dtype)
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._cols: np.ndarray | None = None
         self._x_shape: Shape | None = None
@@ -520,6 +540,7 @@ class Linear(Layer):
     class Options(LayerOptions):
         out_features: int = option(10, min=1, help="outputs")
         bias: bool = option(True, help="learn a bias b")
+        init: str = option("he", choices=INIT_CHOICES, help=INIT_HELP)
 
     @classmethod
     def from_options(cls, opts: LayerOptions, input_shape: Shape, rng: np.random.Generator, dtype: type) -> Linear:
@@ -529,7 +550,7 @@ class Linear(Layer):
                 "put a flatten layer before it"
             )
         o = cls.Options(**option_values(opts))
-        return cls(input_shape[0], o.out_features, rng=rng, dtype=dtype, bias=o.bias)
+        return cls(input_shape[0], o.out_features, rng=rng, dtype=dtype, bias=o.bias, init=o.init)
 
     def __init__(
         self,
@@ -539,17 +560,17 @@ class Linear(Layer):
         rng: np.random.Generator | None = None,
         dtype: type = np.float32,
         bias: bool = True,
+        init: str = "he",
     ) -> None:
         super().__init__()
         self.name = name
         self.in_features, self.out_features = in_features, out_features
         self.needs_input_grad = True
         rng = rng if rng is not None else np.random.default_rng(0)
-        # He/Kaiming normal, std = sqrt(2 / fan_in), as for the conv layers.
-        w = rng.standard_normal((out_features, in_features)) * np.sqrt(2.0 / in_features)
+        w, b = initial_weights(rng, (out_features, in_features), in_features, init)
         self.params = {"W": w.astype(dtype)}
         if bias:
-            self.params["b"] = np.zeros(out_features, dtype=dtype)
+            self.params["b"] = b.astype(dtype)
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._x: np.ndarray | None = None
 
