@@ -771,3 +771,18 @@ def test_max_pool_windows_larger_than_16_by_16_route_to_the_right_offset() -> No
     assert pool.forward(x)[0, 0, 0, 0] == 1.0
     dx = pool.backward(np.full((1, 1, 1, 1), 2.0))
     assert dx[0, 0, 16, 15] == 2.0 and dx.sum() == 2.0
+
+
+def test_uniform_init_is_pytorchs_default_and_he_is_unchanged() -> None:
+    from cnncli.layers import Conv2D, Linear
+
+    rng = np.random.default_rng(5)
+    he = Conv2D(8, 64, 3, rng=np.random.default_rng(5))
+    expected = rng.standard_normal((64, 8, 3, 3)) * np.sqrt(2 / 72)
+    np.testing.assert_array_equal(he.params["W"], expected.astype(np.float32))
+    assert not he.params["b"].any()
+    for layer, fan_in in ((Conv2D(8, 64, 3, init="uniform"), 72), (Linear(300, 50, init="uniform"), 300)):
+        w, b = layer.params["W"], layer.params["b"]
+        bound = 1 / np.sqrt(fan_in)
+        assert np.abs(w).max() <= bound and np.abs(b).max() <= bound and b.any()
+        assert abs(w.std() - bound / np.sqrt(3)) < 0.05 * bound  # the std of U(±a) is a/√3
