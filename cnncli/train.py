@@ -343,6 +343,13 @@ def check_fits_data(model: Sequential, cfg: Config, data_folder: Path) -> None:
     )
 
 
+def _engine_line(model: Sequential, tuning: tune.Tuning) -> str:
+    """What the progress output says about the engine's micro-batches (cnncli/tune.py)."""
+    fixed = tune.training_is_fixed(model)
+    training = f"training: {fixed}" if fixed else f"{tuning.train_micro_batch} images to train"
+    return f"micro-batches ({tuning.source}): {training}; {tuning.eval_micro_batch} images to infer"
+
+
 def default_run_dir(cfg: Config, root: Path = Path("runs")) -> Path:
     """root/<config name>-<timestamp>; ConfigError when the name is not a folder name (cnncli/names.py)."""
     check_name(cfg.name, "name", RUN_NAME, " (the config's name: its name: key, else its file's name)")
@@ -448,8 +455,7 @@ def train(
         cb.on_start(  # inside: from the first line it prints, a signal is a stop request
             RunInfo(run_dir, n_train, len(splits.val_x), len(dataset.test_x), steps, state.epoch, state.batch,
                     tc.epochs, data_folder, resume_path, cleaned=cleaned,
-                    engine=f"micro-batches {tuning.train_micro_batch} (training), {tuning.eval_micro_batch} "
-                    f"(inference): {tuning.source}")
+                    engine=_engine_line(model, tuning))
         )
         for epoch in range(state.epoch, tc.epochs):
             if stopped_early is not None:
