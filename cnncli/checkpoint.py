@@ -191,9 +191,13 @@ def _text(zf: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], key: str, path
     return str(arr[()])
 
 
-def _json(text: str, where: str) -> Any:
+def _json(text: str, where: str, bounded: bool = False) -> Any:
+    """The JSON text of an entry; `bounded`: read as every config is (nesting, integer sizes; safeload), else
+    plain JSON whose fields the reader checks itself (the training state)."""
+    from cnncli.safeload import load_json
+
     try:
-        return json.loads(text)
+        return load_json(text) if bounded else json.loads(text)
     except (ValueError, RecursionError) as e:  # bad JSON, numbers beyond Python's int limit, nesting too deep
         reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
         raise CheckpointError(f"{where} is not valid JSON ({reason})") from None
@@ -233,7 +237,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             if "config" not in infos:
                 raise CheckpointError(f"{path}: no 'config' entry (the resolved config as JSON text)")
             text = _text(zf, infos, "config", path)
-            _json(text, f"{path}: the stored config")
+            _json(text, f"{path}: the stored config", bounded=True)
             try:
                 config = config_from_json(text, str(path))
                 shapes = expected_arrays(config)

@@ -207,7 +207,7 @@ def test_a_device_is_refused() -> None:
 
 
 @pytest.mark.parametrize(("key", "text", "expected"), [
-    ("config", "[" * 100_000 + "]" * 100_000, "the stored config is not valid JSON (nested too deeply)"),
+    ("config", "[" * 100_000 + "]" * 100_000, "the stored config is not valid JSON (nested deeper than 64 levels)"),
     ("config", "9" * 5000, "the stored config is not valid JSON"),
     ("state", '{"epoch": ' + "[" * 100_000 + "]" * 100_000 + "}", "the 'state' entry is not valid JSON (nested"),
     ("state", "[1, 2]", "the 'state' entry is not a JSON object (got list)"),

@@ -329,8 +329,8 @@ def test_old_spellings_still_work_and_usage_errors_name_the_new_one(home: Path) 
 
 
 def test_shell_completion(home: Path) -> None:
-    script = runner.invoke(app, ["--show-completion", "bash"], prog_name="cnn")
-    assert script.exit_code == 0 and "_CNN_COMPLETE=complete_bash" in script.stdout
+    script = cnn("--show-completion", "bash", cwd=home)  # the console script, as a user's shell runs it
+    assert script.returncode == 0 and "_CNN_COMPLETE=complete_bash" in script.stdout
     env = {"_CNN_COMPLETE": "complete_bash", "COMP_WORDS": "cnn train --config seed-", "COMP_CWORD": "3"}
     assert cnn(cwd=home, env=env).stdout.split() == ["seed-diagram"]
 
