@@ -19,7 +19,6 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from threadpoolctl import ThreadpoolController
 
-from cnncli.errors import ConfigError
 from cnncli.layers import BatchNorm, Conv2D, Flatten, Layer, Linear, MaxPool2D, ReLU, Shape
 
 # ==========================================================================================================
@@ -330,7 +329,7 @@ class _ConvStage(_Stage):
         _, self.ho, self.wo = conv.output_shape(in_shape)
         self.blocked = pool is not None and pool.stride >= pool.kernel_size
         self.bn = bn
-        self.core = _BatchNormCore(bn, True, self.ho * self.wo) if bn is not None else None
+        self.core = _BatchNormCore(bn, True, (conv.out_channels, self.ho, self.wo)) if bn is not None else None
         if bn is not None and pool is not None:  # every pixel of S counts in the statistics
             kp = pool.kernel_size
             self.blocked = pool.stride == kp and self.ho % kp == 0 and self.wo % kp == 0
@@ -681,19 +680,14 @@ class _BatchNormCore:
     the running statistics instead, nothing shared between workers.
     """
 
-    def __init__(self, bn: BatchNorm, channels_first: bool, per_example: int) -> None:
-        self.bn, self.channels_first, self.per_example = bn, channels_first, per_example
+    def __init__(self, bn: BatchNorm, channels_first: bool, shape: Shape) -> None:
+        self.bn, self.channels_first, self.shape = bn, channels_first, tuple(shape)  # shape: one example's
         self.values = 0  # M: values per channel in the whole batch of the current pass (set by `start`)
 
     def start(self, n: int) -> None:
-        """Before a pass over a batch of n examples: M, and the same refusal as `BatchNorm.forward` (a
-        variance needs at least two values per channel)."""
-        self.values = n * self.per_example
-        if self.bn.training and self.values < 2:
-            raise ConfigError(
-                f"{self.bn.name or 'batchnorm'}: batch-norm in training mode needs more than one value per "
-                f"channel, got a batch of {n} (variance undefined); use a larger train.batch_size"
-            )
+        """Before a pass over a batch of n examples: M, and `BatchNorm.check_batch`'s refusal."""
+        self.bn.check_batch(n, self.shape)
+        self.values = n * int(np.prod(self.shape[1:]))
 
     def _col(self, v: np.ndarray, ndim: int) -> np.ndarray:
         """A per-channel vector (C,) shaped to broadcast over an array of ndim dimensions."""
@@ -772,7 +766,7 @@ class _BatchNormStage(_Stage):
 
     def __init__(self, bn: BatchNorm, relu: bool, layers: tuple[Layer, ...], in_shape: Shape) -> None:
         self.bn, self.relu, self.layers, self.in_shape, self.out_shape = bn, relu, layers, in_shape, in_shape
-        self.core = _BatchNormCore(bn, len(in_shape) == 3, int(np.prod(in_shape[1:])))
+        self.core = _BatchNormCore(bn, len(in_shape) == 3, in_shape)
 
     @property
     def param_layer(self) -> Layer:

@@ -648,6 +648,18 @@ class BatchNorm(Layer):
     def couples_batch(self) -> bool:
         return self.training  # batch statistics, and forward moves the running ones
 
+    def check_batch(self, n: int, shape: Shape) -> None:
+        """In training mode a variance needs at least two values per channel: ConfigError for a batch of n
+        examples of `shape` (C, H, W) or (D,) with fewer (the fused engine asks this too, before its workers start)."""
+        if self.training and n * int(np.prod(shape[1:], dtype=np.int64)) < 2:
+            from cnncli.errors import ConfigError
+
+            raise ConfigError(
+                f"{self.name or 'batchnorm'}: batch-norm in training mode needs more than one value per "
+                f"channel, got a batch of {n} of shape {tuple(shape)} (variance undefined); "
+                "use a larger train.batch_size"
+            )
+
     def describe(self) -> str:
         return f"batchnorm momentum {self.momentum:g}, ε {self.eps:g}"
 
@@ -667,14 +679,7 @@ class BatchNorm(Layer):
         axes = self._axes(x)
         m = x.size // x.shape[1]
         if self.training:
-            if m < 2:
-                from cnncli.errors import ConfigError
-
-                raise ConfigError(
-                    f"{self.name or 'batchnorm'}: batch-norm in training mode needs more than one value per "
-                    f"channel, got a batch of {x.shape[0]} of shape {tuple(x.shape[1:])} (variance undefined); "
-                    "use a larger train.batch_size"
-                )
+            self.check_batch(x.shape[0], x.shape[1:])
             mu = x.mean(axis=axes)
             var = ((x - self._per_channel(mu, x.ndim)) ** 2).mean(axis=axes)
             rm, rv, mom = self.buffers["running_mean"], self.buffers["running_var"], self.momentum
