@@ -311,7 +311,7 @@ def _check_state(d: Any, source: Path) -> _State:
     if not isinstance(engine, dict) or (engine and set(engine) != {"train_micro_batch", "eval_micro_batch"}):
         raise bad("engine", "a mapping of train_micro_batch, eval_micro_batch", engine)
     for key, value in engine.items():
-        integer(f"engine.{key}", value, 1, 4096)
+        integer(f"engine.{key}", value, 1, tune.MAX_MICRO_BATCH)
     return _State(epoch=epoch, batch=batch, step=step, best_val_acc=best_val_acc, best_epoch=best_epoch,
                   history=rows, partial=dict(partial), engine=dict(engine))
 

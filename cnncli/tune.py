@@ -39,6 +39,12 @@ CACHE_FILE = "tune.json"
 MAX_CACHE_BYTES = 1 << 20  # a larger (or unreadable, or malformed) cache is ignored and rewritten
 TRAIN_CANDIDATES = (8, 12, 16, 24, 32, 48, 64)
 EVAL_CANDIDATES = (8, 12, 20, 32, 50, 80)
+MAX_MICRO_BATCH = 4096  # a stored size beyond this (or below 1) is not one this module chose
+
+
+def valid_size(value: Any) -> bool:
+    """A micro-batch size as the cache and a run's state hold it: an int (not a bool) in 1 … MAX_MICRO_BATCH."""
+    return type(value) is int and 1 <= value <= MAX_MICRO_BATCH
 
 
 @dataclass
@@ -121,7 +127,7 @@ def _entry(raw: Any) -> Tuning | None:
         return None
     try:
         t, e = raw["train_micro_batch"], raw["eval_micro_batch"]
-        if not (type(t) is int and type(e) is int and 1 <= t <= 4096 and 1 <= e <= 4096):
+        if not (valid_size(t) and valid_size(e)):
             return None
         return Tuning(t, e, "cache", str(raw.get("why", ""))[:300], str(raw.get("when", ""))[:40],
                       {int(k): float(v) for k, v in dict(raw.get("train_ms", {})).items()},
@@ -265,7 +271,7 @@ def for_model(model: Sequential, batch: int, eval_batch: int, retune: bool = Fal
 def from_state(model: Sequential, engine_state: dict[str, Any]) -> Tuning | None:
     """The sizes a run recorded in its checkpoint's state (`{"train_micro_batch": …, "eval_micro_batch": …}`)."""
     t, e = engine_state.get("train_micro_batch"), engine_state.get("eval_micro_batch")
-    if type(t) is not int or type(e) is not int or not (1 <= t <= 4096 and 1 <= e <= 4096):
+    if not (valid_size(t) and valid_size(e)):
         return None
     tuning = Tuning(t, e, "run", "the sizes this run was trained with (its checkpoint's state)")
     tuning.apply(model)
