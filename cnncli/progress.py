@@ -55,6 +55,20 @@ def _finish(bar: tqdm, failed: bool) -> None:
 
 
 @contextmanager
+def _finishing(bars: list[tqdm]) -> Iterator[None]:
+    """Close the bars made inside the block: kept when it ends normally, erased when it raises (Ctrl-C)."""
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        for bar in bars:
+            _finish(bar, failed)
+
+
+@contextmanager
 def byte_progress(desc: str) -> Iterator[Callable[[int, int | None], None]]:
     """Yields `update(done_bytes, total_bytes_or_None)` that draws a bar (terminal) or plain lines."""
     if is_terminal():
@@ -76,15 +90,8 @@ def byte_progress(desc: str) -> Iterator[Callable[[int, int | None], None]]:
             bar.unit = f"{_human_bytes(done):>10}{of}, {_human_bytes(rate):>10}/s"  # fixed widths: the bar stays put
             bar.refresh()
 
-        failed = False
-        try:
+        with _finishing(bars):
             yield update
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            for bar in bars:
-                _finish(bar, failed)
         return
 
     start = time.monotonic()
@@ -122,15 +129,8 @@ def count_progress(desc: str, unit: str, quiet: bool = False) -> Iterator[Callab
                                  dynamic_ncols=True, mininterval=0.2))
             bars[0].update(done - bars[0].n)
 
-        failed = False
-        try:
+        with _finishing(bars):
             yield update
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            for bar in bars:
-                _finish(bar, failed)
         return
 
     interval = plain_interval()
