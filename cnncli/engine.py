@@ -206,6 +206,17 @@ def _route_to_argmax(delta: np.ndarray, masks: np.ndarray, dwin: list[np.ndarray
 
 
 @dataclass(eq=False, slots=True)
+class _Block:
+    """One block of a convolution product over images [start, stop) of the micro-batch: im2col copies
+    `src` (a strided view of the padded input) into `cols`, then each (columns, output) pair is one product
+    `W_mat @ columns -> output`, 2-D views into `cols` and S whose row strides BLAS takes as they are."""
+
+    src: np.ndarray
+    cols: np.ndarray
+    products: list[tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(eq=False, slots=True)
 class _Buffers:
     """One stage's arrays for one worker and one micro-batch size N (None: not used by this stage or mode).
 
@@ -234,10 +245,10 @@ class _Buffers:
     s2: np.ndarray | None = None  # S = W @ cols (C_out, M)
     post: np.ndarray | None = None  # pooled S, then + b, then ReLU (C_out, N, H_p, W_p)
     ds2: np.ndarray | None = None  # δS (C_out, M)
-    ds_pitch: np.ndarray | None = None  # δS on the padded grid, flat (C_out, N·Hp·Wp)
-    ds_pitch4: np.ndarray | None = None  # the same (C_out, N, Hp, Wp)
-    dcols_pitch: np.ndarray | None = None  # Wᵀ @ δS on the padded grid (C, K·K, N·Hp·Wp)
-    dx_flat: np.ndarray | None = None  # δ of the padded input, flat, with room for the last shift
+    blocks: list[_Block] | None = None  # the forward product, a few images at a time (`_ConvStage._blocks`)
+    s_windows: list[np.ndarray] | None = None  # the pool windows over S (a conv stage with batch-norm)
+    ds_pad: np.ndarray | None = None  # δS with K − 1 − p rows and columns of zeros around, (C_out, N, H'+…, W'+…)
+    dx_blocks: list[_Block] | None = None  # δX as a correlation of ds_pad with the rotated kernel, in blocks
     dcols2: np.ndarray | None = None  # Wᵀ @ δS in column order (C·K·K, M)
     dcols: np.ndarray | None = None  # the same in the columns' shape
     dxp: np.ndarray | None = None  # δ of the padded input (C, N, H + 2p, W + 2p)
@@ -252,6 +263,57 @@ class _Buffers:
     worker: int = 0  # which worker owns these buffers
     # generic layer
     layer: Layer | None = None  # this worker's own copy of the layer (its caches are its own)
+
+
+# A conv block's im2col columns, about this many bytes, stay in the L2 cache between their copy and their
+# product (these machines: 512 KiB per core); at least one image, at most this many output columns.
+CONV_BLOCK_BYTES = 1 << 20
+CONV_BLOCK_COLUMNS = 4096
+
+
+def _block_images(n: int, column_bytes: int, columns: int) -> int:
+    """Images per block of a convolution product: one image's columns take `column_bytes` bytes in
+    `columns` columns."""
+    return max(1, min(n, CONV_BLOCK_BYTES // max(column_bytes, 1), CONV_BLOCK_COLUMNS // max(columns, 1)))
+
+
+def _conv_blocks(src: np.ndarray, cols: np.ndarray | None, out: np.ndarray, axis: int,
+                 dtype: np.dtype) -> list[_Block]:
+    """The blocks of one convolution product W_mat @ cols -> out (C_out, Q·N·P), a few images at a time.
+
+    `src` (C, K, K, *window offsets, N, *pixels), N at `axis`: the strided view im2col copies; `out`'s columns
+    run (window offset, n, pixel), as S's. With `cols` (same shape as src) each block's columns are written to
+    their place in it (training keeps them for δW); without, blocks share a small buffer of their size.
+    """
+    n = src.shape[axis]
+    rows = int(np.prod(src.shape[:3]))
+    offsets = int(np.prod(src.shape[3:axis]))
+    per = int(np.prod(src.shape[axis + 1 :]))
+    g = _block_images(n, rows * offsets * per * np.dtype(dtype).itemsize, offsets * per)
+    out3 = out.reshape(out.shape[0], offsets, n * per)
+    spare: dict[int, np.ndarray] = {}
+    blocks = []
+    for a in range(0, n, g):
+        b = min(a + g, n)
+        idx = (slice(None),) * axis + (slice(a, b),)
+        if cols is not None:
+            dst = cols[idx]
+            c3 = cols.reshape(rows, offsets, n * per)[:, :, a * per : b * per]
+        else:
+            if b - a not in spare:
+                spare[b - a] = np.empty(src.shape[:axis] + (b - a,) + src.shape[axis + 1 :], dtype=dtype)
+            dst = spare[b - a]
+            c3 = dst.reshape(rows, offsets, (b - a) * per)
+        blocks.append(_Block(src[idx], dst, [(c3[:, o], out3[:, o, a * per : b * per]) for o in range(offsets)]))
+    return blocks
+
+
+def _convolve(blocks: list[_Block], w2: np.ndarray) -> None:
+    """out = w2 @ cols, block by block: im2col of the block, then its products while the columns are in cache."""
+    for blk in blocks:
+        np.copyto(blk.cols, blk.src)
+        for cols, out in blk.products:
+            _matmul(w2, cols, out=out)
 
 
 class _Stage:
@@ -351,8 +413,7 @@ class _ConvStage(_Stage):
         c_out, ph, pw = self.out_shape
         assert buf.s2 is not None
         buf.y = np.empty_like(buf.s2)
-        buf.windows = self._windows(buf.y, n)
-        buf.post = np.empty((c_out, n, ph, pw), dtype=dtype) if self.pool is not None else None
+        buf.windows = self._windows(buf.y, n)  # training: pool y; evaluation: the folded S (s_windows)
         if train:
             buf.xhat, buf.scratch, buf.dy = np.empty_like(buf.s2), np.empty_like(buf.s2), np.empty_like(buf.s2)
             buf.relu_mask = np.empty(buf.s2.shape, dtype=bool) if self.relu else None
@@ -378,20 +439,23 @@ class _ConvStage(_Stage):
             strides: Shape = (sc, sh, sw, s * sh, s * sw, sn, s * sp * sh, s * sp * sw)
         else:
             shape, strides = (c, k, k, n, self.ho, self.wo), (sc, sh, sw, sn, s * sh, s * sw)
-        cols = np.empty(shape, dtype=dtype)
-        s2 = np.empty((c_out, cols[0, 0, 0].size), dtype=dtype)  # S (C_out, M)
+        # cols[c', u, v, (a, b,) n, i, j] = Xpad[c', n, s·i + u, s·j + v]: a read-only strided view
+        src = as_strided(xp, shape, strides, writeable=False)
+        cols = np.empty(shape, dtype=dtype) if train else None  # training keeps every column for δW
+        s2 = np.empty((c_out, int(np.prod(shape[3:]))), dtype=dtype)  # S (C_out, M)
         buf = _Buffers(
             xp=xp,
             inp=xp[:, :, p : p + h, p : p + w],  # (C, N, H, W)
-            # cols[c', u, v, (a, b,) n, i, j] = Xpad[c', n, s·i + u, s·j + v]: a read-only strided view
-            src=as_strided(xp, shape, strides, writeable=False),
+            src=src,
             cols=cols,
-            cols2=cols.reshape(c * k * k, -1),  # (C·K·K, M)
+            cols2=cols.reshape(c * k * k, -1) if cols is not None else None,  # (C·K·K, M)
             s2=s2,
+            blocks=_conv_blocks(src, cols, s2, len(shape) - 3, dtype),
             windows=self._windows(s2, n),
             # the stage's result, contiguous (C_out, N, H', W'): P (or S), then + b, then ReLU
             post=np.empty((c_out, n, ph, pw), dtype=dtype) if pool is not None else s2.reshape(c_out, n, ph, pw),
         )
+        buf.s_windows = buf.windows
         if not train:
             return buf
         nq = len(buf.windows)
@@ -407,17 +471,18 @@ class _ConvStage(_Stage):
         else:
             buf.delta = np.empty((c_out, n, ph, pw), dtype=dtype)
             buf.peel = np.empty_like(buf.delta)
-        if self.need_dx and s == 1:
-            # δX through a "padded pitch": δS placed at its pixel of an (H+2p, W+2p) grid (zeros elsewhere),
-            # so each kernel offset (u, v) of δcols is one 1-D shift u·(W+2p) + v of the flat padded δX.
-            plane = n * hp * wp
-            buf.ds_pitch = np.zeros((c_out, plane), dtype=dtype)
-            buf.ds_pitch4 = buf.ds_pitch.reshape(c_out, n, hp, wp)
-            buf.dcols_pitch = np.empty((c, k * k, plane), dtype=dtype)  # (C, K·K, N·(H+2p)·(W+2p))
-            buf.dx_flat = np.empty((c, plane + (k - 1) * (wp + 1)), dtype=dtype)  # + room for the last shift
-            buf.dx = buf.dx_flat[:, :plane].reshape(c, n, hp, wp)[:, :, p : p + h, p : p + w]
+        if self.need_dx and s == 1 and p <= k - 1:
+            # δX as a correlation (docs/derivations.md#convolution, "In the engine"): δS with q = K − 1 − p
+            # rows and columns of zeros around it, correlated with the rotated kernel like a forward pass.
+            q = k - 1 - p
+            buf.ds_pad = np.zeros((c_out, n, self.ho + 2 * q, self.wo + 2 * q), dtype=dtype)
+            so, sn2, sh2, sw2 = buf.ds_pad.strides
+            dsrc = as_strided(buf.ds_pad, (c_out, k, k, n, h, w), (so, sh2, sw2, sn2, sh2, sw2), writeable=False)
+            buf.dx = np.empty((c, n, h, w), dtype=dtype)
+            buf.dx_blocks = _conv_blocks(dsrc, None, buf.dx.reshape(c, -1), 3, dtype)
         elif self.need_dx:
-            buf.dcols2 = np.empty_like(buf.cols2)
+            assert cols is not None
+            buf.dcols2 = np.empty((c * k * k, s2.shape[1]), dtype=dtype)
             buf.dcols = buf.dcols2.reshape(shape)
             buf.dxp = np.empty_like(xp)
             buf.dx = buf.dxp[:, :, p : p + h, p : p + w]
@@ -437,19 +502,32 @@ class _ConvStage(_Stage):
 
     def forward(self, buf: _Buffers, train: bool) -> None:
         w, b = self.conv.params["W"], self.conv.params.get("b")
-        np.copyto(buf.cols, buf.src)  # im2col, one strided copy
-        _matmul(w.reshape(w.shape[0], -1), buf.cols2, out=buf.s2)  # S = W (C_out, C·K·K) @ cols (C·K·K, M)
-        if self.core is not None:
+        w2 = w.reshape(w.shape[0], -1)  # (C_out, C·K·K)
+        if self.bn is not None and not train and not self.bn.training:
+            w2, b = self._folded(w2, b)
+        elif self.core is not None:
+            _convolve(buf.blocks, w2)  # S = W_mat @ cols
             self._forward_bn(buf, b, train)
             return
+        _convolve(buf.blocks, w2)  # S = W_mat @ cols (or the folded y)
         if self.pool is not None:
-            _pool_forward(buf.windows, buf.post, buf.masks if train else None)
+            _pool_forward(buf.s_windows, buf.post, buf.masks if train else None)
         post = buf.post
         if b is not None:
             post += b[:, None, None, None]
         if self.relu:
             np.maximum(post, 0, out=post)
         np.copyto(buf.out, post)
+
+    def _folded(self, w2: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Evaluation-mode batch-norm folded into the convolution: y = a·(W_mat @ cols + b − mean) + β with
+        a = γ/√(var + ε) is (a·W_mat) @ cols + (β + a·(b − mean)), running statistics; then the stage is a
+        plain conv → ReLU → pool (docs/derivations.md#batch-normalisation, "Evaluation")."""
+        bn = self.bn
+        assert bn is not None
+        a = bn.params["gamma"].astype(np.float64) / np.sqrt(bn.buffers["running_var"].astype(np.float64) + bn.eps)
+        shift = bn.params["beta"] - bn.buffers["running_mean"] * a + (b * a if b is not None else 0.0)
+        return (w2 * a[:, None]).astype(w2.dtype), shift.astype(w2.dtype)
 
     def _forward_bn(self, buf: _Buffers, b: np.ndarray | None, train: bool) -> None:
         """S (+ b) -> y = γ·x̂ + β -> ReLU -> pool -> the next stage's input."""
@@ -511,34 +589,32 @@ class _ConvStage(_Stage):
         if not self.need_dx:
             return None
         # δX[n,c',x,y] = Σ_{c,u,v} W[c,c',u,v] · δS[n,c,i,j] over s·i+u−pad = x, s·j+v−pad = y
-        # (docs/derivations.md#convolution): δcols = Wᵀ @ δS, then each kernel offset added back at its place.
-        w_t = w.reshape(w.shape[0], -1).T  # (C·K·K, C_out)
-        if self.conv.stride == 1:
-            self._dx_pitch(buf, w_t)
+        # (docs/derivations.md#convolution)
+        if buf.dx_blocks is not None:
+            self._dx_correlate(buf, w)
         else:
-            self._dx_scatter(buf, w_t)
+            self._dx_scatter(buf, w.reshape(w.shape[0], -1).T)
         return buf.dx
 
-    def _dx_pitch(self, buf: _Buffers, w_t: np.ndarray) -> None:
-        """Stride 1: δS on the padded grid, one product, then K² contiguous shifted adds (no np.add.at)."""
+    def _dx_correlate(self, buf: _Buffers, w: np.ndarray) -> None:
+        """Stride 1: δX = δS, padded by q = K − 1 − p, correlated with W'[c', c, u, v] = W[c, c', K−1−u, K−1−v]
+        (the kernel rotated by 180°, in and out channels swapped): the same blocked product as the forward
+        pass, written straight into δX; no column-to-image additions."""
         c_out, ph, pw = self.out_shape
+        q = self.conv.kernel_size - 1 - self.conv.padding
+        pad = buf.ds_pad
+        assert pad is not None and buf.dx_blocks is not None
         if self.blocked:
             assert self.pool is not None
             kp, sp = self.pool.kernel_size, self.pool.stride
-            for q, d in enumerate(buf.ds_windows):  # window offset (a, b) holds conv pixels (sp·p + a, sp·q + b)
-                a, bb = divmod(q, kp)
-                np.copyto(buf.ds_pitch4[:, :, a : a + sp * (ph - 1) + 1 : sp, bb : bb + sp * (pw - 1) + 1 : sp], d)
+            for o, d in enumerate(buf.ds_windows):  # window offset (a, b) holds conv pixels (sp·i + a, sp·j + b)
+                a, bb = divmod(o, kp)
+                r0, c0 = q + a, q + bb
+                np.copyto(pad[:, :, r0 : r0 + sp * (ph - 1) + 1 : sp, c0 : c0 + sp * (pw - 1) + 1 : sp], d)
         else:
-            np.copyto(buf.ds_pitch4[:, :, : self.ho, : self.wo], buf.ds2.reshape(c_out, -1, self.ho, self.wo))
-        c, k = self.in_shape[0], self.conv.kernel_size
-        wp = self.in_shape[2] + 2 * self.conv.padding
-        plane = buf.ds_pitch.shape[1]
-        _matmul(w_t, buf.ds_pitch, out=buf.dcols_pitch.reshape(c * k * k, plane))
-        buf.dx_flat.fill(0)
-        for u in range(k):
-            for v in range(k):
-                shift = u * wp + v
-                buf.dx_flat[:, shift : shift + plane] += buf.dcols_pitch[:, u * k + v]
+            np.copyto(pad[:, :, q : q + self.ho, q : q + self.wo], buf.ds2.reshape(c_out, -1, self.ho, self.wo))
+        w_rot = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(w.shape[1], -1)
+        _convolve(buf.dx_blocks, w_rot)  # (C, C_out·K·K) @ columns of the padded δS
 
     def _dx_scatter(self, buf: _Buffers, w_t: np.ndarray) -> None:
         """Any stride: δcols in the column layout, each kernel (and window) offset one strided add."""
