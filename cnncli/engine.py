@@ -38,6 +38,10 @@ from cnncli.layers import BatchNorm, Conv2D, Flatten, Layer, Linear, MaxPool2D, 
 #   as with any change in the order of a sum;
 # * element-wise work runs on contiguous arrays, then one copy writes the next stage's input buffer (a
 #   flatten is only a different view of it);
+# * a conv's product runs in blocks of a few images (`_conv_blocks`): each block's im2col columns are copied
+#   and multiplied while they are in the L2 cache. δX of a stride-1 conv is a correlation of the zero-padded
+#   δS with the kernel rotated by 180° (docs/derivations.md#convolution), the same blocked product, so no
+#   column-to-image additions. In evaluation a batch-norm right after a conv is folded into its weights;
 # * a batch is cut into micro-batches (about 32 images to train, 20 to infer, so a micro-batch's im2col
 #   matrix stays near the L2 cache) shared by worker threads, BLAS limited to one thread meanwhile (NumPy
 #   releases the GIL inside its kernels). Each micro-batch's gradients go to a slot of their own and the
@@ -267,14 +271,21 @@ class _Buffers:
 
 # A conv block's im2col columns, about this many bytes, stay in the L2 cache between their copy and their
 # product (these machines: 512 KiB per core); at least one image, at most this many output columns.
-CONV_BLOCK_BYTES = 1 << 20
-CONV_BLOCK_COLUMNS = 4096
+CONV_BLOCK_BYTES = 2 << 20
+CONV_BLOCK_COLUMNS = 8192
+# ... but each product gets at least this many columns (narrower ones run far below BLAS's peak), and
+# products with fewer rows than CONV_BLOCK_MIN_ROWS (the first conv on RGB: 27) are not blocked at all:
+# their products run fastest on the whole micro-batch.
+CONV_MIN_COLUMNS = 1024
+CONV_BLOCK_MIN_ROWS = 64
+CONV_BLOCK_IMAGES = 0  # > 0: this many images per block whatever the rules above say (tests, experiments)
 
 
-def _block_images(n: int, column_bytes: int, columns: int) -> int:
+def _block_images(n: int, column_bytes: int, columns: int, product_columns: int) -> int:
     """Images per block of a convolution product: one image's columns take `column_bytes` bytes in
-    `columns` columns."""
-    return max(1, min(n, CONV_BLOCK_BYTES // max(column_bytes, 1), CONV_BLOCK_COLUMNS // max(columns, 1)))
+    `columns` columns, `product_columns` of them in each of the block's products."""
+    g = min(CONV_BLOCK_BYTES // max(column_bytes, 1), CONV_BLOCK_COLUMNS // max(columns, 1))
+    return max(1, min(n, max(g, -(-CONV_MIN_COLUMNS // max(product_columns, 1)))))
 
 
 def _conv_blocks(src: np.ndarray, cols: np.ndarray | None, out: np.ndarray, axis: int,
@@ -289,7 +300,11 @@ def _conv_blocks(src: np.ndarray, cols: np.ndarray | None, out: np.ndarray, axis
     rows = int(np.prod(src.shape[:3]))
     offsets = int(np.prod(src.shape[3:axis]))
     per = int(np.prod(src.shape[axis + 1 :]))
-    g = _block_images(n, rows * offsets * per * np.dtype(dtype).itemsize, offsets * per)
+    if CONV_BLOCK_IMAGES > 0:
+        g = min(n, CONV_BLOCK_IMAGES)
+    else:
+        g = n if rows < CONV_BLOCK_MIN_ROWS else _block_images(n, rows * offsets * per * np.dtype(dtype).itemsize,
+                                                                 offsets * per, per)
     out3 = out.reshape(out.shape[0], offsets, n * per)
     spare: dict[int, np.ndarray] = {}
     blocks = []
@@ -371,7 +386,8 @@ class _ConvStage(_Stage):
     product over the micro-batch's im2col columns; with a pool P = max over each window of S, then
     out = ReLU(P + b); without, ReLU(S + b). Backward (#relu, #max-pooling, #convolution):
     δ = δout · 1(out > 0), δb = Σ δ, δS = δ routed to each window's first arg-max, δW = δS @ colsᵀ,
-    δX = the kernel offsets of δcols = Wᵀ @ δS added back onto the padded input.
+    δX = δS padded by K − 1 − p, correlated with the rotated kernel (stride 1, p ≤ K − 1), else the kernel
+    offsets of δcols = Wᵀ @ δS added back onto the padded input.
 
     Column order: with non-overlapping pool windows (pool stride ≥ pool kernel) the columns run
     (a, b, n, p, q) for conv output pixel (s_p·p + a, s_p·q + b): window offset (a, b) is one contiguous slice

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cnncli import engine
 from cnncli.config import build_config, load_config
 from cnncli.engine import blas_info
 from cnncli.layers import softmax_cross_entropy
@@ -68,6 +69,9 @@ CONFIGS: dict[str, tuple[list[int], list[dict]]] = {
     "unfused": ([2, 12, 12], [RELU, _conv(3, 3), _pool(2, 1), RELU, _pool(2), RELU, FLAT, _fc(4)]),
     # a pool first, and a network that ends in a flatten (the conv gives the class scores)
     "pool_first_conv_last": ([3, 10, 10], [_pool(2), _conv(4, 3, 1, 1), RELU, _conv(2, 5), FLAT]),
+    # stride 1 with padding ≥ K needing δX (the scatter δX; the correlation needs p ≤ K − 1), and p = 0
+    "wide_padding": ([2, 7, 7], [_conv(3, 3, 1, 1), RELU, _conv(4, 2, 1, 2), RELU, _pool(2), _conv(3, 2), FLAT,
+                                 _fc(3)]),
     # a plain MLP: flatten first, then a ReLU with nothing before it
     "mlp": ([2, 5, 4], [FLAT, RELU, _fc(7), RELU, RELU, _fc(3)]),
 }
@@ -246,3 +250,36 @@ def test_fast_flag_switches_to_the_reference_path() -> None:
     assert loss == ref[0]
     np.testing.assert_array_equal(z, ref[1])
     np.testing.assert_array_equal(model.predict(x), ref[1])
+
+
+BN_CONV = [{**_conv(4, 3, 1, 1), "bias": False}, {"type": "batchnorm"}, RELU, _pool(2), _conv(5, 3, 1, 1),
+           {"type": "batchnorm"}, RELU, FLAT, _fc(3)]  # conv2's bias: only its forward matters (δb is ~0)
+
+
+@pytest.mark.parametrize("which", [*ALL, "batchnorm"])
+def test_products_in_blocks_of_images_match_the_reference(which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped networks' small convs run as one product per micro-batch; bigger ones in blocks of a few
+    images (engine.CONV_BLOCK_*). Blocks of 3 images here: micro-batches of 8 split 3, 3, 2 (two sizes of
+    block buffers in evaluation), every window layout, the correlation and scatter δX, batch-norm folded
+    into the conv for evaluation and batch statistics for training."""
+    monkeypatch.setattr(engine, "CONV_BLOCK_IMAGES", 3)
+    if which == "batchnorm":
+        cfg = build_config({"model": {"input_shape": [3, 8, 8], "layers": BN_CONV}}).model
+        model = build_model(cfg, seed=0, dtype=np.float64)
+        rng = np.random.default_rng(5)
+        for name, b in model.named_buffers().items():  # running statistics other than (0, 1)
+            b[...] = rng.uniform(0.5, 2.0, b.shape) if name.endswith("var") else rng.standard_normal(b.shape)
+    else:
+        model = _model(which, np.float64)
+    x, y = _batch(model, 19, np.float64)
+    model.engine().train_micro_batch = 8
+    model.engine().eval_micro_batch = 8
+    if which == "batchnorm":
+        model.train()
+    ref, got = _reference(model, x, y), _fast(model, x, y, threads=2)
+    if which == "batchnorm":  # a bias before a batch-norm gets a zero gradient: both paths give rounding noise
+        assert abs(ref[2].pop("conv2.b")).max() < 1e-12 and abs(got[2].pop("conv2.b")).max() < 1e-12
+    _assert_close(ref, got, rtol=1e-10)
+    model.eval()
+    expected = model.forward(x)  # the per-layer path (running statistics in evaluation)
+    np.testing.assert_allclose(model.predict(x), expected, rtol=0, atol=1e-10 * max(1.0, float(np.abs(expected).max())))
