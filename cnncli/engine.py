@@ -41,9 +41,11 @@ from cnncli.layers import BatchNorm, Conv2D, Flatten, Layer, Linear, MaxPool2D, 
 # * a conv's product runs in blocks of a few images (`_conv_blocks`): each block's im2col columns are copied
 #   and multiplied while they are in the L2 cache. δX of a stride-1 conv is a correlation of the zero-padded
 #   δS with the kernel rotated by 180° (docs/derivations.md#convolution), the same blocked product, so no
-#   column-to-image additions. In evaluation a batch-norm right after a conv is folded into its weights;
-# * a batch is cut into micro-batches (about 32 images to train, 20 to infer, so a micro-batch's im2col
-#   matrix stays near the L2 cache) shared by worker threads, BLAS limited to one thread meanwhile (NumPy
+#   column-to-image additions; its columns are copied as whole padded rows (`_row_runs`: long contiguous
+#   runs instead of one short run per output row), and the K − 1 columns per row that run off the row are
+#   computed and dropped. In evaluation a batch-norm right after a conv is folded into its weights;
+# * a batch is cut into micro-batches (sizes measured per machine and network by `cnncli/tune.py`; 32 to
+#   train and 20 to infer without) shared by worker threads, BLAS limited to one thread meanwhile (NumPy
 #   releases the GIL inside its kernels). Each micro-batch's gradients go to a slot of their own and the
 #   slots are summed in order, so the result does not depend on the number of threads and is bit-identical
 #   from run to run. Every buffer belongs to one worker and is reused from step to step.
@@ -218,6 +220,7 @@ class _Block:
     src: np.ndarray
     cols: np.ndarray
     products: list[tuple[np.ndarray, np.ndarray]]
+    compact: tuple[np.ndarray, np.ndarray] | None = None  # (valid part of the products' output, its place)
 
 
 @dataclass(eq=False, slots=True)
@@ -288,13 +291,17 @@ def _block_images(n: int, column_bytes: int, columns: int, product_columns: int)
     return max(1, min(n, max(g, -(-CONV_MIN_COLUMNS // max(product_columns, 1)))))
 
 
-def _conv_blocks(src: np.ndarray, cols: np.ndarray | None, out: np.ndarray, axis: int,
-                 dtype: np.dtype) -> list[_Block]:
+def _conv_blocks(src: np.ndarray, cols: np.ndarray | None, out: np.ndarray, axis: int, dtype: np.dtype,
+                 pitch: tuple[int, int, int] | None = None) -> list[_Block]:
     """The blocks of one convolution product W_mat @ cols -> out (C_out, Q·N·P), a few images at a time.
 
     `src` (C, K, K, *window offsets, N, *pixels), N at `axis`: the strided view im2col copies; `out`'s columns
     run (window offset, n, pixel), as S's. With `cols` (same shape as src) each block's columns are written to
     their place in it (training keeps them for δW); without, blocks share a small buffer of their size.
+
+    `pitch` = (H', Wp, W'): src's pixels are whole padded rows, H'·Wp per image (`_row_runs`), of which the
+    first W' of each row are real outputs; the block's product goes to a scratch buffer and its real columns
+    are then copied to their place in `out` (C_out, N·H'·W').
     """
     n = src.shape[axis]
     rows = int(np.prod(src.shape[:3]))
@@ -302,11 +309,14 @@ def _conv_blocks(src: np.ndarray, cols: np.ndarray | None, out: np.ndarray, axis
     per = int(np.prod(src.shape[axis + 1 :]))
     if CONV_BLOCK_IMAGES > 0:
         g = min(n, CONV_BLOCK_IMAGES)
+    elif rows < CONV_BLOCK_MIN_ROWS:
+        g = n
     else:
-        g = n if rows < CONV_BLOCK_MIN_ROWS else _block_images(n, rows * offsets * per * np.dtype(dtype).itemsize,
-                                                                 offsets * per, per)
-    out3 = out.reshape(out.shape[0], offsets, n * per)
+        g = _block_images(n, rows * offsets * per * np.dtype(dtype).itemsize, offsets * per, per)
+    c_out = out.shape[0]
+    out3 = out.reshape(c_out, offsets, -1)
     spare: dict[int, np.ndarray] = {}
+    scratch: dict[int, np.ndarray] = {}
     blocks = []
     for a in range(0, n, g):
         b = min(a + g, n)
@@ -319,8 +329,37 @@ def _conv_blocks(src: np.ndarray, cols: np.ndarray | None, out: np.ndarray, axis
                 spare[b - a] = np.empty(src.shape[:axis] + (b - a,) + src.shape[axis + 1 :], dtype=dtype)
             dst = spare[b - a]
             c3 = dst.reshape(rows, offsets, (b - a) * per)
-        blocks.append(_Block(src[idx], dst, [(c3[:, o], out3[:, o, a * per : b * per]) for o in range(offsets)]))
+        if pitch is None:
+            if b - a == n:  # one block: the whole product at once (its columns are contiguous)
+                products = [(c3.reshape(rows, -1), out)]
+            else:
+                products = [(c3[:, o], out3[:, o, a * per : b * per]) for o in range(offsets)]
+            blocks.append(_Block(src[idx], dst, products))
+            continue
+        ho, wp, wo = pitch
+        if b - a not in scratch:
+            scratch[b - a] = np.empty((c_out, (b - a) * per), dtype=dtype)
+        tmp = scratch[b - a]
+        compact = (tmp.reshape(c_out, b - a, ho, wp)[..., :wo], out.reshape(c_out, n, ho, wo)[:, a:b])
+        blocks.append(_Block(src[idx], dst, [(c3[:, 0], tmp)], compact))
     return blocks
+
+
+def _row_runs(a: np.ndarray, k: int, rows: int) -> np.ndarray:
+    """im2col of a stride-1 convolution as whole padded rows: a is (C, N, Hp, Wp) inside a buffer with at least
+    K − 1 more elements after each channel's N·Hp·Wp; the view (C, K, K, N, rows·Wp) holds, at [c, u, v, n, ·],
+    the `rows` padded rows of image n that kernel offset (u, v) reads, shifted by v. Each entry is one
+    contiguous run of memory (a fast copy), and column i·Wp + j of it is window (i, j): the last K − 1 columns
+    of each row are windows that run off the row (junk, never used)."""
+    sc, sn, sh, sw = a.strides
+    c, n, _, wp = a.shape
+    return as_strided(a, (c, k, k, n, rows * wp), (sc, sh, sw, sn, sw), writeable=False)
+
+
+def _padded(c: int, n: int, hp: int, wp: int, tail: int, dtype: np.dtype) -> np.ndarray:
+    """A zeroed (C, N, Hp, Wp) array whose channels each have `tail` more zeros after them (for `_row_runs`)."""
+    flat = np.zeros((c, n * hp * wp + tail), dtype=dtype)
+    return flat[:, : n * hp * wp].reshape(c, n, hp, wp)
 
 
 def _convolve(blocks: list[_Block], w2: np.ndarray) -> None:
@@ -329,6 +368,8 @@ def _convolve(blocks: list[_Block], w2: np.ndarray) -> None:
         np.copyto(blk.cols, blk.src)
         for cols, out in blk.products:
             _matmul(w2, cols, out=out)
+        if blk.compact is not None:
+            np.copyto(blk.compact[1], blk.compact[0])
 
 
 class _Stage:
@@ -491,11 +532,11 @@ class _ConvStage(_Stage):
             # δX as a correlation (docs/derivations.md#convolution, "In the engine"): δS with q = K − 1 − p
             # rows and columns of zeros around it, correlated with the rotated kernel like a forward pass.
             q = k - 1 - p
-            buf.ds_pad = np.zeros((c_out, n, self.ho + 2 * q, self.wo + 2 * q), dtype=dtype)
-            so, sn2, sh2, sw2 = buf.ds_pad.strides
-            dsrc = as_strided(buf.ds_pad, (c_out, k, k, n, h, w), (so, sh2, sw2, sn2, sh2, sw2), writeable=False)
+            wq = self.wo + 2 * q
+            buf.ds_pad = _padded(c_out, n, self.ho + 2 * q, wq, k - 1, dtype)
             buf.dx = np.empty((c, n, h, w), dtype=dtype)
-            buf.dx_blocks = _conv_blocks(dsrc, None, buf.dx.reshape(c, -1), 3, dtype)
+            buf.dx_blocks = _conv_blocks(_row_runs(buf.ds_pad, k, h), None, buf.dx.reshape(c, -1), 3, dtype,
+                                         pitch=(h, wq, w))
         elif self.need_dx:
             assert cols is not None
             buf.dcols2 = np.empty((c * k * k, s2.shape[1]), dtype=dtype)
@@ -538,7 +579,7 @@ class _ConvStage(_Stage):
     def _folded(self, w2: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Evaluation-mode batch-norm folded into the convolution: y = a·(W_mat @ cols + b − mean) + β with
         a = γ/√(var + ε) is (a·W_mat) @ cols + (β + a·(b − mean)), running statistics; then the stage is a
-        plain conv → ReLU → pool (docs/derivations.md#batch-normalisation, "Evaluation")."""
+        plain conv → ReLU → pool (docs/derivations.md#convolution, "In the engine")."""
         bn = self.bn
         assert bn is not None
         a = bn.params["gamma"].astype(np.float64) / np.sqrt(bn.buffers["running_var"].astype(np.float64) + bn.eps)
