@@ -213,7 +213,7 @@ def _route_to_argmax(delta: np.ndarray, masks: np.ndarray, dwin: list[np.ndarray
 
 @dataclass(eq=False, slots=True)
 class _Block:
-    """One block of a convolution product over images [start, stop) of the micro-batch: im2col copies
+    """One block of a convolution product, a few consecutive images of the micro-batch: im2col copies
     `src` (a strided view of the padded input) into `cols`, then each (columns, output) pair is one product
     `W_mat @ columns -> output`, 2-D views into `cols` and S whose row strides BLAS takes as they are."""
 
@@ -246,14 +246,13 @@ class _Buffers:
     peel: np.ndarray | None = None  # scratch for overlapping windows
     # convolution
     xp: np.ndarray | None = None  # zero-padded input (C, N, H + 2p, W + 2p); inp is its inside
-    src: np.ndarray | None = None  # strided read-only view of xp in column order
     cols: np.ndarray | None = None  # im2col columns, (C, K, K, [Kp, Kp,] N, H', W')
     cols2: np.ndarray | None = None  # the same (C·K·K, M)
     s2: np.ndarray | None = None  # S = W @ cols (C_out, M)
     post: np.ndarray | None = None  # pooled S, then + b, then ReLU (C_out, N, H_p, W_p)
     ds2: np.ndarray | None = None  # δS (C_out, M)
-    blocks: list[_Block] | None = None  # the forward product, a few images at a time (`_ConvStage._blocks`)
-    s_windows: list[np.ndarray] | None = None  # the pool windows over S (a conv stage with batch-norm)
+    blocks: list[_Block] | None = None  # the forward product, a few images at a time (`_conv_blocks`)
+    s_windows: list[np.ndarray] | None = None  # the pool windows over S (`windows` pools y with batch-norm)
     ds_pad: np.ndarray | None = None  # δS with K − 1 − p rows and columns of zeros around, (C_out, N, H'+…, W'+…)
     dx_blocks: list[_Block] | None = None  # δX as a correlation of ds_pad with the rotated kernel, in blocks
     dcols2: np.ndarray | None = None  # Wᵀ @ δS in column order (C·K·K, M)
@@ -284,9 +283,13 @@ CONV_BLOCK_MIN_ROWS = 64
 CONV_BLOCK_IMAGES = 0  # > 0: this many images per block whatever the rules above say (tests, experiments)
 
 
-def _block_images(n: int, column_bytes: int, columns: int, product_columns: int) -> int:
-    """Images per block of a convolution product: one image's columns take `column_bytes` bytes in
-    `columns` columns, `product_columns` of them in each of the block's products."""
+def _block_images(n: int, rows: int, column_bytes: int, columns: int, product_columns: int) -> int:
+    """Images per block of a convolution product with `rows` rows over n images: one image's columns take
+    `column_bytes` bytes in `columns` columns, `product_columns` of them in each of the block's products."""
+    if CONV_BLOCK_IMAGES > 0:
+        return min(n, CONV_BLOCK_IMAGES)
+    if rows < CONV_BLOCK_MIN_ROWS:
+        return n
     g = min(CONV_BLOCK_BYTES // max(column_bytes, 1), CONV_BLOCK_COLUMNS // max(columns, 1))
     return max(1, min(n, max(g, -(-CONV_MIN_COLUMNS // max(product_columns, 1)))))
 
@@ -307,12 +310,7 @@ def _conv_blocks(src: np.ndarray, cols: np.ndarray | None, out: np.ndarray, axis
     rows = int(np.prod(src.shape[:3]))
     offsets = int(np.prod(src.shape[3:axis]))
     per = int(np.prod(src.shape[axis + 1 :]))
-    if CONV_BLOCK_IMAGES > 0:
-        g = min(n, CONV_BLOCK_IMAGES)
-    elif rows < CONV_BLOCK_MIN_ROWS:
-        g = n
-    else:
-        g = _block_images(n, rows * offsets * per * np.dtype(dtype).itemsize, offsets * per, per)
+    g = _block_images(n, rows, rows * offsets * per * np.dtype(dtype).itemsize, offsets * per, per)
     c_out = out.shape[0]
     out3 = out.reshape(c_out, offsets, -1)
     spare: dict[int, np.ndarray] = {}
@@ -503,8 +501,6 @@ class _ConvStage(_Stage):
         buf = _Buffers(
             xp=xp,
             inp=xp[:, :, p : p + h, p : p + w],  # (C, N, H, W)
-            src=src,
-            cols=cols,
             cols2=cols.reshape(c * k * k, -1) if cols is not None else None,  # (C·K·K, M)
             s2=s2,
             blocks=_conv_blocks(src, cols, s2, len(shape) - 3, dtype),
