@@ -43,7 +43,10 @@ from cnncli.layers import BatchNorm, Conv2D, Flatten, Layer, Linear, MaxPool2D, 
 #   δS with the kernel rotated by 180° (docs/derivations.md#convolution), the same blocked product, so no
 #   column-to-image additions; its columns are copied as whole padded rows (`_row_runs`: long contiguous
 #   runs instead of one short run per output row), and the K − 1 columns per row that run off the row are
-#   computed and dropped. In evaluation a batch-norm right after a conv is folded into its weights;
+#   computed and dropped. A conv with few input channels that a max-pool follows (the first conv on RGB)
+#   multiplies each pool window's whole input patch by the kernel placed at every window offset: one wider,
+#   deeper product instead of K_p² narrow ones, and fewer copies. In evaluation a batch-norm right after a
+#   conv is folded into its weights;
 # * a batch is cut into micro-batches (sizes measured per machine and network by `cnncli/tune.py`; 32 to
 #   train and 20 to infer without) shared by worker threads, BLAS limited to one thread meanwhile (NumPy
 #   releases the GIL inside its kernels). Each micro-batch's gradients go to a slot of their own and the
@@ -256,6 +259,7 @@ class _Buffers:
     ds_pad: np.ndarray | None = None  # δS with K − 1 − p rows and columns of zeros around, (C_out, N, H'+…, W'+…)
     dx_blocks: list[_Block] | None = None  # δX as a correlation of ds_pad with the rotated kernel, in blocks
     dcols2: np.ndarray | None = None  # Wᵀ @ δS in column order (C·K·K, M)
+    dw_patch: np.ndarray | None = None  # δ of the patch weights (C_out·Q, C·R·R), before `_fold_patch`
     dcols: np.ndarray | None = None  # the same in the columns' shape
     dxp: np.ndarray | None = None  # δ of the padded input (C, N, H + 2p, W + 2p)
     # batch-norm
@@ -280,6 +284,11 @@ CONV_BLOCK_COLUMNS = 8192
 # their products run fastest on the whole micro-batch.
 CONV_MIN_COLUMNS = 1024
 CONV_BLOCK_MIN_ROWS = 64
+# A conv whose columns have fewer rows than this (C·K·K; the first conv on RGB: 27) and whose output windows
+# tile a max-pool runs one product per pool window (`_ConvStage._patch_weights`): measured here, a
+# 64 × 48 product ran at 46 GFLOP/s where the 16 × 27 one ran at 27, so the 16/9 more multiply-adds (zeros)
+# cost no time, and the copies gather 48 rows per pooled pixel instead of 4 · 27 = 108.
+CONV_PATCH_ROWS = 64
 CONV_BLOCK_IMAGES = 0  # > 0: this many images per block whatever the rules above say (tests, experiments)
 
 
@@ -450,6 +459,11 @@ class _ConvStage(_Stage):
         if bn is not None and pool is not None:  # every pixel of S counts in the statistics
             kp = pool.kernel_size
             self.blocked = pool.stride == kp and self.ho % kp == 0 and self.wo % kp == 0
+        # A conv with few columns rows (the first conv on RGB: 27) whose windows tile a pool: one product per
+        # pool window, from (K_p + K − 1)² patches (`_patch_weights`): fewer column copies, a fuller product.
+        k = conv.kernel_size
+        self.patch = (self.blocked and conv.stride == 1 and conv.padding <= k - 1
+                      and in_shape[0] * k * k < CONV_PATCH_ROWS)
         conv_out = (conv.out_channels, self.ho, self.wo)
         self.out_shape = pool.output_shape(conv_out) if pool is not None else conv_out
 
@@ -487,7 +501,13 @@ class _ConvStage(_Stage):
         hp, wp = h + 2 * p, w + 2 * p
         xp = np.zeros((c, n, hp, wp), dtype=dtype)  # the zero border is the padding; only the inside is written
         sc, sn, sh, sw = xp.strides
-        if self.blocked:
+        qp = pool.kernel_size**2 if self.patch else 1  # window offsets per pool window
+        if self.patch:
+            assert pool is not None
+            r, sp = pool.kernel_size + k - 1, pool.stride
+            # cols[c', r, t, n, i, j] = Xpad[c', n, s_p·i + r, s_p·j + t]: each pool window's whole input patch
+            shape, strides = (c, r, r, n, ph, pw), (sc, sh, sw, sn, sp * sh, sp * sw)
+        elif self.blocked:
             assert pool is not None
             kp, sp = pool.kernel_size, pool.stride
             shape: Shape = (c, k, k, kp, kp, n, ph, pw)
@@ -497,13 +517,14 @@ class _ConvStage(_Stage):
         # cols[c', u, v, (a, b,) n, i, j] = Xpad[c', n, s·i + u, s·j + v]: a read-only strided view
         src = as_strided(xp, shape, strides, writeable=False)
         cols = np.empty(shape, dtype=dtype) if train else None  # training keeps every column for δW
-        s2 = np.empty((c_out, int(np.prod(shape[3:]))), dtype=dtype)  # S (C_out, M)
+        m = int(np.prod(shape[3:])) * qp
+        s2 = np.empty((c_out, m), dtype=dtype)  # S (C_out, M); with patches (C_out·Q, M/Q) is the product's
         buf = _Buffers(
             xp=xp,
             inp=xp[:, :, p : p + h, p : p + w],  # (C, N, H, W)
-            cols2=cols.reshape(c * k * k, -1) if cols is not None else None,  # (C·K·K, M)
+            cols2=cols.reshape(int(np.prod(shape[:3])), -1) if cols is not None else None,  # (C·K·K, M)
             s2=s2,
-            blocks=_conv_blocks(src, cols, s2, len(shape) - 3, dtype),
+            blocks=_conv_blocks(src, cols, s2.reshape(c_out * qp, -1), len(shape) - 3, dtype),
             windows=self._windows(s2, n),
             # the stage's result, contiguous (C_out, N, H', W'): P (or S), then + b, then ReLU
             post=np.empty((c_out, n, ph, pw), dtype=dtype) if pool is not None else s2.reshape(c_out, n, ph, pw),
@@ -515,6 +536,8 @@ class _ConvStage(_Stage):
         buf.masks = np.empty((max(nq - 1, 0), c_out, n, ph, pw), dtype=bool)
         buf.relu_mask = np.empty((c_out, n, ph, pw), dtype=bool)
         buf.ds2 = np.empty_like(s2)  # δS (C_out, M), columns as S
+        if self.patch:
+            buf.dw_patch = np.empty((c_out * qp, buf.cols2.shape[0]), dtype=dtype)  # δ of _patch_weights
         buf.dwin = buf.ds_windows = self._windows(buf.ds2, n)
         buf.peel = None
         if pool is None:
@@ -559,10 +582,10 @@ class _ConvStage(_Stage):
         if self.bn is not None and not train and not self.bn.training:
             w2, b = self._folded(w2, b)
         elif self.core is not None:
-            _convolve(buf.blocks, w2)  # S = W_mat @ cols
+            _convolve(buf.blocks, self._patch_weights(w2))  # S = W_mat @ cols
             self._forward_bn(buf, b, train)
             return
-        _convolve(buf.blocks, w2)  # S = W_mat @ cols (or the folded y)
+        _convolve(buf.blocks, self._patch_weights(w2))  # S = W_mat @ cols (or the folded y)
         if self.pool is not None:
             _pool_forward(buf.s_windows, buf.post, buf.masks if train else None)
         post = buf.post
@@ -571,6 +594,36 @@ class _ConvStage(_Stage):
         if self.relu:
             np.maximum(post, 0, out=post)
         np.copyto(buf.out, post)
+
+    def _patch_weights(self, w2: np.ndarray) -> np.ndarray:
+        """W_mat (C_out, C·K·K), or with patches W_pat (C_out·Q, C·R·R), R = K_p + K − 1: row (c, a, b) holds
+        W[c] placed at offset (a, b) of an R × R patch, zeros elsewhere, so that W_pat @ patch columns gives S
+        at pixel (s_p·i + a, s_p·j + b) for every window offset (a, b) of the pool, in S's column order
+        (docs/derivations.md#convolution, "In the engine")."""
+        if not self.patch:
+            return w2
+        assert self.pool is not None
+        c_out, c, k, kp = w2.shape[0], self.in_shape[0], self.conv.kernel_size, self.pool.kernel_size
+        r = kp + k - 1
+        wp = np.zeros((c_out, kp, kp, c, r, r), dtype=w2.dtype)
+        w4 = w2.reshape(c_out, c, k, k)
+        for a in range(kp):
+            for b in range(kp):
+                wp[:, a, b, :, a : a + k, b : b + k] = w4
+        return wp.reshape(c_out * kp * kp, c * r * r)
+
+    def _fold_patch(self, dwp: np.ndarray, gw: np.ndarray) -> None:
+        """δW from the patch weights' gradient: δW[c, c', u, v] = Σ_{a,b} δW_pat[(c, a, b), (c', a + u, b + v)]
+        (the entries of W_pat that hold W[c, c', u, v]); the zeros' gradients are dropped."""
+        assert self.pool is not None
+        c_out, c, k, kp = gw.shape[0], self.in_shape[0], self.conv.kernel_size, self.pool.kernel_size
+        r = kp + k - 1
+        d6 = dwp.reshape(c_out, kp, kp, c, r, r)
+        np.copyto(gw, d6[:, 0, 0, :, :k, :k])
+        for a in range(kp):
+            for b in range(kp):
+                if a or b:
+                    gw += d6[:, a, b, :, a : a + k, b : b + k]
 
     def _folded(self, w2: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Evaluation-mode batch-norm folded into the convolution: y = a·(W_mat @ cols + b − mean) + β with
@@ -638,7 +691,11 @@ class _ConvStage(_Stage):
     def _weights_and_input(self, buf: _Buffers, w: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
         """δW and δX from δS (buf.ds2)."""
         gw = grads["W"]
-        _matmul(buf.ds2, buf.cols2.T, out=gw.reshape(gw.shape[0], -1))  # δW = δS (C_out, M) @ colsᵀ
+        if self.patch:  # δW_pat = δS (C_out·Q, M/Q) @ patch colsᵀ, then summed back onto W's entries
+            _matmul(buf.ds2.reshape(buf.dw_patch.shape[0], -1), buf.cols2.T, out=buf.dw_patch)
+            self._fold_patch(buf.dw_patch, gw)
+        else:
+            _matmul(buf.ds2, buf.cols2.T, out=gw.reshape(gw.shape[0], -1))  # δW = δS (C_out, M) @ colsᵀ
         if not self.need_dx:
             return None
         # δX[n,c',x,y] = Σ_{c,u,v} W[c,c',u,v] · δS[n,c,i,j] over s·i+u−pad = x, s·j+v−pad = y

@@ -57,7 +57,8 @@ CONFIGS: dict[str, tuple[list[int], list[dict]]] = {
     "odd_sizes_no_relu": ([1, 9, 20], [_conv(2, 3), _pool(2), FLAT, _fc(3)]),
     # no pooling at all; a ReLU after the flatten; stride-2 conv needing δX
     "no_pool": ([3, 12, 11], [_conv(4, 3, 1, 1), RELU, _conv(6, 3, 2, 0), FLAT, RELU, _fc(8), RELU, _fc(5)]),
-    # stride-1 conv with pool needing δX (the padded-pitch δX) in both window layouts, pool stride > kernel
+    # stride-1 conv with pool needing δX (the correlation δX) in both window layouts, pool stride > kernel;
+    # the first two convs have few input channels: one product per pool window (patches), the second needing δX
     "pitch_paths": (
         [2, 15, 14],
         [_conv(3, 3, 1, 1), RELU, _pool(2), _conv(4, 3, 1, 1), _pool(2, 3), RELU, _conv(3, 2, 1, 1), _pool(3, 2),
