@@ -252,7 +252,7 @@ class _Buffers:
     cols: np.ndarray | None = None  # im2col columns, (C, K, K, [Kp, Kp,] N, H', W')
     cols2: np.ndarray | None = None  # the same (C·K·K, M)
     s2: np.ndarray | None = None  # S = W @ cols (C_out, M)
-    post: np.ndarray | None = None  # pooled S, then + b, then ReLU (C_out, N, H_p, W_p)
+    post: np.ndarray | None = None  # pooled S, then + b (the ReLU writes `out` from it) (C_out, N, H_p, W_p)
     ds2: np.ndarray | None = None  # δS (C_out, M)
     blocks: list[_Block] | None = None  # the forward product, a few images at a time (`_conv_blocks`)
     s_windows: list[np.ndarray] | None = None  # the pool windows over S (`windows` pools y with batch-norm)
@@ -526,7 +526,7 @@ class _ConvStage(_Stage):
             s2=s2,
             blocks=_conv_blocks(src, cols, s2.reshape(c_out * qp, -1), len(shape) - 3, dtype),
             windows=self._windows(s2, n),
-            # the stage's result, contiguous (C_out, N, H', W'): P (or S), then + b, then ReLU
+            # contiguous (C_out, N, H', W'): P (or S), then + b; ReLU(post) is written to `out`
             post=np.empty((c_out, n, ph, pw), dtype=dtype) if pool is not None else s2.reshape(c_out, n, ph, pw),
         )
         buf.s_windows = buf.windows
@@ -591,9 +591,10 @@ class _ConvStage(_Stage):
         post = buf.post
         if b is not None:
             post += b[:, None, None, None]
-        if self.relu:
-            np.maximum(post, 0, out=post)
-        np.copyto(buf.out, post)
+        if self.relu:  # the ReLU writes the next stage's input; post keeps P + b (the backward's mask: > 0)
+            np.maximum(post, 0, out=buf.out)
+        else:
+            np.copyto(buf.out, post)
 
     def _patch_weights(self, w2: np.ndarray) -> np.ndarray:
         """W_mat (C_out, C·K·K), or with patches W_pat (C_out·Q, C·R·R), R = K_p + K − 1: row (c, a, b) holds
@@ -676,7 +677,7 @@ class _ConvStage(_Stage):
             return self._weights_and_input(buf, w, grads)
         delta = buf.delta
         if self.relu:
-            np.greater(buf.post, 0, out=buf.relu_mask)  # 1(out > 0) = 1(ReLU input > 0), docs/derivations.md#relu
+            np.greater(buf.post, 0, out=buf.relu_mask)  # 1(out > 0) = 1(P + b > 0), docs/derivations.md#relu
             np.multiply(dout, buf.relu_mask, out=delta)
         else:
             np.copyto(delta, dout)
