@@ -27,7 +27,9 @@ from cnncli.layers import BatchNorm, Conv2D, Flatten, Layer, Linear, MaxPool2D, 
 # The same network as the per-layer path, computed differently (`tests/test_speed_equivalence.py` checks
 # that loss, logits and every gradient agree to float32 rounding):
 #
-# * images are channels-major (C, N, H, W) inside, so each conv is one matrix product per micro-batch;
+# * tensors are batch-minor inside: images (C, H, W, N), vectors (D, N), the example index last. Each conv
+#   is then a few matrix products per micro-batch whose im2col copies are long contiguous runs (a row of
+#   the output for every image at once), and a flatten is only a different view: (C·H·W, N);
 # * conv → ReLU → max-pool is one stage. Max-pooling commutes with the per-channel bias and with the
 #   monotone ReLU, max_{u,v} ReLU(S + b) = ReLU(max_{u,v} S + b), so the pool runs on S = W ⋆ X and the bias
 #   and ReLU on the K_p² times smaller pooled map. With non-overlapping windows the im2col columns are
@@ -38,15 +40,13 @@ from cnncli.layers import BatchNorm, Conv2D, Flatten, Layer, Linear, MaxPool2D, 
 #   as with any change in the order of a sum;
 # * element-wise work runs on contiguous arrays, then one copy writes the next stage's input buffer (a
 #   flatten is only a different view of it);
-# * a conv's product runs in blocks of a few images (`_conv_blocks`): each block's im2col columns are copied
-#   and multiplied while they are in the L2 cache. δX of a stride-1 conv is a correlation of the zero-padded
-#   δS with the kernel rotated by 180° (docs/derivations.md#convolution), the same blocked product, so no
-#   column-to-image additions; its columns are copied as whole padded rows (`_row_runs`: long contiguous
-#   runs instead of one short run per output row), and the K − 1 columns per row that run off the row are
-#   computed and dropped. A conv with few input channels that a max-pool follows (the first conv on RGB)
-#   multiplies each pool window's whole input patch by the kernel placed at every window offset: one wider,
-#   deeper product instead of K_p² narrow ones, and fewer copies. In evaluation a batch-norm right after a
-#   conv is folded into its weights;
+# * a conv's product runs in blocks of a few output rows (`_conv_blocks`): each block's im2col columns are
+#   copied and multiplied while they are in the L2 cache. δX of a stride-1 conv is a correlation of the
+#   zero-padded δS with the kernel rotated by 180° (docs/derivations.md#convolution), the same blocked
+#   product, so no column-to-image additions. A conv with few input channels that a max-pool follows (the
+#   first conv on RGB) multiplies each pool window's whole input patch by the kernel placed at every window
+#   offset: one wider, deeper product instead of K_p² narrow ones, and fewer copies. In evaluation a
+#   batch-norm right after a conv is folded into its weights;
 # * a batch is cut into micro-batches (sizes measured per machine and network by `cnncli/tune.py`; 32 to
 #   train and 20 to infer without) shared by worker threads, BLAS limited to one thread meanwhile (NumPy
 #   releases the GIL inside its kernels). Each micro-batch's gradients go to a slot of their own and the
@@ -165,21 +165,36 @@ def _worker_pool(workers: int) -> ThreadPoolExecutor:
         return _POOL
 
 
-def _image_view(a: np.ndarray, n: int, shape: Shape) -> np.ndarray:
-    """Rows (N, C·H·W) seen as channels-major images (C, N, H, W) when `shape` is (C, H, W); else `a`.
+def _layout(shape: Shape, n: int) -> tuple[int, ...]:
+    """The engine's array shape for n examples of `shape`: batch-minor, (*shape, N)."""
+    return (*shape, n)
 
-    Flatten's C order, k = c·H·W + i·W + j (docs/derivations.md#flatten), is exactly this view, so a conv stage writes
-    its output straight into the next linear layer's input rows and reads δh from its gradient rows.
-    """
-    if len(shape) == 3 and a.ndim == 2:
-        return a.reshape(n, *shape).transpose(1, 0, 2, 3)  # (N, C·H·W) -> (N, C, H, W) -> (C, N, H, W)
-    return a
+
+def _as(a: np.ndarray, n: int, shape: Shape) -> np.ndarray:
+    """An array in the engine's layout seen as n examples of `shape`, (*shape, N): `a` itself when it has that
+    shape, else a view of it (a flatten between stages; `a` is then contiguous).
+
+    Flatten's C order, k = c·H·W + i·W + j (docs/derivations.md#flatten), makes (C, H, W, N) and (C·H·W, N) the
+    same memory, so a conv stage writes straight into the next linear layer's input and reads δh from its
+    gradient."""
+    want = _layout(shape, n)
+    if a.shape == want:
+        return a
+    assert a.flags.c_contiguous, "a flatten's view needs a contiguous buffer"
+    return a.reshape(want)
+
+
+def _rows(a: np.ndarray, n: int, shape: Shape) -> np.ndarray:
+    """Rows (N, F) (the logits, δz) seen in the engine's layout (*shape, N): a transposed view, never a copy."""
+    v = a.T.reshape(_layout(shape, n))
+    assert np.shares_memory(v, a)
+    return v
 
 
 def _pool_windows(a: np.ndarray, k: int, s: int, ho: int, wo: int) -> list[np.ndarray]:
-    """The K² strided views a[:, :, s·p + u, s·q + v], offsets (u, v) in row-major order; a (C, N, H, W) ->
-    each (C, N, H', W')."""
-    return [a[:, :, u : u + s * (ho - 1) + 1 : s, v : v + s * (wo - 1) + 1 : s] for u in range(k) for v in range(k)]
+    """The K² strided views a[:, s·p + u, s·q + v, :], offsets (u, v) in row-major order; a (C, H, W, N) ->
+    each (C, H', W', N)."""
+    return [a[:, u : u + s * (ho - 1) + 1 : s, v : v + s * (wo - 1) + 1 : s] for u in range(k) for v in range(k)]
 
 
 def _pool_forward(windows: list[np.ndarray], out: np.ndarray, masks: np.ndarray | None) -> None:
@@ -216,14 +231,14 @@ def _route_to_argmax(delta: np.ndarray, masks: np.ndarray, dwin: list[np.ndarray
 
 @dataclass(eq=False, slots=True)
 class _Block:
-    """One block of a convolution product, a few consecutive images of the micro-batch: im2col copies
-    `src` (a strided view of the padded input) into `cols`, then each (columns, output) pair is one product
-    `W_mat @ columns -> output`, 2-D views into `cols` and S whose row strides BLAS takes as they are."""
+    """One block of a convolution product, a few consecutive output rows of every image of the micro-batch:
+    im2col copies `src` (a strided view of the padded input) into `cols`, then each (columns, output) pair is
+    one product `W_mat @ columns -> output`, 2-D views into `cols` and S whose row strides BLAS takes as they
+    are."""
 
     src: np.ndarray
     cols: np.ndarray
     products: list[tuple[np.ndarray, np.ndarray]]
-    compact: tuple[np.ndarray, np.ndarray] | None = None  # (valid part of the products' output, its place)
 
 
 @dataclass(eq=False, slots=True)
@@ -231,7 +246,7 @@ class _Buffers:
     """One stage's arrays for one worker and one micro-batch size N (None: not used by this stage or mode).
 
     `inp` is where the previous stage writes this stage's input; `out` is the next stage's `inp` (or rows
-    of the logits), in this stage's output layout. Images are channels-major (C, N, H, W) throughout.
+    of the logits), in this stage's output layout. Images are batch-minor (C, H, W, N) throughout.
     """
 
     inp: np.ndarray
@@ -244,24 +259,24 @@ class _Buffers:
     dx: np.ndarray | None = None  # δ of the stage's input, in its layout
     # max-pool
     windows: list[np.ndarray] | None = None  # the K² window views of the pooled map
-    masks: np.ndarray | None = None  # (K² − 1, C, N, H', W') bool: window q holds the max
+    masks: np.ndarray | None = None  # (K² − 1, C, H', W', N) bool: window q holds the max
     dwin: list[np.ndarray] | None = None  # the K² window views of the δ being routed into
     peel: np.ndarray | None = None  # scratch for overlapping windows
     # convolution
-    xp: np.ndarray | None = None  # zero-padded input (C, N, H + 2p, W + 2p); inp is its inside
-    cols: np.ndarray | None = None  # im2col columns, (C, K, K, [Kp, Kp,] N, H', W')
+    xp: np.ndarray | None = None  # zero-padded input (C, H + 2p, W + 2p, N); inp is its inside
+    cols: np.ndarray | None = None  # im2col columns, (C, K, K, [Kp, Kp,] H', W', N)
     cols2: np.ndarray | None = None  # the same (C·K·K, M)
     s2: np.ndarray | None = None  # S = W @ cols (C_out, M)
-    post: np.ndarray | None = None  # pooled S, then + b (the ReLU writes `out` from it) (C_out, N, H_p, W_p)
+    post: np.ndarray | None = None  # pooled S, then + b (the ReLU writes `out` from it) (C_out, H_p, W_p, N)
     ds2: np.ndarray | None = None  # δS (C_out, M)
     blocks: list[_Block] | None = None  # the forward product, a few images at a time (`_conv_blocks`)
     s_windows: list[np.ndarray] | None = None  # the pool windows over S (`windows` pools y with batch-norm)
-    ds_pad: np.ndarray | None = None  # δS with K − 1 − p rows and columns of zeros around, (C_out, N, H'+…, W'+…)
+    ds_pad: np.ndarray | None = None  # δS with K − 1 − p rows and columns of zeros around, (C_out, H'+…, W'+…, N)
     dx_blocks: list[_Block] | None = None  # δX as a correlation of ds_pad with the rotated kernel, in blocks
     dcols2: np.ndarray | None = None  # Wᵀ @ δS in column order (C·K·K, M)
     dw_patch: np.ndarray | None = None  # δ of the patch weights (C_out·Q, C·R·R), before `_fold_patch`
     dcols: np.ndarray | None = None  # the same in the columns' shape
-    dxp: np.ndarray | None = None  # δ of the padded input (C, N, H + 2p, W + 2p)
+    dxp: np.ndarray | None = None  # δ of the padded input (C, H + 2p, W + 2p, N)
     # batch-norm
     y: np.ndarray | None = None  # a conv stage's batch-normalised S (then ReLU), (C_out, M), columns as S
     dy: np.ndarray | None = None  # δ of y (C_out, M)
@@ -273,15 +288,15 @@ class _Buffers:
     worker: int = 0  # which worker owns these buffers
     # generic layer
     layer: Layer | None = None  # this worker's own copy of the layer (its caches are its own)
+    staging: np.ndarray | None = None  # the first stage's: the micro-batch's rows before the transposing copy
 
 
 # A conv block's im2col columns, about this many bytes, stay in the L2 cache between their copy and their
-# product (these machines: 512 KiB per core); at least one image, at most this many output columns.
+# product (these machines: 512 KiB per core); at least one output row, at most this many output columns.
 CONV_BLOCK_BYTES = 2 << 20
 CONV_BLOCK_COLUMNS = 8192
 # ... but each product gets at least this many columns (narrower ones run far below BLAS's peak), and
-# products with fewer rows than CONV_BLOCK_MIN_ROWS (the first conv on RGB: 27) are not blocked at all:
-# their products run fastest on the whole micro-batch.
+# products with fewer rows than CONV_BLOCK_MIN_ROWS are not blocked at all: they run fastest whole.
 CONV_MIN_COLUMNS = 1024
 CONV_BLOCK_MIN_ROWS = 64
 # A conv whose columns have fewer rows than this (C·K·K; the first conv on RGB: 27) and whose output windows
@@ -289,41 +304,38 @@ CONV_BLOCK_MIN_ROWS = 64
 # 64 × 48 product ran at 46 GFLOP/s where the 16 × 27 one ran at 27, so the 16/9 more multiply-adds (zeros)
 # cost no time, and the copies gather 48 rows per pooled pixel instead of 4 · 27 = 108.
 CONV_PATCH_ROWS = 64
-CONV_BLOCK_IMAGES = 0  # > 0: this many images per block whatever the rules above say (tests, experiments)
+CONV_BLOCK_ROWS = 0  # > 0: this many output rows per block whatever the rules above say (tests, experiments)
 
 
-def _block_images(n: int, rows: int, column_bytes: int, columns: int, product_columns: int) -> int:
-    """Images per block of a convolution product with `rows` rows over n images: one image's columns take
-    `column_bytes` bytes in `columns` columns, `product_columns` of them in each of the block's products."""
-    if CONV_BLOCK_IMAGES > 0:
-        return min(n, CONV_BLOCK_IMAGES)
+def _block_rows(n: int, rows: int, row_bytes: int, columns: int, product_columns: int) -> int:
+    """Output rows per block of a convolution product with `rows` matrix rows over n output rows: one output
+    row's columns (every image) take `row_bytes` bytes in `columns` columns, `product_columns` of them in
+    each of the block's products."""
+    if CONV_BLOCK_ROWS > 0:
+        return min(n, CONV_BLOCK_ROWS)
     if rows < CONV_BLOCK_MIN_ROWS:
         return n
-    g = min(CONV_BLOCK_BYTES // max(column_bytes, 1), CONV_BLOCK_COLUMNS // max(columns, 1))
+    g = min(CONV_BLOCK_BYTES // max(row_bytes, 1), CONV_BLOCK_COLUMNS // max(columns, 1))
     return max(1, min(n, max(g, -(-CONV_MIN_COLUMNS // max(product_columns, 1)))))
 
 
-def _conv_blocks(src: np.ndarray, cols: np.ndarray | None, out: np.ndarray, axis: int, dtype: np.dtype,
-                 pitch: tuple[int, int, int] | None = None) -> list[_Block]:
-    """The blocks of one convolution product W_mat @ cols -> out (C_out, Q·N·P), a few images at a time.
+def _conv_blocks(src: np.ndarray, cols: np.ndarray | None, out: np.ndarray, axis: int, dtype: np.dtype) -> list[_Block]:
+    """The blocks of one convolution product W_mat @ cols -> out (C_out, Q·H'·W'·N), a few output rows at a time.
 
-    `src` (C, K, K, *window offsets, N, *pixels), N at `axis`: the strided view im2col copies; `out`'s columns
-    run (window offset, n, pixel), as S's. With `cols` (same shape as src) each block's columns are written to
-    their place in it (training keeps them for δW); without, blocks share a small buffer of their size.
-
-    `pitch` = (H', Wp, W'): src's pixels are whole padded rows, H'·Wp per image (`_row_runs`), of which the
-    first W' of each row are real outputs; the block's product goes to a scratch buffer and its real columns
-    are then copied to their place in `out` (C_out, N·H'·W').
+    `src` (C, K, K, *window offsets, H', *rest): the strided view im2col copies, its output-row axis at `axis`;
+    `out`'s columns run (window offset, row, rest), as S's. The rest, (W', N), is one contiguous run of the
+    source for each (c, u, v, offset, row): the copies are long. With `cols` (same shape as src) each block's
+    columns are written to their place in it (training keeps them for δW); without, blocks share a small
+    buffer of their size.
     """
     n = src.shape[axis]
     rows = int(np.prod(src.shape[:3]))
     offsets = int(np.prod(src.shape[3:axis]))
     per = int(np.prod(src.shape[axis + 1 :]))
-    g = _block_images(n, rows, rows * offsets * per * np.dtype(dtype).itemsize, offsets * per, per)
+    g = _block_rows(n, rows, rows * offsets * per * np.dtype(dtype).itemsize, offsets * per, per)
     c_out = out.shape[0]
     out3 = out.reshape(c_out, offsets, -1)
     spare: dict[int, np.ndarray] = {}
-    scratch: dict[int, np.ndarray] = {}
     blocks = []
     for a in range(0, n, g):
         b = min(a + g, n)
@@ -336,37 +348,12 @@ def _conv_blocks(src: np.ndarray, cols: np.ndarray | None, out: np.ndarray, axis
                 spare[b - a] = np.empty(src.shape[:axis] + (b - a,) + src.shape[axis + 1 :], dtype=dtype)
             dst = spare[b - a]
             c3 = dst.reshape(rows, offsets, (b - a) * per)
-        if pitch is None:
-            if b - a == n:  # one block: the whole product at once (its columns are contiguous)
-                products = [(c3.reshape(rows, -1), out)]
-            else:
-                products = [(c3[:, o], out3[:, o, a * per : b * per]) for o in range(offsets)]
-            blocks.append(_Block(src[idx], dst, products))
-            continue
-        ho, wp, wo = pitch
-        if b - a not in scratch:
-            scratch[b - a] = np.empty((c_out, (b - a) * per), dtype=dtype)
-        tmp = scratch[b - a]
-        compact = (tmp.reshape(c_out, b - a, ho, wp)[..., :wo], out.reshape(c_out, n, ho, wo)[:, a:b])
-        blocks.append(_Block(src[idx], dst, [(c3[:, 0], tmp)], compact))
+        if b - a == n:  # one block: the whole product at once (its columns are contiguous)
+            products = [(c3.reshape(rows, -1), out)]
+        else:
+            products = [(c3[:, o], out3[:, o, a * per : b * per]) for o in range(offsets)]
+        blocks.append(_Block(src[idx], dst, products))
     return blocks
-
-
-def _row_runs(a: np.ndarray, k: int, rows: int) -> np.ndarray:
-    """im2col of a stride-1 convolution as whole padded rows: a is (C, N, Hp, Wp) inside a buffer with at least
-    K − 1 more elements after each channel's N·Hp·Wp; the view (C, K, K, N, rows·Wp) holds, at [c, u, v, n, ·],
-    the `rows` padded rows of image n that kernel offset (u, v) reads, shifted by v. Each entry is one
-    contiguous run of memory (a fast copy), and column i·Wp + j of it is window (i, j): the last K − 1 columns
-    of each row are windows that run off the row (junk, never used)."""
-    sc, sn, sh, sw = a.strides
-    c, n, _, wp = a.shape
-    return as_strided(a, (c, k, k, n, rows * wp), (sc, sh, sw, sn, sw), writeable=False)
-
-
-def _padded(c: int, n: int, hp: int, wp: int, tail: int, dtype: np.dtype) -> np.ndarray:
-    """A zeroed (C, N, Hp, Wp) array whose channels each have `tail` more zeros after them (for `_row_runs`)."""
-    flat = np.zeros((c, n * hp * wp + tail), dtype=dtype)
-    return flat[:, : n * hp * wp].reshape(c, n, hp, wp)
 
 
 def _convolve(blocks: list[_Block], w2: np.ndarray) -> None:
@@ -375,8 +362,6 @@ def _convolve(blocks: list[_Block], w2: np.ndarray) -> None:
         np.copyto(blk.cols, blk.src)
         for cols, out in blk.products:
             _matmul(w2, cols, out=out)
-        if blk.compact is not None:
-            np.copyto(blk.compact[1], blk.compact[0])
 
 
 class _Stage:
@@ -438,8 +423,8 @@ class _ConvStage(_Stage):
     offsets of δcols = Wᵀ @ δS added back onto the padded input.
 
     Column order: with non-overlapping pool windows (pool stride ≥ pool kernel) the columns run
-    (a, b, n, p, q) for conv output pixel (s_p·p + a, s_p·q + b): window offset (a, b) is one contiguous slice
-    of S, and pixels no window covers are never computed. Otherwise (n, i, j), the pool reading strided views.
+    (a, b, p, q, n) for conv output pixel (s_p·p + a, s_p·q + b): window offset (a, b) is one contiguous slice
+    of S, and pixels no window covers are never computed. Otherwise (i, j, n), the pool reading strided views.
     Every element-wise step works on contiguous arrays; the result is copied once into the next stage's input.
 
     With a batch-norm (docs/derivations.md#batch-normalisation; arithmetic in `_BatchNormCore`): its
@@ -455,7 +440,7 @@ class _ConvStage(_Stage):
         _, self.ho, self.wo = conv.output_shape(in_shape)
         self.blocked = pool is not None and pool.stride >= pool.kernel_size
         self.bn = bn
-        self.core = _BatchNormCore(bn, True, (conv.out_channels, self.ho, self.wo)) if bn is not None else None
+        self.core = _BatchNormCore(bn, (conv.out_channels, self.ho, self.wo)) if bn is not None else None
         if bn is not None and pool is not None:  # every pixel of S counts in the statistics
             kp = pool.kernel_size
             self.blocked = pool.stride == kp and self.ho % kp == 0 and self.wo % kp == 0
@@ -489,7 +474,7 @@ class _ConvStage(_Stage):
             buf.dwin = self._windows(buf.dy, n)
             buf.ds_windows = self._windows(buf.ds2, n)
             if self.pool is not None and not self.blocked:
-                buf.delta = np.empty((c_out, n, ph, pw), dtype=dtype)
+                buf.delta = np.empty((c_out, ph, pw, n), dtype=dtype)
                 buf.peel = np.empty_like(buf.delta)
         return buf
 
@@ -499,81 +484,82 @@ class _ConvStage(_Stage):
         k, s, p = conv.kernel_size, conv.stride, conv.padding
         c_out, ph, pw = self.out_shape
         hp, wp = h + 2 * p, w + 2 * p
-        xp = np.zeros((c, n, hp, wp), dtype=dtype)  # the zero border is the padding; only the inside is written
-        sc, sn, sh, sw = xp.strides
+        xp = np.zeros((c, hp, wp, n), dtype=dtype)  # the zero border is the padding; only the inside is written
+        sc, sh, sw, sn = xp.strides
         qp = pool.kernel_size**2 if self.patch else 1  # window offsets per pool window
         if self.patch:
             assert pool is not None
             r, sp = pool.kernel_size + k - 1, pool.stride
-            # cols[c', r, t, n, i, j] = Xpad[c', n, s_p·i + r, s_p·j + t]: each pool window's whole input patch
-            shape, strides = (c, r, r, n, ph, pw), (sc, sh, sw, sn, sp * sh, sp * sw)
+            # cols[c', r, t, i, j, n] = Xpad[c', s_p·i + r, s_p·j + t, n]: each pool window's whole input patch
+            shape, strides = (c, r, r, ph, pw, n), (sc, sh, sw, sp * sh, sp * sw, sn)
         elif self.blocked:
             assert pool is not None
             kp, sp = pool.kernel_size, pool.stride
-            shape: Shape = (c, k, k, kp, kp, n, ph, pw)
-            strides: Shape = (sc, sh, sw, s * sh, s * sw, sn, s * sp * sh, s * sp * sw)
+            shape: Shape = (c, k, k, kp, kp, ph, pw, n)
+            strides: Shape = (sc, sh, sw, s * sh, s * sw, s * sp * sh, s * sp * sw, sn)
         else:
-            shape, strides = (c, k, k, n, self.ho, self.wo), (sc, sh, sw, sn, s * sh, s * sw)
-        # cols[c', u, v, (a, b,) n, i, j] = Xpad[c', n, s·i + u, s·j + v]: a read-only strided view
+            shape, strides = (c, k, k, self.ho, self.wo, n), (sc, sh, sw, s * sh, s * sw, sn)
+        # cols[c', u, v, (a, b,) i, j, n] = Xpad[c', s·i + u, s·j + v, n]: a read-only strided view
         src = as_strided(xp, shape, strides, writeable=False)
         cols = np.empty(shape, dtype=dtype) if train else None  # training keeps every column for δW
         m = int(np.prod(shape[3:])) * qp
         s2 = np.empty((c_out, m), dtype=dtype)  # S (C_out, M); with patches (C_out·Q, M/Q) is the product's
         buf = _Buffers(
             xp=xp,
-            inp=xp[:, :, p : p + h, p : p + w],  # (C, N, H, W)
+            inp=xp[:, p : p + h, p : p + w],  # (C, H, W, N)
             cols2=cols.reshape(int(np.prod(shape[:3])), -1) if cols is not None else None,  # (C·K·K, M)
             s2=s2,
             blocks=_conv_blocks(src, cols, s2.reshape(c_out * qp, -1), len(shape) - 3, dtype),
             windows=self._windows(s2, n),
-            # contiguous (C_out, N, H', W'): P (or S), then + b; ReLU(post) is written to `out`
-            post=np.empty((c_out, n, ph, pw), dtype=dtype) if pool is not None else s2.reshape(c_out, n, ph, pw),
+            # contiguous (C_out, H', W', N): P (or S), then + b; ReLU(post) is written to `out`
+            post=np.empty((c_out, ph, pw, n), dtype=dtype) if pool is not None else s2.reshape(c_out, ph, pw, n),
         )
         buf.s_windows = buf.windows
         if not train:
             return buf
         nq = len(buf.windows)
-        buf.masks = np.empty((max(nq - 1, 0), c_out, n, ph, pw), dtype=bool)
-        buf.relu_mask = np.empty((c_out, n, ph, pw), dtype=bool)
+        buf.masks = np.empty((max(nq - 1, 0), c_out, ph, pw, n), dtype=bool)
+        buf.relu_mask = np.empty((c_out, ph, pw, n), dtype=bool)
         buf.ds2 = np.empty_like(s2)  # δS (C_out, M), columns as S
         if self.patch:
             buf.dw_patch = np.empty((c_out * qp, buf.cols2.shape[0]), dtype=dtype)  # δ of _patch_weights
         buf.dwin = buf.ds_windows = self._windows(buf.ds2, n)
         buf.peel = None
         if pool is None:
-            buf.delta = buf.ds2.reshape(c_out, n, ph, pw)
+            buf.delta = buf.ds2.reshape(c_out, ph, pw, n)
         elif self.blocked:
             buf.delta = buf.dwin[-1]  # δ lands in the last offset's slot; route_to_argmax peels the rest off it
         else:
-            buf.delta = np.empty((c_out, n, ph, pw), dtype=dtype)
+            buf.delta = np.empty((c_out, ph, pw, n), dtype=dtype)
             buf.peel = np.empty_like(buf.delta)
         if self.need_dx and s == 1 and p <= k - 1:
             # δX as a correlation (docs/derivations.md#convolution, "In the engine"): δS with q = K − 1 − p
             # rows and columns of zeros around it, correlated with the rotated kernel like a forward pass.
+            # Its columns [c, u, v, x, (y, n)] = δS~[c, x + u, y + v, n]: one contiguous run of W·N per row.
             q = k - 1 - p
-            wq = self.wo + 2 * q
-            buf.ds_pad = _padded(c_out, n, self.ho + 2 * q, wq, k - 1, dtype)
-            buf.dx = np.empty((c, n, h, w), dtype=dtype)
-            buf.dx_blocks = _conv_blocks(_row_runs(buf.ds_pad, k, h), None, buf.dx.reshape(c, -1), 3, dtype,
-                                         pitch=(h, wq, w))
+            buf.ds_pad = np.zeros((c_out, self.ho + 2 * q, self.wo + 2 * q, n), dtype=dtype)
+            buf.dx = np.empty((c, h, w, n), dtype=dtype)
+            qc, qh, qw, qn = buf.ds_pad.strides
+            src_dx = as_strided(buf.ds_pad, (c_out, k, k, h, w * n), (qc, qh, qw, qh, qn), writeable=False)
+            buf.dx_blocks = _conv_blocks(src_dx, None, buf.dx.reshape(c, -1), 3, dtype)
         elif self.need_dx:
             assert cols is not None
             buf.dcols2 = np.empty((c * k * k, s2.shape[1]), dtype=dtype)
             buf.dcols = buf.dcols2.reshape(shape)
             buf.dxp = np.empty_like(xp)
-            buf.dx = buf.dxp[:, :, p : p + h, p : p + w]
+            buf.dx = buf.dxp[:, p : p + h, p : p + w]
         return buf
 
     def _windows(self, s2: np.ndarray, n: int) -> list[np.ndarray]:
-        """The pool windows over S (C_out, M), each (C_out, N, H_p, W_p); [] without a pool."""
+        """The pool windows over S (C_out, M), each (C_out, H_p, W_p, N); [] without a pool."""
         c_out, ph, pw = self.out_shape
         if self.pool is None:
             return []
         if self.blocked:
             q = self.pool.kernel_size**2
             s3 = s2.reshape(c_out, q, -1)  # (C_out, Q, N·H_p·W_p)
-            return [s3[:, i].reshape(c_out, n, ph, pw) for i in range(q)]
-        s4 = s2.reshape(c_out, n, self.ho, self.wo)
+            return [s3[:, i].reshape(c_out, ph, pw, n) for i in range(q)]
+        s4 = s2.reshape(c_out, self.ho, self.wo, n)
         return _pool_windows(s4, self.pool.kernel_size, self.pool.stride, ph, pw)
 
     def forward(self, buf: _Buffers, train: bool) -> None:
@@ -682,7 +668,7 @@ class _ConvStage(_Stage):
         else:
             np.copyto(delta, dout)
         if "b" in grads:
-            np.sum(delta, axis=(1, 2, 3), out=grads["b"])  # δb[c] = Σ_{n,i,j} δS[n,c,i,j]
+            np.sum(delta, axis=(1, 2, 3), out=grads["b"])  # δb[c] = Σ_{i,j,n} δS[c,i,j,n]
         if self.pool is not None:
             if not self.blocked:
                 buf.ds2.fill(0)
@@ -721,9 +707,9 @@ class _ConvStage(_Stage):
             for o, d in enumerate(buf.ds_windows):  # window offset (a, b) holds conv pixels (sp·i + a, sp·j + b)
                 a, bb = divmod(o, kp)
                 r0, c0 = q + a, q + bb
-                np.copyto(pad[:, :, r0 : r0 + sp * (ph - 1) + 1 : sp, c0 : c0 + sp * (pw - 1) + 1 : sp], d)
+                np.copyto(pad[:, r0 : r0 + sp * (ph - 1) + 1 : sp, c0 : c0 + sp * (pw - 1) + 1 : sp], d)
         else:
-            np.copyto(pad[:, :, q : q + self.ho, q : q + self.wo], buf.ds2.reshape(c_out, -1, self.ho, self.wo))
+            np.copyto(pad[:, q : q + self.ho, q : q + self.wo], buf.ds2.reshape(c_out, self.ho, self.wo, -1))
         w_rot = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(w.shape[1], -1)
         _convolve(buf.dx_blocks, w_rot)  # (C, C_out·K·K) @ columns of the padded δS
 
@@ -743,7 +729,7 @@ class _ConvStage(_Stage):
             offsets = [(u, v) for u in range(k) for v in range(k)]
             starts = offsets
         for off, (r0, c0) in zip(offsets, starts, strict=True):
-            buf.dxp[:, :, r0 : r0 + step * (ho - 1) + 1 : step, c0 : c0 + step * (wo - 1) + 1 : step] += (
+            buf.dxp[:, r0 : r0 + step * (ho - 1) + 1 : step, c0 : c0 + step * (wo - 1) + 1 : step] += (
                 buf.dcols[(slice(None), *off)]
             )
 
@@ -759,12 +745,12 @@ class _PoolStage(_Stage):
         c, h, w = self.in_shape
         _, ph, pw = self.out_shape
         k, s = self.pool.kernel_size, self.pool.stride
-        x = np.empty((c, n, h, w), dtype=dtype)
+        x = np.empty((c, h, w, n), dtype=dtype)
         buf = _Buffers(inp=x, windows=_pool_windows(x, k, s, ph, pw))
         if train:
-            buf.masks = np.empty((k * k - 1, c, n, ph, pw), dtype=bool)
-            buf.relu_mask = np.empty((c, n, ph, pw), dtype=bool)
-            buf.delta = np.empty((c, n, ph, pw), dtype=dtype)
+            buf.masks = np.empty((k * k - 1, c, ph, pw, n), dtype=bool)
+            buf.relu_mask = np.empty((c, ph, pw, n), dtype=bool)
+            buf.delta = np.empty((c, ph, pw, n), dtype=dtype)
             buf.peel = np.empty_like(buf.delta)
             if self.need_dx:
                 buf.dx = np.empty_like(x)
@@ -786,7 +772,8 @@ class _PoolStage(_Stage):
 
 
 class _LinearStage(_Stage):
-    """Linear, optionally with ReLU: z = h @ Wᵀ + b, and its backward (docs/derivations.md#linear)."""
+    """Linear, optionally with ReLU, on batch-minor vectors: zᵀ = W @ hᵀ + b, and its backward
+    (docs/derivations.md#linear, transposed: hᵀ is (in, N), zᵀ (out, N))."""
 
     def __init__(self, linear: Linear, relu: bool, layers: tuple[Layer, ...], in_shape: Shape) -> None:
         self.linear, self.relu, self.layers, self.in_shape = linear, relu, layers, in_shape
@@ -797,22 +784,27 @@ class _LinearStage(_Stage):
         return self.linear
 
     def buffers(self, n: int, dtype: np.dtype, train: bool) -> _Buffers:
-        x = np.empty((n, self.linear.in_features), dtype=dtype)
+        x = np.empty((self.linear.in_features, n), dtype=dtype)
         buf = _Buffers(inp=x, x=x)
         if train:
-            buf.relu_mask = np.empty((n, self.linear.out_features), dtype=bool)
-            buf.delta = np.empty((n, self.linear.out_features), dtype=dtype)
+            buf.relu_mask = np.empty((self.linear.out_features, n), dtype=bool)
+            buf.delta = np.empty((self.linear.out_features, n), dtype=dtype)
             if self.need_dx:
                 buf.dx = np.empty_like(x)
         return buf
 
     def forward(self, buf: _Buffers, train: bool) -> None:
         w, b = self.linear.params["W"], self.linear.params.get("b")
-        _matmul(buf.x, w.T, out=buf.out)  # z (N, out) = h (N, in) @ Wᵀ
+        out = buf.out
+        assert out is not None
+        if out.flags.c_contiguous:
+            _matmul(w, buf.x, out=out)  # zᵀ (out, N) = W (out, in) @ hᵀ (in, N)
+        else:  # the logits' rows, seen transposed: z (N, out) = h (N, in) @ Wᵀ
+            _matmul(buf.x.T, w.T, out=out.T)
         if b is not None:
-            buf.out += b
+            out += b[:, None]
         if self.relu:
-            np.maximum(buf.out, 0, out=buf.out)
+            np.maximum(out, 0, out=out)
 
     def backward(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
         delta = dout
@@ -820,11 +812,11 @@ class _LinearStage(_Stage):
             self._relu_grad(buf, dout, buf.delta)
             delta = buf.delta
         if "b" in grads:
-            np.sum(delta, axis=0, out=grads["b"])  # δb[i] = Σ_n δz[n,i]
-        _matmul(delta.T, buf.x, out=grads["W"])  # δW[i,k] = Σ_n δz[n,i] · h[n,k]
+            np.sum(delta, axis=1, out=grads["b"])  # δb[i] = Σ_n δz[n,i]
+        _matmul(delta, buf.x.T, out=grads["W"])  # δW[i,k] = Σ_n δz[n,i] · h[n,k]
         if not self.need_dx:
             return None
-        return _matmul(delta, self.linear.params["W"], out=buf.dx)  # δh[n,k] = Σ_i W[i,k] · δz[n,i]
+        return _matmul(self.linear.params["W"].T, delta, out=buf.dx)  # δhᵀ[k,n] = Σ_i W[i,k] · δz[n,i]
 
 
 class _ReluStage(_Stage):
@@ -834,7 +826,7 @@ class _ReluStage(_Stage):
         self.relu, self.layers, self.in_shape, self.out_shape = True, layers, in_shape, in_shape
 
     def buffers(self, n: int, dtype: np.dtype, train: bool) -> _Buffers:
-        shape = (self.in_shape[0], n, *self.in_shape[1:]) if len(self.in_shape) == 3 else (n, *self.in_shape)
+        shape = _layout(self.in_shape, n)
         x = np.empty(shape, dtype=dtype)
         buf = _Buffers(inp=x)
         if train and self.need_dx:
@@ -856,7 +848,7 @@ class _BatchNormCore:
     """Batch-norm's arithmetic on the engine's arrays, for `_BatchNormStage` and for a conv stage that takes
     the batch-norm after its product (docs/derivations.md#batch-normalisation).
 
-    Arrays are channels-first (C, …) (images: (C, N, H, W) or the conv's S (C, M)) or, for vectors, (N, D).
+    Arrays are channels-first, batch-minor (C, …): images (C, H, W, N), the conv's S (C, M), vectors (D, N).
     Training mode: the statistics are the whole batch's although each worker holds only its micro-batch, so
     the per-channel sums Σx, Σ(x − μ)² (forward) and Σδy, Σδy·x̂ (backward) are partial sums that
     `buf.reduce` adds up across the workers (in worker order, in float64) before anyone goes on:
@@ -867,8 +859,8 @@ class _BatchNormCore:
     the running statistics instead, nothing shared between workers.
     """
 
-    def __init__(self, bn: BatchNorm, channels_first: bool, shape: Shape) -> None:
-        self.bn, self.channels_first, self.shape = bn, channels_first, tuple(shape)  # shape: one example's
+    def __init__(self, bn: BatchNorm, shape: Shape) -> None:
+        self.bn, self.shape = bn, tuple(shape)  # shape: one example's
         self.values = 0  # M: values per channel in the whole batch of the current pass (set by `start`)
 
     def start(self, n: int) -> None:
@@ -878,11 +870,11 @@ class _BatchNormCore:
 
     def _col(self, v: np.ndarray, ndim: int) -> np.ndarray:
         """A per-channel vector (C,) shaped to broadcast over an array of ndim dimensions."""
-        return v.reshape((-1,) + (1,) * (ndim - 1)) if self.channels_first else v.reshape(1, -1)
+        return v.reshape((-1,) + (1,) * (ndim - 1))
 
     def _sums(self, a: np.ndarray) -> np.ndarray:
         """Per-channel sums (C,) of a contiguous array (pairwise along each channel's values)."""
-        return a.reshape(a.shape[0], -1).sum(axis=1) if self.channels_first else a.sum(axis=0)
+        return a.reshape(a.shape[0], -1).sum(axis=1)
 
     def forward(self, x: np.ndarray, out: np.ndarray, buf: _Buffers, train: bool) -> None:
         """out = γ·x̂ + β for x (contiguous); keeps x̂ (buf.xhat) and 1/√(σ² + ε) (buf.inv_std) when training."""
@@ -949,11 +941,11 @@ class _BatchNormCore:
 
 class _BatchNormStage(_Stage):
     """A BatchNorm (with the ReLUs after it) that no conv precedes directly, on the engine's layout: images
-    (C, N, H, W), vectors (N, D); its arithmetic is `_BatchNormCore`'s."""
+    (C, H, W, N), vectors (D, N); its arithmetic is `_BatchNormCore`'s."""
 
     def __init__(self, bn: BatchNorm, relu: bool, layers: tuple[Layer, ...], in_shape: Shape) -> None:
         self.bn, self.relu, self.layers, self.in_shape, self.out_shape = bn, relu, layers, in_shape, in_shape
-        self.core = _BatchNormCore(bn, len(in_shape) == 3, in_shape)
+        self.core = _BatchNormCore(bn, in_shape)
 
     @property
     def param_layer(self) -> Layer:
@@ -982,14 +974,9 @@ class _BatchNormStage(_Stage):
         return buf.dx if self.need_dx else None
 
 
-def _to_examples(a: np.ndarray, shape: Shape) -> np.ndarray:
-    """The engine's layout of a tensor to the layers' (N, *shape): images (C, N, H, W) -> (N, C, H, W), a view."""
-    return a.transpose(1, 0, 2, 3) if len(shape) == 3 and a.ndim == 4 else a
-
-
-def _layout(shape: Shape, n: int) -> tuple[int, ...]:
-    """The engine's array shape for n examples of `shape`: channels-major for images."""
-    return (shape[0], n, *shape[1:]) if len(shape) == 3 else (n, *shape)
+def _to_examples(a: np.ndarray) -> np.ndarray:
+    """The engine's layout (*shape, N) to the layers' (N, *shape), a view."""
+    return np.moveaxis(a, -1, 0)
 
 
 class _LayerStage(_Stage):
@@ -1017,18 +1004,18 @@ class _LayerStage(_Stage):
         assert layer is not None and buf.out is not None
         layer.training = self.layer.training
         layer.needs_input_grad = self.need_dx
-        y = layer.forward(_to_examples(buf.inp, self.in_shape))
-        np.copyto(_to_examples(buf.out, self.out_shape), y, casting="unsafe")
+        y = layer.forward(_to_examples(buf.inp))
+        np.copyto(_to_examples(buf.out), y, casting="unsafe")
 
     def backward(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
         layer = buf.layer
         assert layer is not None
-        d = layer.backward(_to_examples(dout, self.out_shape))
+        d = layer.backward(_to_examples(dout))
         for k, g in grads.items():
             np.copyto(g, layer.grads[k], casting="unsafe")
         if not self.need_dx or d is None:
             return None
-        return d.transpose(1, 0, 2, 3) if len(self.in_shape) == 3 and d.ndim == 4 else d
+        return np.ascontiguousarray(np.moveaxis(d, 0, -1))  # (N, *shape) -> (*shape, N)
 
 
 # Layer classes with a fused stage. Exact classes: a subclass (a user's own ReLU, say) may compute
@@ -1192,7 +1179,7 @@ class Engine:
             for buf in ws:
                 buf.worker = worker
             for stage, buf, nxt in zip(self.stages, ws, ws[1:], strict=False):
-                buf.out = _image_view(nxt.inp, n, stage.out_shape)
+                buf.out = _as(nxt.inp, n, stage.out_shape)
             self._workspaces[key] = ws
         return ws
 
@@ -1276,12 +1263,19 @@ class Engine:
             buf.reduce = reduce
 
     def _load(self, ws: list[_Buffers], x: np.ndarray) -> None:
-        """Copy a micro-batch x (N, *input_shape) into the first stage's input, in its layout."""
-        inp = ws[0].inp
-        if inp.ndim == 4:
-            np.copyto(inp, x.transpose(1, 0, 2, 3), casting="unsafe")  # (N, C, H, W) -> (C, N, H, W)
-        else:
-            np.copyto(inp, x.reshape(x.shape[0], -1), casting="unsafe")  # flattened in C order
+        """Copy a micro-batch x (N, *input_shape) into the first stage's input, in its layout (*shape, N).
+
+        Through `staging` (N, F + pad): read straight from x, the transposing copy would step through memory
+        by one example's F values at a time, and with F·4 bytes a multiple of 4 KiB (3·32·32 floats) each step
+        lands in the same cache set; the padded rows do not (measured: 0.19 against 0.85 ms per 64 images)."""
+        buf = ws[0]
+        n, f = x.shape[0], int(np.prod(x.shape[1:]))
+        if buf.staging is None:
+            pad = 16 if ((f + 16) * buf.inp.itemsize) % 4096 else 32
+            buf.staging = np.empty((n, f + pad), dtype=buf.inp.dtype)
+        rows = buf.staging[:, :f]
+        np.copyto(rows, x.reshape(n, f), casting="unsafe")
+        np.copyto(buf.inp, rows.T.reshape(buf.inp.shape))  # (F, N) -> (*shape, N), a view of the staged rows
 
     def _assign(self, chunks: list[tuple[int, int]], train: bool, workers: int) -> list[list[int]]:
         """Micro-batch j goes to worker j mod workers; their buffers are made here, before any thread runs."""
@@ -1310,7 +1304,7 @@ class Engine:
                 a, b = chunks[j]
                 ws = self._workspace(False, b - a, t)
                 self._bind(ws, reducer, t)
-                ws[-1].out = _image_view(logits[a:b], b - a, out_shape)
+                ws[-1].out = _rows(logits[a:b], b - a, out_shape)
                 self._load(ws, x[a:b])
                 for stage, buf in zip(self.stages, ws, strict=True):
                     stage.forward(buf, False)
@@ -1366,7 +1360,7 @@ class Engine:
                 a, b = chunks[j]
                 ws = self._workspace(True, b - a, t)
                 self._bind(ws, reducer, t)
-                ws[-1].out = _image_view(logits[a:b], b - a, out_shape)
+                ws[-1].out = _rows(logits[a:b], b - a, out_shape)
                 self._load(ws, x[a:b])
                 mm = _MATMUL_CLOCK
                 for i, (stage, buf) in enumerate(zip(self.stages, ws, strict=True)):
@@ -1387,7 +1381,8 @@ class Engine:
                     stage = self.stages[i]
                     t0 = clock() if timings is not None else 0.0
                     m0 = mm[0] if mm is not None else 0.0
-                    d = stage.backward(ws[i], _image_view(d, b - a, stage.out_shape), stage.grads_of(slots[j]))
+                    dout = _rows(d, b - a, stage.out_shape) if d is dz else _as(d, b - a, stage.out_shape)
+                    d = stage.backward(ws[i], dout, stage.grads_of(slots[j]))
                     if timings is not None:
                         timings[i, 1] += clock() - t0
                         timings[i, 3] += (mm[0] - m0) if mm is not None else 0.0

@@ -258,12 +258,12 @@ BN_CONV = [{**_conv(4, 3, 1, 1), "bias": False}, {"type": "batchnorm"}, RELU, _p
 
 
 @pytest.mark.parametrize("which", [*ALL, "batchnorm"])
-def test_products_in_blocks_of_images_match_the_reference(which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_products_in_blocks_of_rows_match_the_reference(which: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The shipped networks' small convs run as one product per micro-batch; bigger ones in blocks of a few
-    images (engine.CONV_BLOCK_*). Blocks of 3 images here: micro-batches of 8 split 3, 3, 2 (two sizes of
-    block buffers in evaluation), every window layout, the correlation and scatter δX, batch-norm folded
-    into the conv for evaluation and batch statistics for training."""
-    monkeypatch.setattr(engine, "CONV_BLOCK_IMAGES", 3)
+    output rows (engine.CONV_BLOCK_*). Blocks of 3 rows here: 8 output rows split 3, 3, 2, 7 split 3, 3, 1
+    (two sizes of block buffers in evaluation), every window layout, the correlation and scatter δX,
+    batch-norm folded into the conv for evaluation and batch statistics for training."""
+    monkeypatch.setattr(engine, "CONV_BLOCK_ROWS", 3)
     if which == "batchnorm":
         cfg = build_config({"model": {"input_shape": [3, 8, 8], "layers": BN_CONV}}).model
         model = build_model(cfg, seed=0, dtype=np.float64)
