@@ -239,6 +239,7 @@ class _Block:
     src: np.ndarray
     cols: np.ndarray
     products: list[tuple[np.ndarray, np.ndarray]]
+    grads: list[np.ndarray]  # training: the δS part of each product's output, for δW (else empty)
 
 
 @dataclass(eq=False, slots=True)
@@ -264,8 +265,6 @@ class _Buffers:
     peel: np.ndarray | None = None  # scratch for overlapping windows
     # convolution
     xp: np.ndarray | None = None  # zero-padded input (C, H + 2p, W + 2p, N); inp is its inside
-    cols: np.ndarray | None = None  # im2col columns, (C, K, K, [Kp, Kp,] H', W', N)
-    cols2: np.ndarray | None = None  # the same (C·K·K, M)
     s2: np.ndarray | None = None  # S = W @ cols (C_out, M)
     post: np.ndarray | None = None  # pooled S, then + b (the ReLU writes `out` from it) (C_out, H_p, W_p, N)
     ds2: np.ndarray | None = None  # δS (C_out, M)
@@ -274,6 +273,7 @@ class _Buffers:
     ds_pad: np.ndarray | None = None  # δS with K − 1 − p rows and columns of zeros around, (C_out, H'+…, W'+…, N)
     dx_blocks: list[_Block] | None = None  # δX as a correlation of ds_pad with the rotated kernel, in blocks
     dcols2: np.ndarray | None = None  # Wᵀ @ δS in column order (C·K·K, M)
+    dw_tmp: np.ndarray | None = None  # one block product's share of δW (or of δW_pat), before it is added
     dw_patch: np.ndarray | None = None  # δ of the patch weights (C_out·Q, C·R·R), before `_fold_patch`
     dcols: np.ndarray | None = None  # the same in the columns' shape
     dxp: np.ndarray | None = None  # δ of the padded input (C, H + 2p, W + 2p, N)
@@ -319,14 +319,15 @@ def _block_rows(n: int, rows: int, row_bytes: int, columns: int, product_columns
     return max(1, min(n, max(g, -(-CONV_MIN_COLUMNS // max(product_columns, 1)))))
 
 
-def _conv_blocks(src: np.ndarray, cols: np.ndarray | None, out: np.ndarray, axis: int, dtype: np.dtype) -> list[_Block]:
+def _conv_blocks(src: np.ndarray, out: np.ndarray, axis: int, dtype: np.dtype,
+                 grad: np.ndarray | None = None) -> list[_Block]:
     """The blocks of one convolution product W_mat @ cols -> out (C_out, Q·H'·W'·N), a few output rows at a time.
 
     `src` (C, K, K, *window offsets, H', *rest): the strided view im2col copies, its output-row axis at `axis`;
     `out`'s columns run (window offset, row, rest), as S's. The rest, (W', N), is one contiguous run of the
-    source for each (c, u, v, offset, row): the copies are long. With `cols` (same shape as src) each block's
-    columns are written to their place in it (training keeps them for δW); without, blocks share a small
-    buffer of their size.
+    source for each (c, u, v, offset, row): the copies are long. Blocks of one size share one buffer of
+    columns: no column matrix of the whole micro-batch is kept (`_weight_grad` copies them again). `grad`
+    (out's shape, δS) gives each product its part of δS for δW.
     """
     n = src.shape[axis]
     rows = int(np.prod(src.shape[:3]))
@@ -340,20 +341,37 @@ def _conv_blocks(src: np.ndarray, cols: np.ndarray | None, out: np.ndarray, axis
     for a in range(0, n, g):
         b = min(a + g, n)
         idx = (slice(None),) * axis + (slice(a, b),)
-        if cols is not None:
-            dst = cols[idx]
-            c3 = cols.reshape(rows, offsets, n * per)[:, :, a * per : b * per]
-        else:
-            if b - a not in spare:
-                spare[b - a] = np.empty(src.shape[:axis] + (b - a,) + src.shape[axis + 1 :], dtype=dtype)
-            dst = spare[b - a]
-            c3 = dst.reshape(rows, offsets, (b - a) * per)
+        if b - a not in spare:
+            spare[b - a] = np.empty(src.shape[:axis] + (b - a,) + src.shape[axis + 1 :], dtype=dtype)
+        dst = spare[b - a]
+        c3 = dst.reshape(rows, offsets, (b - a) * per)
         if b - a == n:  # one block: the whole product at once (its columns are contiguous)
             products = [(c3.reshape(rows, -1), out)]
+            grads = [grad] if grad is not None else []
         else:
             products = [(c3[:, o], out3[:, o, a * per : b * per]) for o in range(offsets)]
-        blocks.append(_Block(src[idx], dst, products))
+            g3 = grad.reshape(c_out, offsets, -1) if grad is not None else None
+            grads = [g3[:, o, a * per : b * per] for o in range(offsets)] if g3 is not None else []
+        blocks.append(_Block(src[idx], dst, products, grads))
     return blocks
+
+
+def _weight_grad(blocks: list[_Block], gw2: np.ndarray, tmp: np.ndarray) -> None:
+    """gw2 = Σ over the blocks' products of δS_part @ columnsᵀ (docs/derivations.md#convolution: δW = δS colsᵀ,
+    its sum over columns cut into the blocks' ranges). Last block first: its columns are still in their
+    buffer from the forward pass; every other block's are copied again (a cache-sized copy instead of a
+    column matrix of the whole micro-batch written out and read back)."""
+    first = True
+    for i, blk in enumerate(reversed(blocks)):
+        if i:
+            np.copyto(blk.cols, blk.src)
+        for (cols, _), ds in zip(blk.products, blk.grads, strict=True):
+            if first:
+                _matmul(ds, cols.T, out=gw2)
+                first = False
+            else:
+                _matmul(ds, cols.T, out=tmp)
+                gw2 += tmp
 
 
 def _convolve(blocks: list[_Block], w2: np.ndarray) -> None:
@@ -501,15 +519,16 @@ class _ConvStage(_Stage):
             shape, strides = (c, k, k, self.ho, self.wo, n), (sc, sh, sw, s * sh, s * sw, sn)
         # cols[c', u, v, (a, b,) i, j, n] = Xpad[c', s·i + u, s·j + v, n]: a read-only strided view
         src = as_strided(xp, shape, strides, writeable=False)
-        cols = np.empty(shape, dtype=dtype) if train else None  # training keeps every column for δW
         m = int(np.prod(shape[3:])) * qp
         s2 = np.empty((c_out, m), dtype=dtype)  # S (C_out, M); with patches (C_out·Q, M/Q) is the product's
+        ds2 = np.empty_like(s2) if train else None  # δS (C_out, M), columns as S
         buf = _Buffers(
             xp=xp,
             inp=xp[:, p : p + h, p : p + w],  # (C, H, W, N)
-            cols2=cols.reshape(int(np.prod(shape[:3])), -1) if cols is not None else None,  # (C·K·K, M)
             s2=s2,
-            blocks=_conv_blocks(src, cols, s2.reshape(c_out * qp, -1), len(shape) - 3, dtype),
+            ds2=ds2,
+            blocks=_conv_blocks(src, s2.reshape(c_out * qp, -1), len(shape) - 3, dtype,
+                                ds2.reshape(c_out * qp, -1) if ds2 is not None else None),
             windows=self._windows(s2, n),
             # contiguous (C_out, H', W', N): P (or S), then + b; ReLU(post) is written to `out`
             post=np.empty((c_out, ph, pw, n), dtype=dtype) if pool is not None else s2.reshape(c_out, ph, pw, n),
@@ -520,9 +539,10 @@ class _ConvStage(_Stage):
         nq = len(buf.windows)
         buf.masks = np.empty((max(nq - 1, 0), c_out, ph, pw, n), dtype=bool)
         buf.relu_mask = np.empty((c_out, ph, pw, n), dtype=bool)
-        buf.ds2 = np.empty_like(s2)  # δS (C_out, M), columns as S
+        rows = int(np.prod(shape[:3]))  # C·K·K (patches: C·R·R)
         if self.patch:
-            buf.dw_patch = np.empty((c_out * qp, buf.cols2.shape[0]), dtype=dtype)  # δ of _patch_weights
+            buf.dw_patch = np.empty((c_out * qp, rows), dtype=dtype)  # δ of _patch_weights
+        buf.dw_tmp = np.empty((c_out * qp, rows), dtype=dtype)
         buf.dwin = buf.ds_windows = self._windows(buf.ds2, n)
         buf.peel = None
         if pool is None:
@@ -541,9 +561,8 @@ class _ConvStage(_Stage):
             buf.dx = np.empty((c, h, w, n), dtype=dtype)
             qc, qh, qw, qn = buf.ds_pad.strides
             src_dx = as_strided(buf.ds_pad, (c_out, k, k, h, w * n), (qc, qh, qw, qh, qn), writeable=False)
-            buf.dx_blocks = _conv_blocks(src_dx, None, buf.dx.reshape(c, -1), 3, dtype)
+            buf.dx_blocks = _conv_blocks(src_dx, buf.dx.reshape(c, -1), 3, dtype)
         elif self.need_dx:
-            assert cols is not None
             buf.dcols2 = np.empty((c * k * k, s2.shape[1]), dtype=dtype)
             buf.dcols = buf.dcols2.reshape(shape)
             buf.dxp = np.empty_like(xp)
@@ -679,10 +698,10 @@ class _ConvStage(_Stage):
         """δW and δX from δS (buf.ds2)."""
         gw = grads["W"]
         if self.patch:  # δW_pat = δS (C_out·Q, M/Q) @ patch colsᵀ, then summed back onto W's entries
-            _matmul(buf.ds2.reshape(buf.dw_patch.shape[0], -1), buf.cols2.T, out=buf.dw_patch)
+            _weight_grad(buf.blocks, buf.dw_patch, buf.dw_tmp)
             self._fold_patch(buf.dw_patch, gw)
         else:
-            _matmul(buf.ds2, buf.cols2.T, out=gw.reshape(gw.shape[0], -1))  # δW = δS (C_out, M) @ colsᵀ
+            _weight_grad(buf.blocks, gw.reshape(gw.shape[0], -1), buf.dw_tmp)  # δW = δS (C_out, M) @ colsᵀ
         if not self.need_dx:
             return None
         # δX[n,c',x,y] = Σ_{c,u,v} W[c,c',u,v] · δS[n,c,i,j] over s·i+u−pad = x, s·j+v−pad = y
