@@ -281,9 +281,8 @@ class _Buffers:
     y: np.ndarray | None = None  # a conv stage's batch-normalised S (then ReLU), (C_out, M), columns as S
     dy: np.ndarray | None = None  # δ of y (C_out, M)
     ds_windows: list[np.ndarray] | None = None  # the window views of δS (a conv stage with batch-norm)
-    xhat: np.ndarray | None = None  # x̂ = (x − μ)/√(σ² + ε), contiguous, the input's layout
-    scratch: np.ndarray | None = None  # element-wise scratch of the input's shape
-    inv_std: np.ndarray | None = None  # 1/√(σ² + ε) of this pass (C,)
+    xc: np.ndarray | None = None  # x − μ, contiguous, the input's layout (x̂ is xc · inv_std)
+    inv_std: np.ndarray | None = None  # 1/√(σ² + ε) of this pass (C,), float64
     reduce: Callable[[np.ndarray], np.ndarray] | None = None  # Σ over the workers' partials (float64)
     worker: int = 0  # which worker owns these buffers
     # generic layer
@@ -487,8 +486,9 @@ class _ConvStage(_Stage):
         buf.y = np.empty_like(buf.s2)
         buf.windows = self._windows(buf.y, n)  # training: pool y; evaluation: the folded S (s_windows)
         if train:
-            buf.xhat, buf.scratch, buf.dy = np.empty_like(buf.s2), np.empty_like(buf.s2), np.empty_like(buf.s2)
-            buf.relu_mask = np.empty(buf.s2.shape, dtype=bool) if self.relu else None
+            buf.xc, buf.dy = np.empty_like(buf.s2), np.empty_like(buf.s2)
+            if self.pool is None:  # with a pool, the ReLU's mask is the pooled map's (`_backward_bn`)
+                buf.relu_mask = np.empty(buf.s2.shape, dtype=bool) if self.relu else None
             buf.dwin = self._windows(buf.dy, n)
             buf.ds_windows = self._windows(buf.ds2, n)
             if self.pool is not None and not self.blocked:
@@ -642,35 +642,43 @@ class _ConvStage(_Stage):
         return (w2 * a[:, None]).astype(w2.dtype), shift.astype(w2.dtype)
 
     def _forward_bn(self, buf: _Buffers, b: np.ndarray | None, train: bool) -> None:
-        """S (+ b) -> y = γ·x̂ + β -> ReLU -> pool -> the next stage's input."""
+        """S (+ b) -> y = γ·x̂ + β -> pool -> ReLU -> the next stage's input. The ReLU runs on the pooled map
+        (max-pooling commutes with the monotone ReLU): a K_p² times smaller pass, written straight to `out`."""
         assert self.core is not None and buf.y is not None and buf.out is not None
         if b is not None:
             buf.s2 += b[:, None]
         self.core.forward(buf.s2, buf.y, buf, train)
-        if self.relu:
-            np.maximum(buf.y, 0, out=buf.y)
+        y = buf.y.reshape(buf.out.shape) if self.pool is None else buf.post
         if self.pool is not None:
             _pool_forward(buf.windows, buf.post, buf.masks if train else None)
-            np.copyto(buf.out, buf.post)
+        if self.relu:
+            np.maximum(y, 0, out=buf.out)
         else:
-            np.copyto(buf.out, buf.y.reshape(buf.out.shape))
+            np.copyto(buf.out, y)
 
     def _backward_bn(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> None:
-        """δout -> δy (routed to the pool's arg-max, times 1(y > 0)) -> δS (buf.ds2) through the batch-norm."""
+        """δout -> δy (times 1(y > 0), routed to the pool's arg-max) -> δS (buf.ds2) through the batch-norm.
+
+        With a pool the ReLU's mask is taken on the pooled map P: a window's arg-max holds y = P, so
+        1(y > 0) there is 1(P > 0), and every other pixel gets no δ at all."""
         assert self.core is not None and buf.dy is not None and buf.y is not None
         dy = buf.dy
         if self.pool is None:
-            np.copyto(dy.reshape(dout.shape), dout)
-        elif self.blocked:
-            np.copyto(buf.dwin[-1], dout)  # routed from the last offset's slot, as without batch-norm
-            _route_to_argmax(buf.dwin[-1], buf.masks, buf.dwin, False, None)
+            if self.relu:
+                np.greater(buf.y, 0, out=buf.relu_mask)  # 1(y > 0)
+                np.multiply(dout, buf.relu_mask.reshape(dout.shape), out=dy.reshape(dout.shape))
+            else:
+                np.copyto(dy.reshape(dout.shape), dout)
         else:
-            dy.fill(0)
-            np.copyto(buf.delta, dout)
-            _route_to_argmax(buf.delta, buf.masks, buf.dwin, True, buf.peel)
-        if self.relu:
-            np.greater(buf.y, 0, out=buf.relu_mask)  # 1(y > 0) after the ReLU = 1(its input > 0)
-            dy *= buf.relu_mask
+            into = buf.dwin[-1] if self.blocked else buf.delta  # blocked: routed from the last offset's slot
+            if self.relu:
+                np.greater(buf.post, 0, out=buf.relu_mask)  # 1(P > 0), P = the pooled y before the ReLU
+                np.multiply(dout, buf.relu_mask, out=into)
+            else:
+                np.copyto(into, dout)
+            if not self.blocked:
+                dy.fill(0)
+            _route_to_argmax(into, buf.masks, buf.dwin, not self.blocked, buf.peel)
         self.core.backward(dy, buf.ds2, buf, grads)
         if "b" in grads:
             np.sum(buf.ds2, axis=1, out=grads["b"])  # δb[c] = Σ δS[c, ·]
@@ -895,62 +903,66 @@ class _BatchNormCore:
         """Per-channel sums (C,) of a contiguous array (pairwise along each channel's values)."""
         return a.reshape(a.shape[0], -1).sum(axis=1)
 
+    def _dots(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Per-channel Σ a·b (C,) of two contiguous arrays of one shape: a batch of C dot products in BLAS (one
+        read of each, no product array written; measured 0.17 against 0.61 ms for a multiply and a sum)."""
+        c = a.shape[0]
+        return np.matmul(a.reshape(c, 1, -1), b.reshape(c, -1, 1)).reshape(c)
+
     def forward(self, x: np.ndarray, out: np.ndarray, buf: _Buffers, train: bool) -> None:
-        """out = γ·x̂ + β for x (contiguous); keeps x̂ (buf.xhat) and 1/√(σ² + ε) (buf.inv_std) when training."""
+        """out = γ·x̂ + β for x (contiguous), as (x − μ)·(γ/√(σ² + ε)) + β; keeps x − μ (buf.xc) and
+        1/√(σ² + ε) (buf.inv_std) when training, so x̂ = (x − μ)·inv_std is never written out."""
         bn, dtype, nd = self.bn, x.dtype, x.ndim
         gamma, beta = bn.params["gamma"], bn.params["beta"]
         if bn.training:
-            assert buf.reduce is not None and buf.xhat is not None and buf.scratch is not None
+            assert buf.reduce is not None and buf.xc is not None
             m = self.values
             mu = buf.reduce(self._sums(x)) / m
-            xc = buf.xhat
+            xc = buf.xc
             np.subtract(x, self._col(mu.astype(dtype), nd), out=xc)
-            np.multiply(xc, xc, out=buf.scratch)
-            var = buf.reduce(self._sums(buf.scratch)) / m
+            var = buf.reduce(self._dots(xc, xc)) / m  # Σ(x − μ)² / M
             inv_std = 1.0 / np.sqrt(var + bn.eps)
-            xc *= self._col(inv_std.astype(dtype), nd)  # x̂
-            buf.inv_std = inv_std.astype(dtype)
+            buf.inv_std = inv_std
             if buf.worker == 0:
                 rm, rv, mom = bn.buffers["running_mean"], bn.buffers["running_var"], bn.momentum
                 rm *= 1 - mom
                 rm += (mom * mu).astype(rm.dtype)
                 rv *= 1 - mom
                 rv += (mom * var * m / (m - 1)).astype(rv.dtype)
-            np.multiply(xc, self._col(gamma, nd), out=out)
+            np.multiply(xc, self._col((gamma * inv_std).astype(dtype), nd), out=out)
             out += self._col(beta, nd)
             return
-        inv_std = (1.0 / np.sqrt(bn.buffers["running_var"] + bn.eps)).astype(dtype)
+        inv_std = 1.0 / np.sqrt(bn.buffers["running_var"].astype(np.float64) + bn.eps)
         mean = bn.buffers["running_mean"].astype(dtype)
-        if train:  # keep x̂ for the backward of an evaluation-mode pass
-            assert buf.xhat is not None
-            np.subtract(x, self._col(mean, nd), out=buf.xhat)
-            buf.xhat *= self._col(inv_std, nd)
+        scale = (gamma * inv_std).astype(dtype)
+        if train:  # keep x − mean for the backward of an evaluation-mode pass
+            assert buf.xc is not None
+            np.subtract(x, self._col(mean, nd), out=buf.xc)
             buf.inv_std = inv_std
-            np.multiply(buf.xhat, self._col(gamma, nd), out=out)
-            out += self._col(beta, nd)
+            np.multiply(buf.xc, self._col(scale, nd), out=out)
         else:
-            scale = gamma * inv_std
             np.multiply(x, self._col(scale, nd), out=out)
-            out += self._col(beta - mean * scale, nd)
+            beta = beta - mean * scale
+        out += self._col(beta, nd)
 
     def backward(self, dy: np.ndarray, dx: np.ndarray | None, buf: _Buffers, grads: dict[str, np.ndarray]) -> None:
-        """δy (contiguous) -> δx (written into dx, unless None); δγ, δβ of this micro-batch into grads."""
-        bn, xhat, scratch = self.bn, buf.xhat, buf.scratch
-        assert xhat is not None and scratch is not None and buf.inv_std is not None
+        """δy (contiguous) -> δx (written into dx, unless None); δγ, δβ of this micro-batch into grads.
+        With x̂ = (x − μ)·inv_std: Σ δy·x̂ = inv_std · Σ δy·(x − μ), and x̂ · k = (x − μ) · (inv_std · k)."""
+        bn, xc, inv_std = self.bn, buf.xc, buf.inv_std
+        assert xc is not None and inv_std is not None
         sum_dy = self._sums(dy)
-        np.multiply(dy, xhat, out=scratch)
-        sum_dyx = self._sums(scratch)
+        sum_dyx = self._dots(dy, xc) * inv_std  # Σ δy·x̂
         np.copyto(grads["gamma"], sum_dyx, casting="unsafe")  # δγ = Σ δy·x̂ (this micro-batch's share)
         np.copyto(grads["beta"], sum_dy, casting="unsafe")  # δβ = Σ δy
         if dx is None:
             return
         dtype, nd = dy.dtype, dy.ndim
-        scale = self._col((bn.params["gamma"] * buf.inv_std).astype(dtype), nd)
+        scale = self._col((bn.params["gamma"] * inv_std).astype(dtype), nd)
         if bn.training:
             assert buf.reduce is not None
             c, m = len(sum_dy), self.values
             both = buf.reduce(np.concatenate([sum_dy, sum_dyx]).astype(np.float64)) / m
-            np.multiply(xhat, self._col(both[c:].astype(dtype), nd), out=dx)  # x̂ · Σ(δy·x̂)/M
+            np.multiply(xc, self._col((inv_std * both[c:]).astype(dtype), nd), out=dx)  # x̂ · Σ(δy·x̂)/M
             np.subtract(dy, dx, out=dx)
             dx -= self._col(both[:c].astype(dtype), nd)  # − Σδy / M
             dx *= scale
@@ -974,7 +986,7 @@ class _BatchNormStage(_Stage):
         shape = _layout(self.in_shape, n)
         buf = _Buffers(inp=np.empty(shape, dtype=dtype))
         if train:
-            buf.xhat, buf.scratch = np.empty(shape, dtype=dtype), np.empty(shape, dtype=dtype)
+            buf.xc = np.empty(shape, dtype=dtype)
             buf.delta = np.empty(shape, dtype=dtype)
             buf.relu_mask = np.empty(shape, dtype=bool) if self.relu else None
             buf.dx = np.empty(shape, dtype=dtype) if self.need_dx else None
