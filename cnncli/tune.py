@@ -187,7 +187,7 @@ def _time(fn: Any, calls: int) -> float:
     return 1000 * (time.perf_counter() - start) / calls
 
 
-def measure(model: Sequential, batch: int, eval_batch: int, rounds: int = 3, seconds: float = 0.15,
+def measure(model: Sequential, batch: int, eval_batch: int, rounds: int = 5, seconds: float = 0.15,
             seed: int = 0) -> Tuning:
     """Time every candidate micro-batch size on random data of the network's shape, interleaved: in each of
     `rounds` rounds every candidate runs once (after one untimed call the first time), as many calls as fit
@@ -201,10 +201,11 @@ def measure(model: Sequential, batch: int, eval_batch: int, rounds: int = 3, sec
     saved = {k: v.copy() for k, v in model.named_buffers().items()}
     fixed = training_is_fixed(model)
     train_c = [] if fixed else sorted({c for c in (*TRAIN_CANDIDATES, -(-batch // threads)) if c <= batch})
-    # inference: each worker computes two micro-batches of the candidate size, per 1,000 images
+    # inference: a whole evaluation batch per call, as `cnn eval` runs it, per 1,000 images (a batch of two
+    # micro-batches per worker made the hand-over to the workers count for small sizes and favoured big ones)
     eval_c = sorted({c for c in (*EVAL_CANDIDATES, -(-eval_batch // threads)) if c <= eval_batch})
-    evals = {c: rng.standard_normal((min(eval_batch, 2 * threads * c), *model.input_shape)).astype(np.float32)
-             for c in eval_c}
+    xe_all = rng.standard_normal((eval_batch, *model.input_shape)).astype(np.float32)
+    evals = {c: xe_all for c in eval_c}
     train_runs: dict[int, list[float]] = {c: [] for c in train_c}
     eval_runs: dict[int, list[float]] = {c: [] for c in eval_c}
     calls: dict[tuple[str, int], int] = {}
