@@ -97,7 +97,7 @@ def bench(
         cfg = load_config(config, list(set_ or []))
         _check_sizes(cfg, batch, eval_batch, reference)
         tres = run_against_torch(cfg, str(config), batch=batch, eval_batch=eval_batch, steps=steps, rounds=repeats,
-                                 threads=threads, reference=reference)
+                                 threads=threads, reference=reference, retune=retune)
         if json_out:
             print_json(tres.to_dict())
         else:
@@ -186,6 +186,7 @@ def _render_against(res: TorchBenchResult) -> None:
     out.print(f"machine: {m['cpu_model']}, {m['logical_cpus']} logical CPU(s), {m['usable_cpus']} usable; "
               f"Python {m['python']}; numpy {m['numpy']} ({m['numpy_blas'] or 'BLAS unknown'}); "
               f"torch {m['torch']} ({caps or 'BLAS unknown'})", soft_wrap=True)
+    _render_tuning(res.tuning)
 
 
 torch_script = typer.Typer(

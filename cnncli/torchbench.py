@@ -297,6 +297,7 @@ class TorchBenchResult:
     # OpenMP threads lose far more than cnncli's workers when they share the cores, so only rounds near 0 count
     other_cpus_per_round: list[float | None]
     machine: dict[str, Any]
+    tuning: dict[str, Any] = field(default_factory=dict)  # cnncli's micro-batch sizes (cnncli/tune.py Tuning)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -426,6 +427,7 @@ def run_against_torch(
     threads: int | None = None,
     reference: bool = False,
     seed: int = 0,
+    retune: bool = False,
 ) -> TorchBenchResult:
     """Time cnncli, PyTorch NCHW and PyTorch channels_last on the same network, data and step.
 
@@ -438,7 +440,7 @@ def run_against_torch(
     torch = import_torch()
     batch = batch or cfg.train.batch_size
     eval_batch = eval_batch or cfg.train.eval_batch_size
-    case = prepare_case(cfg, batch, eval_batch, threads=threads, reference=reference, seed=seed)
+    case = prepare_case(cfg, batch, eval_batch, threads=threads, reference=reference, seed=seed, retune=retune)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(case.eval_threads)
@@ -504,6 +506,7 @@ def run_against_torch(
         logits_rel_diff=diffs,
         other_cpus_per_round=other,
         machine=machine_info(),
+        tuning=case.tuning.to_dict() if case.tuning is not None else {},
     )
 
 

@@ -204,8 +204,7 @@ def measure(model: Sequential, batch: int, eval_batch: int, rounds: int = 5, sec
     # inference: a whole evaluation batch per call, as `cnn eval` runs it, per 1,000 images (a batch of two
     # micro-batches per worker made the hand-over to the workers count for small sizes and favoured big ones)
     eval_c = sorted({c for c in (*EVAL_CANDIDATES, -(-eval_batch // threads)) if c <= eval_batch})
-    xe_all = rng.standard_normal((eval_batch, *model.input_shape)).astype(np.float32)
-    evals = {c: xe_all for c in eval_c}
+    xe = rng.standard_normal((eval_batch, *model.input_shape)).astype(np.float32)
     train_runs: dict[int, list[float]] = {c: [] for c in train_c}
     eval_runs: dict[int, list[float]] = {c: [] for c in eval_c}
     calls: dict[tuple[str, int], int] = {}
@@ -225,9 +224,8 @@ def measure(model: Sequential, batch: int, eval_batch: int, rounds: int = 5, sec
             model.eval()
             for c in eval_c:
                 engine.eval_micro_batch = c
-                xe = evals[c]
 
-                def infer(xe: np.ndarray = xe) -> None:
+                def infer() -> None:
                     model.predict(xe)
 
                 if ("e", c) not in calls:

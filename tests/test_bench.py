@@ -204,6 +204,25 @@ def test_against_torch_table_names_engines_ratios_and_machine() -> None:
     assert torch.get_num_threads() == before  # the run restores PyTorch's thread count
 
 
+def test_against_torch_tunes_when_asked_and_says_which_micro_batches(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tune is not ignored beside --against: the sizes are measured now, stored, and printed with why."""
+    _torch()
+    monkeypatch.setenv("CNNCLI_TUNE", "1")
+    monkeypatch.setenv("CNNCLI_CACHE", str(tmp_path))
+    args = ["bench", "--config", str(SEED), "--against", "torch", "--steps", "1", "--repeats", "1",
+            "--batch", "16", "--eval-batch", "40"]
+    result = runner.invoke(app, [*args, "--tune", "--json"])
+    assert result.exit_code == 0, result.output
+    t = json.loads(_stdout(result))["tuning"]
+    assert t["source"] == "measured" and t["train_ms"] and t["eval_ms"]
+    assert (tmp_path / "tune.json").is_file()
+    result = runner.invoke(app, args)  # the cached sizes now
+    assert result.exit_code == 0, result.output
+    text = _stdout(result)
+    assert "micro-batches: training" in text and "measured on this machine" in text
+
+
 def test_without_torch_the_command_prints_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from clihelp import one_line_error
 
