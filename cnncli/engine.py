@@ -282,6 +282,7 @@ class _Buffers:
     dy: np.ndarray | None = None  # δ of y (C_out, M)
     ds_windows: list[np.ndarray] | None = None  # the window views of δS (a conv stage with batch-norm)
     xc: np.ndarray | None = None  # x − μ, contiguous, the input's layout (x̂ is xc · inv_std)
+    xc_windows: list[np.ndarray] | None = None  # the pool windows over xc (a conv stage with batch-norm)
     inv_std: np.ndarray | None = None  # 1/√(σ² + ε) of this pass (C,), float64
     reduce: Callable[[np.ndarray], np.ndarray] | None = None  # Σ over the workers' partials (float64)
     worker: int = 0  # which worker owns these buffers
@@ -487,6 +488,7 @@ class _ConvStage(_Stage):
         buf.windows = self._windows(buf.y, n)  # training: pool y; evaluation: the folded S (s_windows)
         if train:
             buf.xc, buf.dy = np.empty_like(buf.s2), np.empty_like(buf.s2)
+            buf.xc_windows = self._windows(buf.xc, n) if self.pool is not None else None
             if self.pool is None:  # with a pool, the ReLU's mask is the pooled map's (`_backward_bn`)
                 buf.relu_mask = np.empty(buf.s2.shape, dtype=bool) if self.relu else None
             buf.dwin = self._windows(buf.dy, n)
@@ -647,10 +649,18 @@ class _ConvStage(_Stage):
         assert self.core is not None and buf.y is not None and buf.out is not None
         if b is not None:
             buf.s2 += b[:, None]
-        self.core.forward(buf.s2, buf.y, buf, train)
+        src, a, c = self.core.affine(buf.s2, buf, train)
         y = buf.y.reshape(buf.out.shape) if self.pool is None else buf.post
-        if self.pool is not None:
-            _pool_forward(buf.windows, buf.post, buf.masks if train else None)
+        if self.pool is not None and buf.xc_windows is not None and bool(np.all(a > 0)):
+            # y = src·a + c rises with src in every channel (a > 0; rounding is monotone too), so the max of y
+            # over a window is the max of src put through the affine map: pool src, then map the K_p² times
+            # smaller pooled array; y itself is never written. (a ≤ 0 somewhere: y first, as below.)
+            _pool_forward(buf.xc_windows, buf.post, buf.masks if train else None)
+            self.core.apply(buf.post, a, c, buf.post)
+        else:
+            self.core.apply(src, a, c, buf.y)
+            if self.pool is not None:
+                _pool_forward(buf.windows, buf.post, buf.masks if train else None)
         if self.relu:
             np.maximum(y, 0, out=buf.out)
         else:
@@ -909,17 +919,18 @@ class _BatchNormCore:
         c = a.shape[0]
         return np.matmul(a.reshape(c, 1, -1), b.reshape(c, -1, 1)).reshape(c)
 
-    def forward(self, x: np.ndarray, out: np.ndarray, buf: _Buffers, train: bool) -> None:
-        """out = γ·x̂ + β for x (contiguous), as (x − μ)·(γ/√(σ² + ε)) + β; keeps x − μ (buf.xc) and
-        1/√(σ² + ε) (buf.inv_std) when training, so x̂ = (x − μ)·inv_std is never written out."""
-        bn, dtype, nd = self.bn, x.dtype, x.ndim
+    def affine(self, x: np.ndarray, buf: _Buffers, train: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(src, a, c) with y = γ·x̂ + β = src·a + c per channel, for x (contiguous): src is x − μ (written to
+        buf.xc, with 1/√(σ² + ε) in buf.inv_std, when training), a = γ/√(σ² + ε); x̂ = (x − μ)·inv_std is never
+        written out. Training mode: μ and σ² of the whole batch (shared between the workers)."""
+        bn, dtype = self.bn, x.dtype
         gamma, beta = bn.params["gamma"], bn.params["beta"]
         if bn.training:
             assert buf.reduce is not None and buf.xc is not None
             m = self.values
             mu = buf.reduce(self._sums(x)) / m
             xc = buf.xc
-            np.subtract(x, self._col(mu.astype(dtype), nd), out=xc)
+            np.subtract(x, self._col(mu.astype(dtype), x.ndim), out=xc)
             var = buf.reduce(self._dots(xc, xc)) / m  # Σ(x − μ)² / M
             inv_std = 1.0 / np.sqrt(var + bn.eps)
             buf.inv_std = inv_std
@@ -929,21 +940,25 @@ class _BatchNormCore:
                 rm += (mom * mu).astype(rm.dtype)
                 rv *= 1 - mom
                 rv += (mom * var * m / (m - 1)).astype(rv.dtype)
-            np.multiply(xc, self._col((gamma * inv_std).astype(dtype), nd), out=out)
-            out += self._col(beta, nd)
-            return
+            return xc, (gamma * inv_std).astype(dtype), beta
         inv_std = 1.0 / np.sqrt(bn.buffers["running_var"].astype(np.float64) + bn.eps)
         mean = bn.buffers["running_mean"].astype(dtype)
         scale = (gamma * inv_std).astype(dtype)
         if train:  # keep x − mean for the backward of an evaluation-mode pass
             assert buf.xc is not None
-            np.subtract(x, self._col(mean, nd), out=buf.xc)
+            np.subtract(x, self._col(mean, x.ndim), out=buf.xc)
             buf.inv_std = inv_std
-            np.multiply(buf.xc, self._col(scale, nd), out=out)
-        else:
-            np.multiply(x, self._col(scale, nd), out=out)
-            beta = beta - mean * scale
-        out += self._col(beta, nd)
+            return buf.xc, scale, beta
+        return x, scale, beta - mean * scale
+
+    def apply(self, src: np.ndarray, a: np.ndarray, c: np.ndarray, out: np.ndarray) -> None:
+        """out = src·a + c per channel (two passes)."""
+        np.multiply(src, self._col(a, src.ndim), out=out)
+        out += self._col(c, out.ndim)
+
+    def forward(self, x: np.ndarray, out: np.ndarray, buf: _Buffers, train: bool) -> None:
+        """out = γ·x̂ + β for x (contiguous) (`affine`, then `apply`)."""
+        self.apply(*self.affine(x, buf, train), out)
 
     def backward(self, dy: np.ndarray, dx: np.ndarray | None, buf: _Buffers, grads: dict[str, np.ndarray]) -> None:
         """δy (contiguous) -> δx (written into dx, unless None); δγ, δβ of this micro-batch into grads.

@@ -284,3 +284,34 @@ def test_products_in_blocks_of_rows_match_the_reference(which: str, monkeypatch:
     model.eval()
     expected = model.forward(x)  # the per-layer path (running statistics in evaluation)
     np.testing.assert_allclose(model.predict(x), expected, rtol=0, atol=1e-10 * max(1.0, float(np.abs(expected).max())))
+
+
+@pytest.mark.parametrize("gammas", ["positive", "one_negative", "one_zero"])
+@pytest.mark.parametrize("mode", ["batch_statistics", "running_statistics"])
+def test_batchnorm_pooled_before_its_affine_map_matches_the_reference(gammas: str, mode: str) -> None:
+    """With every γ > 0 a conv → batch-norm → ReLU → pool stage pools x − μ and maps only the pooled values
+    (y rises with x − μ); a γ ≤ 0 anywhere takes the path through y. Random γ, β (β shifts the ReLU's kink,
+    so the affine map must really be applied after the pool), both paths, both batch-norm modes."""
+    cfg = build_config({"model": {"input_shape": [3, 8, 8], "layers": BN_CONV}}).model
+    model = build_model(cfg, seed=0, dtype=np.float64)
+    rng = np.random.default_rng(11)
+    params = model.named_params()
+    for name, v in params.items():
+        if name.endswith("gamma"):
+            v[...] = rng.uniform(0.5, 1.5, v.shape)
+            if gammas != "positive":
+                v[1] = -v[1] if gammas == "one_negative" else 0.0
+        elif name.endswith("beta"):
+            v[...] = rng.standard_normal(v.shape)
+    for name, b in model.named_buffers().items():
+        b[...] = rng.uniform(0.5, 2.0, b.shape) if name.endswith("var") else 0.3 * rng.standard_normal(b.shape)
+    if mode == "running_statistics":
+        model.eval()
+    x, y = _batch(model, 12, np.float64)
+    saved = {k: v.copy() for k, v in model.named_buffers().items()}
+    ref = _reference(model, x, y)
+    model.load_buffers(saved)
+    got = _fast(model, x, y, threads=2)
+    if mode == "batch_statistics":  # a bias before a batch-norm: a zero gradient, rounding noise on both paths
+        assert abs(ref[2].pop("conv2.b")).max() < 1e-12 and abs(got[2].pop("conv2.b")).max() < 1e-12
+    _assert_close(ref, got, rtol=1e-10)
