@@ -320,17 +320,19 @@ def _block_rows(n: int, rows: int, row_bytes: int, columns: int, product_columns
 
 
 def _conv_blocks(src: np.ndarray, out: np.ndarray, axis: int, dtype: np.dtype,
-                 grad: np.ndarray | None = None) -> list[_Block]:
+                 grad: np.ndarray | None = None, ones: bool = False) -> list[_Block]:
     """The blocks of one convolution product W_mat @ cols -> out (C_out, Q·H'·W'·N), a few output rows at a time.
 
     `src` (C, K, K, *window offsets, H', *rest): the strided view im2col copies, its output-row axis at `axis`;
     `out`'s columns run (window offset, row, rest), as S's. The rest, (W', N), is one contiguous run of the
     source for each (c, u, v, offset, row): the copies are long. Blocks of one size share one buffer of
     columns: no column matrix of the whole micro-batch is kept (`_weight_grad` copies them again). `grad`
-    (out's shape, δS) gives each product its part of δS for δW.
+    (out's shape, δS) gives each product its part of δS for δW. `ones`: every block's columns get one more
+    row, all ones, after the C·K·K copied ones (the bias as a column of the weights: `_ConvStage._bias_row`).
     """
     n = src.shape[axis]
-    rows = int(np.prod(src.shape[:3]))
+    copied = int(np.prod(src.shape[:3]))
+    rows = copied + ones
     offsets = int(np.prod(src.shape[3:axis]))
     per = int(np.prod(src.shape[axis + 1 :]))
     g = _block_rows(n, rows, rows * offsets * per * np.dtype(dtype).itemsize, offsets * per, per)
@@ -342,9 +344,10 @@ def _conv_blocks(src: np.ndarray, out: np.ndarray, axis: int, dtype: np.dtype,
         b = min(a + g, n)
         idx = (slice(None),) * axis + (slice(a, b),)
         if b - a not in spare:
-            spare[b - a] = np.empty(src.shape[:axis] + (b - a,) + src.shape[axis + 1 :], dtype=dtype)
-        dst = spare[b - a]
-        c3 = dst.reshape(rows, offsets, (b - a) * per)
+            spare[b - a] = np.empty((rows, offsets * (b - a) * per), dtype=dtype)
+            spare[b - a][copied:] = 1
+        dst = spare[b - a][:copied].reshape(src.shape[:axis] + (b - a,) + src.shape[axis + 1 :])
+        c3 = spare[b - a].reshape(rows, offsets, (b - a) * per)
         if b - a == n:  # one block: the whole product at once (its columns are contiguous)
             products = [(c3.reshape(rows, -1), out)]
             grads = [grad] if grad is not None else []
@@ -462,6 +465,9 @@ class _ConvStage(_Stage):
         if bn is not None and pool is not None:  # every pixel of S counts in the statistics
             kp = pool.kernel_size
             self.blocked = pool.stride == kp and self.ho % kp == 0 and self.wo % kp == 0
+        # Without a pool or batch-norm after it, the bias joins the product as one more column of W against a
+        # row of ones (`_bias_row`): S + b comes out of the product, δb out of δW's, two passes fewer.
+        self.bias_row = pool is None and bn is None and conv.params.get("b") is not None
         # A conv with few columns rows (the first conv on RGB: 27) whose windows tile a pool: one product per
         # pool window, from (K_p + K − 1)² patches (`_patch_weights`): fewer column copies, a fuller product.
         k = conv.kernel_size
@@ -530,7 +536,7 @@ class _ConvStage(_Stage):
             s2=s2,
             ds2=ds2,
             blocks=_conv_blocks(src, s2.reshape(c_out * qp, -1), len(shape) - 3, dtype,
-                                ds2.reshape(c_out * qp, -1) if ds2 is not None else None),
+                                ds2.reshape(c_out * qp, -1) if ds2 is not None else None, ones=self.bias_row),
             windows=self._windows(s2, n),
             # contiguous (C_out, H', W', N): P (or S), then + b; ReLU(post) is written to `out`
             post=np.empty((c_out, ph, pw, n), dtype=dtype) if pool is not None else s2.reshape(c_out, ph, pw, n),
@@ -541,9 +547,9 @@ class _ConvStage(_Stage):
         nq = len(buf.windows)
         buf.masks = np.empty((max(nq - 1, 0), c_out, ph, pw, n), dtype=bool)
         buf.relu_mask = np.empty((c_out, ph, pw, n), dtype=bool)
-        rows = int(np.prod(shape[:3]))  # C·K·K (patches: C·R·R)
-        if self.patch:
-            buf.dw_patch = np.empty((c_out * qp, rows), dtype=dtype)  # δ of _patch_weights
+        rows = int(np.prod(shape[:3])) + self.bias_row  # C·K·K (patches: C·R·R), [+ the row of ones]
+        if self.patch or self.bias_row:  # δ of _patch_weights, or of [W_mat | b]
+            buf.dw_patch = np.empty((c_out * qp, rows), dtype=dtype)
         buf.dw_tmp = np.empty((c_out * qp, rows), dtype=dtype)
         buf.dwin = buf.ds_windows = self._windows(buf.ds2, n)
         buf.peel = None
@@ -592,7 +598,12 @@ class _ConvStage(_Stage):
             _convolve(buf.blocks, self._patch_weights(w2))  # S = W_mat @ cols
             self._forward_bn(buf, b, train)
             return
-        _convolve(buf.blocks, self._patch_weights(w2))  # S = W_mat @ cols (or the folded y)
+        if self.bias_row:  # S + b = [W_mat | b] @ [cols; 1]
+            assert b is not None
+            _convolve(buf.blocks, np.concatenate([w2, b[:, None]], axis=1))
+            b = None
+        else:
+            _convolve(buf.blocks, self._patch_weights(w2))  # S = W_mat @ cols (or the folded y)
         if self.pool is not None:
             _pool_forward(buf.s_windows, buf.post, buf.masks if train else None)
         post = buf.post
@@ -704,7 +715,7 @@ class _ConvStage(_Stage):
             np.multiply(dout, buf.relu_mask, out=delta)
         else:
             np.copyto(delta, dout)
-        if "b" in grads:
+        if "b" in grads and not self.bias_row:
             np.sum(delta, axis=(1, 2, 3), out=grads["b"])  # δb[c] = Σ_{i,j,n} δS[c,i,j,n]
         if self.pool is not None:
             if not self.blocked:
@@ -718,6 +729,10 @@ class _ConvStage(_Stage):
         if self.patch:  # δW_pat = δS (C_out·Q, M/Q) @ patch colsᵀ, then summed back onto W's entries
             _weight_grad(buf.blocks, buf.dw_patch, buf.dw_tmp)
             self._fold_patch(buf.dw_patch, gw)
+        elif self.bias_row:  # [δW | δb] = δS @ [cols; 1]ᵀ: δb[c] = Σ δS[c, ·], the last column
+            _weight_grad(buf.blocks, buf.dw_patch, buf.dw_tmp)
+            np.copyto(gw.reshape(gw.shape[0], -1), buf.dw_patch[:, :-1])
+            np.copyto(grads["b"], buf.dw_patch[:, -1])
         else:
             _weight_grad(buf.blocks, gw.reshape(gw.shape[0], -1), buf.dw_tmp)  # δW = δS (C_out, M) @ colsᵀ
         if not self.need_dx:
