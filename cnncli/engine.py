@@ -268,7 +268,7 @@ class _Buffers:
     s2: np.ndarray | None = None  # S = W @ cols (C_out, M)
     post: np.ndarray | None = None  # pooled S, then + b (the ReLU writes `out` from it) (C_out, H_p, W_p, N)
     ds2: np.ndarray | None = None  # δS (C_out, M)
-    blocks: list[_Block] | None = None  # the forward product, a few images at a time (`_conv_blocks`)
+    blocks: list[_Block] | None = None  # the forward product, a few output rows at a time (`_conv_blocks`)
     s_windows: list[np.ndarray] | None = None  # the pool windows over S (`windows` pools y with batch-norm)
     ds_pad: np.ndarray | None = None  # δS with K − 1 − p rows and columns of zeros around, (C_out, H'+…, W'+…, N)
     dx_blocks: list[_Block] | None = None  # δX as a correlation of ds_pad with the rotated kernel, in blocks
