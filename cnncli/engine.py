@@ -274,7 +274,7 @@ class _Buffers:
     dx_blocks: list[_Block] | None = None  # δX as a correlation of ds_pad with the rotated kernel, in blocks
     dcols2: np.ndarray | None = None  # Wᵀ @ δS in column order (C·K·K, M)
     dw_tmp: np.ndarray | None = None  # one block product's share of δW (or of δW_pat), before it is added
-    dw_patch: np.ndarray | None = None  # δ of the patch weights (C_out·Q, C·R·R), before `_fold_patch`
+    dw_wide: np.ndarray | None = None  # δ of W_pat (C_out·Q, C·R·R) or of [W_mat | b] (C_out, C·K·K + 1)
     dcols: np.ndarray | None = None  # the same in the columns' shape
     dxp: np.ndarray | None = None  # δ of the padded input (C, H + 2p, W + 2p, N)
     # batch-norm
@@ -473,6 +473,13 @@ class _ConvStage(_Stage):
         k = conv.kernel_size
         self.patch = (self.blocked and conv.stride == 1 and conv.padding <= k - 1
                       and in_shape[0] * k * k < CONV_PATCH_ROWS)
+        if self.patch:
+            assert pool is not None
+            kp, r = pool.kernel_size, pool.kernel_size + k - 1
+            # W_pat seen as (C_out, K_p, K_p, C, R, R); W sits at these places, one per window offset (a, b)
+            self.patch_shape = (conv.out_channels, kp, kp, in_shape[0], r, r)
+            self.patch_at = [(slice(None), a, b, slice(None), slice(a, a + k), slice(b, b + k))
+                             for a in range(kp) for b in range(kp)]
         conv_out = (conv.out_channels, self.ho, self.wo)
         self.out_shape = pool.output_shape(conv_out) if pool is not None else conv_out
 
@@ -515,7 +522,7 @@ class _ConvStage(_Stage):
         qp = pool.kernel_size**2 if self.patch else 1  # window offsets per pool window
         if self.patch:
             assert pool is not None
-            r, sp = pool.kernel_size + k - 1, pool.stride
+            r, sp = self.patch_shape[-1], pool.stride
             # cols[c', r, t, i, j, n] = Xpad[c', s_p·i + r, s_p·j + t, n]: each pool window's whole input patch
             shape, strides = (c, r, r, ph, pw, n), (sc, sh, sw, sp * sh, sp * sw, sn)
         elif self.blocked:
@@ -549,7 +556,7 @@ class _ConvStage(_Stage):
         buf.relu_mask = np.empty((c_out, ph, pw, n), dtype=bool)
         rows = int(np.prod(shape[:3])) + self.bias_row  # C·K·K (patches: C·R·R), [+ the row of ones]
         if self.patch or self.bias_row:  # δ of _patch_weights, or of [W_mat | b]
-            buf.dw_patch = np.empty((c_out * qp, rows), dtype=dtype)
+            buf.dw_wide = np.empty((c_out * qp, rows), dtype=dtype)
         buf.dw_tmp = np.empty((c_out * qp, rows), dtype=dtype)
         buf.dwin = buf.ds_windows = self._windows(buf.ds2, n)
         buf.peel = None
@@ -621,28 +628,20 @@ class _ConvStage(_Stage):
         (docs/derivations.md#convolution, "In the engine")."""
         if not self.patch:
             return w2
-        assert self.pool is not None
-        c_out, c, k, kp = w2.shape[0], self.in_shape[0], self.conv.kernel_size, self.pool.kernel_size
-        r = kp + k - 1
-        wp = np.zeros((c_out, kp, kp, c, r, r), dtype=w2.dtype)
-        w4 = w2.reshape(c_out, c, k, k)
-        for a in range(kp):
-            for b in range(kp):
-                wp[:, a, b, :, a : a + k, b : b + k] = w4
+        wp = np.zeros(self.patch_shape, dtype=w2.dtype)
+        w4 = w2.reshape(self.conv.params["W"].shape)
+        for at in self.patch_at:
+            wp[at] = w4
+        c_out, kp, _, c, r, _ = self.patch_shape
         return wp.reshape(c_out * kp * kp, c * r * r)
 
     def _fold_patch(self, dwp: np.ndarray, gw: np.ndarray) -> None:
         """δW from the patch weights' gradient: δW[c, c', u, v] = Σ_{a,b} δW_pat[(c, a, b), (c', a + u, b + v)]
         (the entries of W_pat that hold W[c, c', u, v]); the zeros' gradients are dropped."""
-        assert self.pool is not None
-        c_out, c, k, kp = gw.shape[0], self.in_shape[0], self.conv.kernel_size, self.pool.kernel_size
-        r = kp + k - 1
-        d6 = dwp.reshape(c_out, kp, kp, c, r, r)
-        np.copyto(gw, d6[:, 0, 0, :, :k, :k])
-        for a in range(kp):
-            for b in range(kp):
-                if a or b:
-                    gw += d6[:, a, b, :, a : a + k, b : b + k]
+        d6 = dwp.reshape(self.patch_shape)
+        np.copyto(gw, d6[self.patch_at[0]])
+        for at in self.patch_at[1:]:
+            gw += d6[at]
 
     def _folded(self, w2: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Evaluation-mode batch-norm folded into the convolution: y = a·(W_mat @ cols + b − mean) + β with
@@ -727,12 +726,12 @@ class _ConvStage(_Stage):
         """δW and δX from δS (buf.ds2)."""
         gw = grads["W"]
         if self.patch:  # δW_pat = δS (C_out·Q, M/Q) @ patch colsᵀ, then summed back onto W's entries
-            _weight_grad(buf.blocks, buf.dw_patch, buf.dw_tmp)
-            self._fold_patch(buf.dw_patch, gw)
+            _weight_grad(buf.blocks, buf.dw_wide, buf.dw_tmp)
+            self._fold_patch(buf.dw_wide, gw)
         elif self.bias_row:  # [δW | δb] = δS @ [cols; 1]ᵀ: δb[c] = Σ δS[c, ·], the last column
-            _weight_grad(buf.blocks, buf.dw_patch, buf.dw_tmp)
-            np.copyto(gw.reshape(gw.shape[0], -1), buf.dw_patch[:, :-1])
-            np.copyto(grads["b"], buf.dw_patch[:, -1])
+            _weight_grad(buf.blocks, buf.dw_wide, buf.dw_tmp)
+            np.copyto(gw.reshape(gw.shape[0], -1), buf.dw_wide[:, :-1])
+            np.copyto(grads["b"], buf.dw_wide[:, -1])
         else:
             _weight_grad(buf.blocks, gw.reshape(gw.shape[0], -1), buf.dw_tmp)  # δW = δS (C_out, M) @ colsᵀ
         if not self.need_dx:
