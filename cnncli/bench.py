@@ -171,6 +171,10 @@ class BenchCase:
     infer: Callable[[], None]  # predict on xe
     tuning: Tuning | None = None
 
+    def tuning_dict(self) -> dict[str, Any]:
+        """The micro-batch sizes used, as the results carry them ({} on the per-layer path)."""
+        return self.tuning.to_dict() if self.tuning is not None else {}
+
 
 def prepare_case(
     cfg: Config,
@@ -257,5 +261,5 @@ def run_bench(
         layers=layers,
         blas=blas,
         system=system_info(case.threads),
-        tuning=case.tuning.to_dict() if case.tuning is not None else {},
+        tuning=case.tuning_dict(),
     )

@@ -506,7 +506,7 @@ def run_against_torch(
         logits_rel_diff=diffs,
         other_cpus_per_round=other,
         machine=machine_info(),
-        tuning=case.tuning.to_dict() if case.tuning is not None else {},
+        tuning=case.tuning_dict(),
     )
 
 
