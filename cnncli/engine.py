@@ -850,6 +850,7 @@ class _LinearStage(_Stage):
         if train:
             buf.relu_mask = np.empty((self.linear.out_features, n), dtype=bool)
             buf.delta = np.empty((self.linear.out_features, n), dtype=dtype)
+            buf.dw_tmp = np.empty((self.linear.in_features, self.linear.out_features), dtype=dtype)  # δWᵀ
             if self.need_dx:
                 buf.dx = np.empty_like(x)
         return buf
@@ -874,7 +875,11 @@ class _LinearStage(_Stage):
             delta = buf.delta
         if "b" in grads:
             np.sum(delta, axis=1, out=grads["b"])  # δb[i] = Σ_n δz[n,i]
-        _matmul(delta, buf.x.T, out=grads["W"])  # δW[i,k] = Σ_n δz[n,i] · h[n,k]
+        # δW[i,k] = Σ_n δz[n,i] · h[n,k], computed transposed (hᵀ @ δzᵀ, then one small transposing copy): BLAS
+        # runs that form of this short-inner-dimension product 1.5–2× faster here (10 × 64 × 8192: 0.34 ms
+        # against 0.54 ms, copy included)
+        _matmul(buf.x, delta.T, out=buf.dw_tmp)
+        np.copyto(grads["W"], buf.dw_tmp.T)
         if not self.need_dx:
             return None
         return _matmul(self.linear.params["W"].T, delta, out=buf.dx)  # δhᵀ[k,n] = Σ_i W[i,k] · δz[n,i]
