@@ -41,6 +41,8 @@ class LayerShare:
     forward_ms: float  # per step, on one thread
     backward_ms: float
     matmul_share: float | None = None  # fraction of this row's time inside matrix products (fused engine)
+    matmul_ms: float | None = None  # per step, on one thread: the time inside matrix products (fused engine)
+    matmul_gflop: float | None = None  # per step: their floating-point operations (2·m·k·n each), in 10⁹
 
 
 @dataclass
@@ -89,12 +91,15 @@ def _profile(model: Sequential, x: np.ndarray, y: np.ndarray, step: Callable[[],
     sum of the micro-batch gradients and the optimizer update (backward column); they add up to 1."""
     rows: dict[str, list[float]] = {}
     matmul: dict[str, float] = {}
+    flops: dict[str, float] = {}
     update = 0.0
     for _ in range(passes):
         if model.fast:
             timed = model.engine().profile(x, y)
             for name, (f_mm, b_mm) in model.engine().matmul_seconds.items():
                 matmul[name] = matmul.get(name, 0.0) + f_mm + b_mm
+            for name, (f_fl, b_fl) in model.engine().matmul_flops.items():
+                flops[name] = flops.get(name, 0.0) + f_fl + b_fl
         else:
             timed = _profile_layers(model, x, y)
         for name, f, b in timed:
@@ -108,9 +113,26 @@ def _profile(model: Sequential, x: np.ndarray, y: np.ndarray, step: Callable[[],
     total = sum(f + b for f, b in rows.values()) or 1.0
     return [
         LayerShare(name, f / total, b / total, 1000 * f / passes, 1000 * b / passes,
-                   matmul[name] / (f + b) if name in matmul and f + b > 0 else None)
+                   matmul[name] / (f + b) if name in matmul and f + b > 0 else None,
+                   1000 * matmul[name] / passes if name in matmul else None,
+                   flops[name] / passes / 1e9 if name in flops else None)
         for name, (f, b) in rows.items()
     ]
+
+
+def product_floor(layers: list[LayerShare], threads: int) -> dict[str, float] | None:
+    """What the matrix products alone cost a training step, from the one-thread profile: {'ms': their time
+    per step on one thread, 'step_ms': the whole profiled step's, 'gflop': their work, 'gflops': the rate
+    they ran at, 'floor_ms': ms / threads, the step time no change outside the products can go below while
+    the products run at that rate on every worker}. None on the per-layer path (nothing counted)."""
+    counted = [r for r in layers if r.matmul_ms is not None]
+    if not counted:
+        return None
+    ms = sum(r.matmul_ms or 0.0 for r in counted)
+    gflop = sum(r.matmul_gflop or 0.0 for r in counted)
+    step_ms = sum(r.forward_ms + r.backward_ms for r in layers)
+    return {"ms": ms, "step_ms": step_ms, "gflop": gflop, "gflops": gflop / (ms / 1000) if ms > 0 else 0.0,
+            "floor_ms": ms / max(threads, 1)}
 
 
 def _profile_layers(model: Sequential, x: np.ndarray, y: np.ndarray) -> list[tuple[str, float, float]]:

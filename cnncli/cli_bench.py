@@ -86,7 +86,7 @@ def bench(
     """Images per second of a training step (forward, loss, backward, update) and of inference, on random data."""
     from rich.table import Table
 
-    from cnncli.bench import run_bench
+    from cnncli.bench import product_floor, run_bench
     from cnncli.config import load_config
 
     load_layers(layers)
@@ -138,6 +138,12 @@ def bench(
         shares.add_row(row.name, f"{100 * row.forward_share:.1f}%", f"{100 * row.backward_share:.1f}%",
                        f"{row.forward_ms + row.backward_ms:.2f}", mm)
     out.print(shares)
+    floor = product_floor(res.layers, res.threads)
+    if floor is not None and floor["ms"] > 0:
+        out.print(f"matrix products: {floor['ms']:.2f} of {floor['step_ms']:.2f} ms per step on one thread, "
+                  f"{floor['gflop']:.2f} GFLOP at {floor['gflops']:.0f} GFLOP/s; at that rate on each of "
+                  f"{res.threads} worker(s) no step takes less than {floor['floor_ms']:.2f} ms, whatever else is cut",
+                  soft_wrap=True)
     threads_txt = f"{blas['threads']} thread(s) by default" if blas["threads"] is not None else "thread count unknown"
     limit = "limited to 1 per worker" if blas["controllable"] else "cannot be limited: 1 worker"
     out.print(f"BLAS: {lib} ({blas['config'] or 'no build string'}); {threads_txt}, {limit}")

@@ -59,18 +59,20 @@ EVAL_MICRO_BATCH = 20
 MAX_THREADS = 8
 
 
-# While `Engine.profile` runs (one thread): seconds spent inside the engine's matrix products, [total].
+# While `Engine.profile` runs (one thread): [seconds spent inside the engine's matrix products, their
+# floating-point operations (2·m·k·n each)].
 _MATMUL_CLOCK: list[float] | None = None
 
 
 def _matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """np.matmul(a, b, out=out), timed into _MATMUL_CLOCK when profiling."""
+    """np.matmul(a, b, out=out), timed and counted into _MATMUL_CLOCK when profiling."""
     clock = _MATMUL_CLOCK
     if clock is None:
         return np.matmul(a, b, out=out)
     t0 = time.perf_counter()
     r = np.matmul(a, b, out=out)
     clock[0] += time.perf_counter() - t0
+    clock[1] += 2.0 * out.size * a.shape[-1]
     return r
 
 
@@ -1233,6 +1235,7 @@ class Engine:
         self._workspaces: dict[tuple[bool, int, int], list[_Buffers]] = {}
         self._slots: list[dict[str, dict[str, np.ndarray]]] = []
         self.matmul_seconds: dict[str, tuple[float, float]] = {}  # filled by `profile`
+        self.matmul_flops: dict[str, tuple[float, float]] = {}
 
     # ---- buffers ------------------------------------------------------------------------------------
     def _param_layers(self) -> list[Layer]:
@@ -1399,18 +1402,19 @@ class Engine:
         """One training pass on the calling thread alone, timed: [(stage label, forward s, backward s), …,
         ('softmax cross-entropy', s, 0), ('gradient sum', 0, s)]; fills the grads as `loss_and_grads`.
         `self.matmul_seconds[label]` is then the (forward, backward) seconds of each stage spent inside
-        matrix products."""
+        matrix products, `self.matmul_flops[label]` their (forward, backward) floating-point operations."""
         global _MATMUL_CLOCK
         rows = len(self.stages) + 2
-        timings = np.zeros((rows, 4))
+        timings = np.zeros((rows, 6))
         threads, self.threads = self.threads, 1
-        _MATMUL_CLOCK = [0.0]
+        _MATMUL_CLOCK = [0.0, 0.0]
         try:
             self._train(x, y, timings)
         finally:
             self.threads, _MATMUL_CLOCK = threads, None
         labels = [s.label for s in self.stages] + ["softmax cross-entropy", "gradient sum"]
         self.matmul_seconds = {label: (float(t[2]), float(t[3])) for label, t in zip(labels, timings, strict=True)}
+        self.matmul_flops = {label: (float(t[4]), float(t[5])) for label, t in zip(labels, timings, strict=True)}
         return [(label, float(t[0]), float(t[1])) for label, t in zip(labels, timings, strict=True)]
 
     def _train(self, x: np.ndarray, y: np.ndarray, timings: np.ndarray | None) -> tuple[float, np.ndarray]:
@@ -1440,11 +1444,13 @@ class Engine:
                 mm = _MATMUL_CLOCK
                 for i, (stage, buf) in enumerate(zip(self.stages, ws, strict=True)):
                     t0 = clock() if timings is not None else 0.0
-                    m0 = mm[0] if mm is not None else 0.0
+                    m0, f0 = (mm[0], mm[1]) if mm is not None else (0.0, 0.0)
                     stage.forward(buf, True)
                     if timings is not None:
                         timings[i, 0] += clock() - t0
-                        timings[i, 2] += (mm[0] - m0) if mm is not None else 0.0
+                        if mm is not None:
+                            timings[i, 2] += mm[0] - m0
+                            timings[i, 4] += mm[1] - f0
                 t0 = clock() if timings is not None else 0.0
                 losses[j], dz = _softmax_xent(logits[a:b], y[a:b], total)
                 if timings is not None:
@@ -1455,12 +1461,14 @@ class Engine:
                         break
                     stage = self.stages[i]
                     t0 = clock() if timings is not None else 0.0
-                    m0 = mm[0] if mm is not None else 0.0
+                    m0, f0 = (mm[0], mm[1]) if mm is not None else (0.0, 0.0)
                     dout = _rows(d, b - a, stage.out_shape) if d is dz else _as(d, b - a, stage.out_shape)
                     d = stage.backward(ws[i], dout, stage.grads_of(slots[j]))
                     if timings is not None:
                         timings[i, 1] += clock() - t0
-                        timings[i, 3] += (mm[0] - m0) if mm is not None else 0.0
+                        if mm is not None:
+                            timings[i, 3] += mm[0] - m0
+                            timings[i, 5] += mm[1] - f0
 
         self._run([job] * workers, reducer)
         t0 = clock()

@@ -76,7 +76,7 @@ def test_table_output_names_the_figures() -> None:
     result = runner.invoke(app, ["bench", "--config", str(SEED), *SMALL])
     assert result.exit_code == 0, result.output
     text = _stdout(result)
-    for needle in ("train step", "inference", "images/s", "conv1", "fc1", "BLAS"):
+    for needle in ("train step", "inference", "images/s", "conv1", "fc1", "BLAS", "matrix products: ", "GFLOP/s"):
         assert needle in text, needle
 
 
@@ -295,3 +295,35 @@ def test_the_profile_says_how_much_of_each_stage_is_inside_matrix_products() -> 
     assert sum(mm[pool]) == 0  # a pool stage has no product
     model.loss_and_grads(x, y)  # outside the profile nothing is timed
     assert engine.matmul_seconds == mm
+
+
+def test_the_profile_counts_the_floating_point_work_of_every_product() -> None:
+    """2·m·k·n per product, against a count by hand from the layer shapes: conv1 8→4 (3×3, pad 1) on 8×8 with
+    a 2×2 pool after it (columns: all 64 pixels, window offset first), conv2 4→6 on 4×4 with its bias as one
+    more column row (4·9 + 1), its δX a correlation (4 × 6·9 per pixel), the linear 96 → 3."""
+    from cnncli.bench import _profile, product_floor
+    from cnncli.config import build_config
+    from cnncli.model import build_model
+
+    layers = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1}, {"type": "relu"},
+              {"type": "maxpool", "kernel_size": 2},
+              {"type": "conv", "out_channels": 6, "kernel_size": 3, "padding": 1}, {"type": "relu"},
+              {"type": "flatten"}, {"type": "linear", "out_features": 3}]
+    model = build_model(build_config({"model": {"input_shape": [8, 8, 8], "layers": layers}}).model)
+    n = 12
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((n, 8, 8, 8)).astype(np.float32), rng.integers(0, 3, n)
+    engine = model.engine()
+    engine.train_micro_batch = 5  # three micro-batches (5, 5, 2): the count is over all of them
+    engine.profile(x, y)
+    conv1, conv2, fc = (s.label for s in engine.stages)
+    fl = engine.matmul_flops
+    assert fl[conv1] == (2 * 4 * 72 * 64 * n, 2 * 4 * 72 * 64 * n)  # S; δW (no δX: the first layer)
+    assert fl[conv2] == (2 * 6 * 37 * 16 * n, 2 * 6 * 37 * 16 * n + 2 * 4 * 54 * 16 * n)  # S + b; [δW | δb], δX
+    assert fl[fc] == (2 * 3 * 96 * n, 2 * 3 * 96 * n + 2 * 96 * 3 * n)
+    shares = _profile(model, x, y, lambda: None, passes=2)
+    floor = product_floor(shares, threads=2)
+    assert floor is not None
+    total = sum(sum(v) for v in fl.values())
+    assert floor["gflop"] == pytest.approx(total / 1e9)
+    assert 0 < floor["ms"] < floor["step_ms"] and floor["floor_ms"] == pytest.approx(floor["ms"] / 2)
