@@ -285,3 +285,88 @@ def run_bench(
         system=system_info(case.threads),
         tuning=case.tuning_dict(),
     )
+
+
+# ---- which OpenBLAS kernels --------------------------------------------------------------------------------
+# The OpenBLAS in numpy's wheels carries kernels for many processors and picks one at start-up
+# ($OPENBLAS_CORETYPE overrides the pick, read only when the library loads). Its pick is not always the
+# fastest for the engine's narrow products: on a Zen 4 machine (AVX-512) it takes the SkylakeX kernels, and
+# the AVX2 Haswell kernels ran the diagram network 1.14× faster in training there. Each candidate needs
+# these CPU instructions (from /proc/cpuinfo); one the CPU lacks would stop the process.
+BLAS_KERNELS: dict[str, frozenset[str]] = {
+    "Haswell": frozenset({"avx2", "fma"}),  # (OpenBLAS's "Zen" runs these same kernels)
+    "SkylakeX": frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl"}),
+}
+KERNEL_ENV = "OPENBLAS_CORETYPE"
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The instruction-set flags of this machine's first CPU (empty where /proc/cpuinfo is not readable)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def kernel_candidates(flags: frozenset[str] | None = None) -> list[str]:
+    """'' (OpenBLAS's own pick) and every kernel set of BLAS_KERNELS this CPU can run."""
+    flags = cpu_flags() if flags is None else flags
+    return [""] + [name for name, need in BLAS_KERNELS.items() if need <= flags]
+
+
+@dataclass
+class KernelTiming:
+    """One candidate's figures: `kernel` '' for OpenBLAS's own pick; `arch` what the BLAS said it runs."""
+
+    kernel: str
+    arch: str
+    train_runs: list[float]  # images/s of each round
+    eval_runs: list[float]
+
+    @property
+    def train_images_per_s(self) -> float:
+        return statistics.median(self.train_runs)
+
+    @property
+    def eval_images_per_s(self) -> float:
+        return statistics.median(self.eval_runs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, "arch": self.arch, "train_images_per_s": self.train_images_per_s,
+                "eval_images_per_s": self.eval_images_per_s, "train_runs": self.train_runs,
+                "eval_runs": self.eval_runs}
+
+
+def compare_blas_kernels(bench_args: list[str], rounds: int, candidates: list[str] | None = None,
+                         timeout: float = 1800.0) -> list[KernelTiming]:
+    """Time `cnn bench BENCH_ARGS --json` once per candidate kernel set and round, each in a process of its
+    own with $OPENBLAS_CORETYPE set (or unset for OpenBLAS's own pick), the candidates' order reversed every
+    other round; images/s medians per candidate. A process that fails raises CnnError naming the kernel."""
+    import json
+    import subprocess
+    import sys
+
+    from cnncli.errors import CnnError
+
+    names = kernel_candidates() if candidates is None else candidates
+    found: dict[str, KernelTiming] = {}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else list(reversed(names)):
+            env = {k: v for k, v in os.environ.items() if k != KERNEL_ENV}
+            if name:
+                env[KERNEL_ENV] = name
+            cmd = [sys.executable, "-c", "from cnncli.cli import main; main()", "bench", *bench_args, "--json"]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+            label = f"{KERNEL_ENV}={name}" if name else "OpenBLAS's own kernels"
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise CnnError(f"cnn bench with {label} failed (exit {proc.returncode}): {last}")
+            res = json.loads(proc.stdout.strip().splitlines()[0])
+            t = found.setdefault(name, KernelTiming(name, str(res["blas"].get("config") or "unknown"), [], []))
+            t.train_runs.append(float(res["train_images_per_s"]))
+            t.eval_runs.append(float(res["eval_images_per_s"]))
+    return [found[n] for n in names]

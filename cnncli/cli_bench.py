@@ -29,6 +29,7 @@ from cnncli.clikit import (
     renamed,
     user_errors,
 )
+from cnncli.errors import CnnError
 
 if TYPE_CHECKING:
     from cnncli.torchbench import TorchBenchResult
@@ -80,6 +81,11 @@ def bench(
         bool, typer.Option("--tune", help="Measure the engine's micro-batch sizes for this machine and network "
                            "again (cached; cnn train uses them) before timing.")
     ] = False,
+    blas_kernels: Annotated[
+        bool, typer.Option("--blas-kernels", help="Time the network with each OpenBLAS kernel set this CPU can "
+                           "run (OpenBLAS's own pick, then $OPENBLAS_CORETYPE = Haswell, SkylakeX), a "
+                           "process each, interleaved rounds (--repeats), and say which is fastest here.")
+    ] = False,
     json_out: JsonOpt = False,
     layers: LayersOpt = None,
 ) -> None:
@@ -90,6 +96,26 @@ def bench(
     from cnncli.config import load_config
 
     load_layers(layers)
+    if blas_kernels:
+        if against is not None or reference:
+            raise CnnError("--blas-kernels times the fused engine alone: drop --against / --reference")
+        cfg = load_config(config, list(set_ or []))  # a bad config fails here, once, not in every process
+        _check_sizes(cfg, batch, eval_batch, reference)
+        args = ["--config", str(config), "--steps", str(steps), "--repeats", "1"]
+        args += [a for kv in (set_ or []) for a in ("--set", kv)]
+        args += [a for path in (layers or []) for a in ("--layers", str(path))]
+        for flag, value in (("--batch-size", batch), ("--eval-batch-size", eval_batch), ("--threads", threads)):
+            if value is not None:
+                args += [flag, str(value)]
+        from cnncli.bench import compare_blas_kernels
+
+        timings = compare_blas_kernels(args, rounds=repeats)
+        if json_out:
+            for t in timings:
+                print_json(t.to_dict())
+        else:
+            _render_kernels(str(config), timings, repeats)
+        return
     if against is not None:
         from cnncli.torchbench import import_torch, run_against_torch
 
@@ -149,6 +175,31 @@ def bench(
     out.print(f"BLAS: {lib} ({blas['config'] or 'no build string'}); {threads_txt}, {limit}")
     env = ", ".join(f"{k}={v}" for k, v in res.system["env"].items()) or "none set"
     out.print(f"numpy {res.system['numpy']}, {res.system['usable_cpus']} usable CPU(s); environment: {env}")
+
+
+def _render_kernels(config: str, timings: list[Any], rounds: int) -> None:
+    from rich.table import Table
+
+    from cnncli.bench import KERNEL_ENV
+
+    base = timings[0]
+    table = Table(title=f"{config}: OpenBLAS kernels, one process each, median of {rounds} interleaved round(s)")
+    for col in (KERNEL_ENV, "BLAS runs", "train images/s", "inference images/s", "vs own pick (train, inference)"):
+        table.add_column(col, justify="left" if col in (KERNEL_ENV, "BLAS runs") else "right", no_wrap=True)
+    for t in timings:
+        name = t.kernel or "unset (own pick)"
+        table.add_row(name, t.arch.split()[-1], f"{t.train_images_per_s:,.0f}", f"{t.eval_images_per_s:,.0f}",
+                      f"{t.train_images_per_s / base.train_images_per_s:.2f}×, "
+                      f"{t.eval_images_per_s / base.eval_images_per_s:.2f}×")
+    out.print(table)
+    best = max(timings, key=lambda t: t.train_images_per_s)
+    if best is base or best.train_images_per_s < 1.05 * base.train_images_per_s:
+        out.print(f"OpenBLAS's own pick ({base.arch}) is as fast as any here (within 5 %): nothing to set.")
+    else:
+        out.print(f"fastest here for training: {KERNEL_ENV}={best.kernel} "
+                  f"({best.train_images_per_s / base.train_images_per_s:.2f}× OpenBLAS's own pick). To use it: "
+                  f"export {KERNEL_ENV}={best.kernel} before cnn train (read when numpy loads; a run resumes "
+                  "bit-identically only with the kernels it was trained with).", soft_wrap=True)
 
 
 def _render_against(res: TorchBenchResult) -> None:

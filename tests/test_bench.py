@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from clihelp import one_line_error
 from clihelp import stdout_of as _stdout
 from typer.testing import CliRunner
 
@@ -327,3 +328,50 @@ def test_the_profile_counts_the_floating_point_work_of_every_product() -> None:
     total = sum(sum(v) for v in fl.values())
     assert floor["gflop"] == pytest.approx(total / 1e9)
     assert 0 < floor["ms"] < floor["step_ms"] and floor["floor_ms"] == pytest.approx(floor["ms"] / 2)
+
+
+def test_kernel_candidates_follow_the_cpu_flags(tmp_path: Path) -> None:
+    from cnncli.bench import cpu_flags, kernel_candidates
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(str(info)) == {"fpu", "sse2", "avx", "avx2", "fma"}  # the first CPU's line
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+    assert kernel_candidates(frozenset({"avx2", "fma"})) == ["", "Haswell"]
+    assert kernel_candidates(frozenset({"avx2"})) == [""]  # Haswell's kernels need FMA too
+    avx512 = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"})
+    assert kernel_candidates(avx512) == ["", "Haswell", "SkylakeX"]
+    assert kernel_candidates(frozenset()) == [""]
+
+
+def test_blas_kernels_runs_each_candidate_in_a_process_with_those_kernels() -> None:
+    """Each row's process must report the kernels it was asked for (the variable reached OpenBLAS before it
+    loaded), the unset row what this process runs."""
+    from cnncli.bench import kernel_candidates
+
+    info = blas_info()
+    if not (info["config"] or "").lower().startswith("openblas"):
+        pytest.skip(f"OPENBLAS_CORETYPE only concerns OpenBLAS; this numpy uses {info['config']!r}")
+    args = ["bench", "--blas-kernels", "--config", str(SEED), "--steps", "1", "--repeats", "2", "--batch-size", "16",
+            "--eval-batch-size", "16", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in _stdout(result).splitlines() if line.strip()]
+    assert [r["kernel"] for r in rows] == kernel_candidates()
+    assert rows[0]["arch"] == info["config"]
+    for r in rows[1:]:
+        assert r["arch"].split()[-1] == r["kernel"], r
+    for r in rows:
+        assert len(r["train_runs"]) == len(r["eval_runs"]) == 2 and r["train_images_per_s"] > 0
+
+
+def test_blas_kernels_errors_are_one_line() -> None:
+    from cnncli.bench import compare_blas_kernels
+    from cnncli.errors import CnnError
+
+    err = one_line_error(runner.invoke(app, ["bench", "--blas-kernels", "--against", "torch"]))
+    assert "--blas-kernels" in err and "--against" in err
+    err = one_line_error(runner.invoke(app, ["bench", "--blas-kernels", "--config", "no/such.yaml"]))
+    assert "config file not found" in err
+    with pytest.raises(CnnError, match="OPENBLAS_CORETYPE=Haswell failed .exit 1.: .*no/such.yaml"):
+        compare_blas_kernels(["--config", "no/such.yaml"], rounds=1, candidates=["Haswell"])
