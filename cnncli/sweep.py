@@ -20,9 +20,9 @@ restarted) is found by its host and pid (same machine) or, on a database storage
 Every such cut-off trial is re-queued with the same parameters: when the re-queued trial runs on the
 machine that holds its folder, it resumes from last.npz there (bit for bit, as `cnn train --resume`);
 elsewhere it is rerun from the start in a new folder. Finished trials (complete, pruned, failed) are never
-run again. Two processes racing for the same grid point (possible only after re-queued trials) are
-resolved by the trial with the lower number; the other is marked FAIL with outcome "duplicate" and not
-shown.
+run again. Two processes handed the same grid point (Optuna's grid sampler can do that to concurrent
+workers, and re-queued trials can) are resolved by the trial with the lower number, unless the higher one
+had already claimed it; the other is marked FAIL with outcome "duplicate" and not shown.
 
 Workers are subprocesses (`python -m cnncli.sweep`) that read their job from the environment and report
 events as JSON lines on their standard output; nothing here prints to the terminal.
@@ -594,9 +594,14 @@ def pending(study: Any, target: int) -> int:
 
 
 def is_duplicate(study: Any, number: int, slot: str) -> bool:
-    """Whether a lower-numbered trial already holds `slot`."""
+    """Whether another trial already holds `slot`: a lower-numbered one, or a higher-numbered one that passed
+    this check first (its `claimed`, written right after the check). Two machines can be handed the same grid
+    point at once (Optuna's GridSampler says so of concurrent workers), and the lower-numbered trial may write
+    its slot only after the higher one was checked: then the lower one yields."""
     return any(
-        t.number < number and t.user_attrs.get("slot") == slot and _counts(t) for t in study.get_trials(deepcopy=False)
+        t.number != number and t.user_attrs.get("slot") == slot and _counts(t)
+        and (t.number < number or bool(t.user_attrs.get("claimed")))
+        for t in study.get_trials(deepcopy=False)
     )
 
 
@@ -855,6 +860,7 @@ def _work(job: dict[str, Any], emit: Callable[[dict[str, Any]], None], stop: thr
             trial.set_user_attr("outcome", "duplicate")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             continue
+        trial.set_user_attr("claimed", True)  # a lower-numbered trial writing this slot from now on yields
         earlier = Path(ua["run_dir"]) if ua.get("run_dir") and ua.get("host") == host else None
         resume_from = earlier / "last.npz" if earlier is not None and (earlier / "last.npz").is_file() else None
         run_dir = earlier if resume_from is not None else sweep_dir / f"trial-{trial.number:04d}"
