@@ -13,7 +13,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from cnncli.layers import Layer  # noqa: E402  (importing the layers registers the built-in types)
+from cnncli import layers, residual  # noqa: E402, F401  (importing them registers the built-in types)
+from cnncli.layer import Layer  # noqa: E402
 from cnncli.options import LayerOptions, option  # noqa: E402
 
 _API = ("Classifier", "fit", "load")

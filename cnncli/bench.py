@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from cnncli import tune
+from cnncli.blas import blas_info
 from cnncli.config import Config
-from cnncli.engine import blas_info
 from cnncli.model import Sequential, build_model
 from cnncli.optim import make_optimizer
 from cnncli.tune import Tuning

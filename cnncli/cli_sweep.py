@@ -179,7 +179,7 @@ def sweep(
             err.print("[yellow]aborted[/yellow] before any trial started")
             raise typer.Exit(code=128 + signal.SIGINT) from None
         n_workers = min(workers, todo)
-        n_threads = threads or sw.default_threads(n_workers)
+        n_threads = threads or sw.threads_per_worker(n_workers)
         say.print(f"{n_workers} worker process(es), {n_threads} engine thread(s) each")
         outcome = sw.run_sweep(sweep_dir, spec, name, storage, folder, target, n_workers, n_threads, prune,
                                lambda ev: _render_event(ev, spec.metric, say))

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cnncli.engine import blas_threads
+from cnncli.blas import blas_threads
 from cnncli.layers import Layer, softmax_cross_entropy
 from cnncli.model import Sequential
 

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from cnncli import memory
-from cnncli.config import ModelConfig
+from cnncli.build import NestedLayerError, build_layers, param_budget
 from cnncli.engine import Engine
 from cnncli.errors import ConfigError
 from cnncli.layers import Layer, Shape, softmax_cross_entropy
-from cnncli.names import check_name
-from cnncli.options import LayerOptions
-from cnncli.registry import LAYER_TYPES
 
 
 @dataclass(frozen=True)
@@ -44,7 +41,7 @@ class Sequential:
         self.input_shape = tuple(input_shape)
         # loss_and_grads / predict through the fused `Engine` (True) or the per-layer reference path (False).
         self.fast = True
-        self.threads: int | None = None  # the engine's worker threads; None: `default_threads()`
+        self.threads: int | None = None  # the engine's worker threads; None: `worker_threads()`
         self._engine: Engine | None = None
 
     # ---- parameters -------------------------------------------------------------------------------
@@ -189,65 +186,9 @@ class Sequential:
         return shape
 
 
-class NestedLayerError(ConfigError):
-    """A layer that does not fit, raised by `build_layers` with its path (`model.layers[2].layers[0] (conv1): …`);
-    a block that builds layers of its own (`residual`) lets it pass, and its caller adds its own index."""
-
-
-def build_layers(
-    opts_list: tuple[LayerOptions, ...] | list[LayerOptions],
-    input_shape: Shape,
-    rng: np.random.Generator,
-    dtype: type,
-    path: str = "model.layers",
-) -> tuple[list[Layer], Shape]:
-    """Build a list of layer entries in order, each for the previous one's output shape -> (layers, output shape).
-
-    Layers with parameters or buffers are named `<prefix><k>` (conv1, conv2, fc1, …) unless the entry names
-    them; names are unique within one list (a residual block's layers are named within the block). Raises
-    `NestedLayerError` naming the entry (`<path>[i] (name)`) when a layer does not fit its input.
-    """
-    shape: Shape = tuple(input_shape)
-    layers: list[Layer] = []
-    counts: dict[str, int] = {}
-    names: set[str] = set()
-    for i, opts in enumerate(opts_list):
-        where = f"{path}[{i}]"
-        cls = LAYER_TYPES[opts.type]
-        prefix = cls.name_prefix or cls.type_name
-        counts[prefix] = counts.get(prefix, 0) + 1
-        default_name = f"{prefix}{counts[prefix]}"
-        label = f"{where} ({opts.name or (default_name if cls.name_prefix else opts.type)})"
-        budget = memory.current_budget()
-        try:
-            if opts.name is not None:
-                check_name(opts.name, f"{where}.name")
-            if budget is not None:  # before the layer allocates its parameters: an absurd size stops here
-                budget.reserve(opts, shape, label)
-        except NestedLayerError:
-            raise
-        except ConfigError as e:  # a block's caller adds its own index to the path
-            raise NestedLayerError(str(e)) from None
-        try:
-            layer = cls.from_options(opts, shape, rng, dtype)
-            out = layer.output_shape(shape)
-        except NestedLayerError as e:  # from the layers inside a block: prefix the block's own index
-            raise NestedLayerError(f"{where}.{e}") from None
-        except ValueError as e:
-            raise NestedLayerError(f"{label}: {e}") from None
-        layer.options = opts
-        if layer.params or layer.buffers or opts.name:
-            layer.name = opts.name or default_name
-            if layer.name in names:
-                raise NestedLayerError(f"{where}.name: {layer.name!r} is already used by an earlier layer")
-            names.add(layer.name)
-        shape = out
-        layers.append(layer)
-    return layers, shape
-
-
-def build_model(cfg: ModelConfig, seed: int = 0, dtype: type = np.float32) -> Sequential:
-    """Build the network of `cfg`, inferring each layer's input size; parameters initialised from `seed`.
+def build_model(cfg: Any, seed: int = 0, dtype: type = np.float32) -> Sequential:
+    """Build the network of `cfg` (a `ModelConfig`: its `layers` and `input_shape`), inferring each layer's
+    input size; parameters initialised from `seed`.
 
     Each entry's layer class comes from the registry (`cnncli/registry.py`) by its `type`. Layers with
     parameters or buffers are named `<prefix><k>` (conv1, conv2, fc1, …) unless the config names them.
@@ -255,7 +196,7 @@ def build_model(cfg: ModelConfig, seed: int = 0, dtype: type = np.float32) -> Se
     """
     rng = np.random.default_rng(seed)
     try:
-        with memory.param_budget(np.dtype(dtype).itemsize):
+        with param_budget(np.dtype(dtype).itemsize):
             layers, shape = build_layers(cfg.layers, tuple(cfg.input_shape), rng, dtype)
     except NestedLayerError as e:
         raise ConfigError(str(e)) from None

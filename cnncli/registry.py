@@ -13,13 +13,11 @@ import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from cnncli.errors import ConfigError
+from cnncli.layer import Layer
 from cnncli.options import LayerOptions
-
-if TYPE_CHECKING:
-    from cnncli.layers import Layer
 
 L = TypeVar("L", bound="type[Layer]")
 
@@ -29,8 +27,6 @@ _LOADED: dict[Path, list[str]] = {}
 
 
 def _check_declaration(cls: type[Layer], source: str) -> None:
-    from cnncli.layers import Layer
-
     if not (isinstance(cls, type) and issubclass(cls, Layer)):
         raise ConfigError(f"{source}: {cls!r} is not a subclass of cnncli.Layer")
     name = cls.type_name
@@ -68,8 +64,6 @@ def load_layer_file(path: Path | str) -> list[str]:
     One-line ConfigError for a file that is missing, is not Python or defines no layer, and for a type name
     that clashes; an exception raised by the file's own code while importing keeps its traceback.
     """
-    from cnncli.layers import Layer
-
     path = Path(path)
     key = path.resolve()
     if key in _LOADED:

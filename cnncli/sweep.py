@@ -949,7 +949,7 @@ class SweepOutcome:
     errors: list[str]
 
 
-def default_threads(workers: int) -> int:
+def threads_per_worker(workers: int) -> int:
     """Engine threads per worker: the usable CPUs shared out, at least one."""
     try:
         cpus = len(os.sched_getaffinity(0))

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from cnncli.bench import BenchCase, eval_calls, prepare_case
+from cnncli.blas import blas_info
 from cnncli.config import AdamConfig, Config, OptimizerConfig, SGDConfig
-from cnncli.engine import blas_info
 from cnncli.errors import CnnError, ConfigError, TrainingDiverged
 from cnncli.model import Sequential, build_model
 from cnncli.optim import learning_rate

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from cnncli.engine import blas_threads
+from cnncli.blas import blas_threads
 from cnncli.errors import ConfigError
 from cnncli.gradcheck import DEFAULT_EPS, DEFAULT_TOL, five_point, forward_on_pieces, pieces, rel_error
 from cnncli.layers import Layer, softmax_cross_entropy

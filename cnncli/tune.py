@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from cnncli.engine import EVAL_MICRO_BATCH, TRAIN_MICRO_BATCH, blas_info, default_threads
+from cnncli.blas import blas_info, worker_threads
+from cnncli.engine import EVAL_MICRO_BATCH, TRAIN_MICRO_BATCH
 from cnncli.model import Sequential
 
 CACHE_FILE = "tune.json"
@@ -92,7 +93,7 @@ def machine_key() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     blas = blas_info()
-    parts = [model, str(default_threads()), str(blas.get("internal_api")), str(blas.get("version")),
+    parts = [model, str(worker_threads()), str(blas.get("internal_api")), str(blas.get("version")),
              str(blas.get("architecture")), np.__version__]
     return " | ".join(parts)
 
@@ -105,7 +106,7 @@ def shape_key(model: Sequential, batch: int, eval_batch: int) -> str:
         "input": list(model.input_shape),
         "stages": [[s.label, list(s.in_shape), list(s.out_shape)] for s in engine.stages],
         "params": {k: list(v.shape) for k, v in model.named_params().items()},
-        "dtype": str(dtype), "batch": batch, "eval_batch": eval_batch, "threads": model.threads or default_threads(),
+        "dtype": str(dtype), "batch": batch, "eval_batch": eval_batch, "threads": model.threads or worker_threads(),
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -195,7 +196,7 @@ def measure(model: Sequential, batch: int, eval_batch: int, rounds: int = 5, sec
     statistics) and mode are left as they were; its gradients are overwritten."""
     engine = model.engine()
     rng = np.random.default_rng(seed)
-    threads = model.threads or default_threads()
+    threads = model.threads or worker_threads()
     x = rng.standard_normal((batch, *model.input_shape)).astype(np.float32)
     y = rng.integers(0, model.output_shape[0], size=batch)
     saved = {k: v.copy() for k, v in model.named_buffers().items()}

@@ -15,9 +15,9 @@ from clihelp import stdout_of as _stdout
 from typer.testing import CliRunner
 
 from cnncli.bench import run_bench
+from cnncli.blas import blas_info, blas_threads
 from cnncli.cli import app
 from cnncli.config import load_config
-from cnncli.engine import blas_info, blas_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"

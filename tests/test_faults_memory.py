@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from cnncli.checkpoint import save_checkpoint
 from cnncli.cli import app
 from cnncli.config import build_config, load_config
-from cnncli.memory import LIMIT_ENV, estimate_step, memory_limit, parse_size
+from cnncli.limits import LIMIT_ENV, memory_limit, parse_size
+from cnncli.memory import estimate_step
 from cnncli.model import build_model
 from cnncli.optim import make_optimizer
 

@@ -18,9 +18,10 @@ from cnncli.checkpoint import apply_params, load_checkpoint, save_checkpoint
 from cnncli.config import apply_overrides, build_config
 from cnncli.errors import ConfigError
 from cnncli.gradcheck import gradcheck
-from cnncli.layers import Dropout, GlobalAvgPool2D, LeakyReLU, Residual, Sigmoid, Tanh
+from cnncli.layers import Dropout, GlobalAvgPool2D, LeakyReLU, Sigmoid, Tanh
 from cnncli.model import build_model
 from cnncli.optim import make_optimizer
+from cnncli.residual import Residual
 
 
 def _cfg(input_shape, layers, seed=0):

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from cnncli import engine
+from cnncli.blas import blas_info
 from cnncli.config import build_config, load_config
-from cnncli.engine import blas_info
 from cnncli.layers import softmax_cross_entropy
 from cnncli.model import Sequential, build_model
 
