@@ -1,8 +1,8 @@
 """cnncli: train convolutional networks on CIFAR-10 in pure NumPy, every pass written by hand.
 
-The Python API (docs/python-api.md, `cnncli/api.py`): `fit(config, out=…, **overrides)` trains as `cnn train`
+The Python API (docs/python-api.md, `cnncli/run/api.py`): `fit(config, out=…, **overrides)` trains as `cnn train`
 does and returns the run's result; `load(checkpoint)` gives a `Classifier` (`predict_proba`, `predict`,
-`classes`). They are imported on first use, so `import cnncli` stays light. (`fit`, not `train`: `cnncli.train`
+`classes`). They are imported on first use, so `import cnncli` stays light. (`fit`, not `train`: `cnncli.run.train`
 is the training module.)
 
 The public layer API, for layers of your own (`cnn … --layers my_layers.py`, see docs/layers-api.md):
@@ -11,20 +11,18 @@ The public layer API, for layers of your own (`cnn … --layers my_layers.py`, s
 
 from typing import Any
 
-__version__ = "0.1.0"
-
-from cnncli import layers, residual  # noqa: E402, F401  (importing them registers the built-in types)
-from cnncli.layer import Layer  # noqa: E402
-from cnncli.options import LayerOptions, option  # noqa: E402
+from cnncli.host.version import __version__  # noqa: E402
+from cnncli.nn import Layer  # noqa: E402  (importing cnncli.nn registers the built-in layer types)
+from cnncli.nn.options import LayerOptions, option  # noqa: E402
 
 _API = ("Classifier", "fit", "load")
 __all__ = ["Classifier", "Layer", "LayerOptions", "fit", "load", "option", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    """`cnncli.fit`, `cnncli.load`, `cnncli.Classifier`: imported from `cnncli.api` when first asked for."""
+    """`cnncli.fit`, `cnncli.load`, `cnncli.Classifier`: imported from `cnncli.run.api` when first asked for."""
     if name in _API:
-        from cnncli import api
+        from cnncli.run import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'cnncli' has no attribute {name!r}")

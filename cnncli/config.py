@@ -20,23 +20,24 @@ from typing import Any, Union
 
 import yaml
 
-from cnncli.errors import ConfigError
-from cnncli.options import LayerOptions
-from cnncli.registry import LAYER_TYPES
-from cnncli.safeload import MAX_INT, MAX_SHOWN, describe, load_json, load_yaml, show
+from cnncli.catalogue import DATASET_NAMES, image_shape
+from cnncli.host.errors import ConfigError
+from cnncli.host.safeload import MAX_INT, MAX_SHOWN, describe, load_json, load_yaml, show
+from cnncli.nn.options import LayerOptions
+from cnncli.nn.registry import LAYER_TYPES
 
 # ---------------------------------------------------------------------------------------------- schema
 # `metadata={"min": x}` bounds a number from below (inclusive); "gt" bounds it strictly;
 # "max"/"lt" from above; "choices" lists allowed strings; "len" fixes a list's length. Layer types declare
-# their keys the same way, in their own `Options` dataclass (`cnncli/options.py`, `cnncli/layers.py`).
+# their keys the same way, in their own `Options` dataclass (`cnncli/nn/options.py`, `cnncli/nn/layers.py`).
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     # One image's (C, H, W). Left out (None), `build_config` takes it from the data set `data` names
-    # (`cnncli.data.image_shape`), so every built config, and so every run's config.yaml and checkpoint, has it.
+    # (`cnncli.catalogue.image_shape`), so every built config, and so every run's config.yaml and checkpoint, has it.
     input_shape: tuple[int, ...] | None = field(default=None, metadata={"min": 1, "len": 3})
-    layers: tuple[LayerOptions, ...] = ()  # each entry is its layer type's Options (cnncli/registry.py)
+    layers: tuple[LayerOptions, ...] = ()  # each entry is its layer type's Options (cnncli/nn/registry.py)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,6 @@ class AugmentConfig:
     crop_padding: int = field(default=4, metadata={"min": 0})  # random crop after zero padding; 0 = off
 
 
-DATASET_NAMES = ("cifar10", "cifar100", "mnist", "fashion-mnist", "folder")
 
 
 @dataclass(frozen=True)
@@ -311,9 +311,7 @@ def resolve_input_shape(cfg: Config) -> Config:
     MNISTs, ``data.image_size`` for a folder. A stated shape is kept; training checks it against the data."""
     if cfg.model.input_shape is not None:
         return cfg
-    from cnncli.data import image_shape  # data.py imports this module
-
-    model = dataclasses.replace(cfg.model, input_shape=tuple(image_shape(cfg.data)))
+    model = dataclasses.replace(cfg.model, input_shape=tuple(image_shape(cfg.data.dataset, cfg.data.image_size)))
     return dataclasses.replace(cfg, model=model)
 
 
@@ -323,7 +321,7 @@ MAX_CONFIG_BYTES = 4 * 1024**2  # a config file is a few kilobytes; anything thi
 
 
 def parse_yaml(text: str) -> Any:
-    """YAML text -> plain data, bounded (cnncli/safeload.py: no aliases, no deep nesting, no huge integers);
+    """YAML text -> plain data, bounded (cnncli/host/safeload.py: no aliases, no deep nesting, no huge integers);
     also reads exponent floats such as 1e6. Raises yaml.YAMLError."""
     return load_yaml(text)
 
@@ -562,7 +560,7 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def config_from_json(text: str, source: str) -> Config:
-    """Rebuild a config stored as JSON (in a checkpoint; bounded as cnncli/safeload.py says); errors name
+    """Rebuild a config stored as JSON (in a checkpoint; bounded as cnncli/host/safeload.py says); errors name
     `source`."""
     try:
         raw = load_json(text)

@@ -1,6 +1,6 @@
 """Shared fixtures. Tests that need the real CIFAR-10 find it through CNNCLI_DATA or ../shared/data.
 
-The engine's automatic micro-batch calibration (cnncli/tune.py) is off for the suite (and the processes it
+The engine's automatic micro-batch calibration (cnncli/engine/calibrate.py) is off for the suite (and the processes it
 starts): it would add a measurement to every training test and write a cache into the home folder.
 tests/test_tune.py turns it on with a cache in a temporary folder.
 """

@@ -14,7 +14,7 @@ import pytest
 from clihelp import ok
 from typer.testing import CliRunner
 
-from cnncli.cli import app
+from cnncli.cli.app import app
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"

@@ -14,7 +14,7 @@ import yaml
 from conftest import ROOT
 
 import cnncli
-from cnncli.errors import ConfigError
+from cnncli.host.errors import ConfigError
 
 DOC = ROOT / "docs" / "python-api.md"
 
@@ -59,8 +59,10 @@ def test_fit_refuses_an_earlier_run_and_bad_keys_before_any_work(tmp_path: Path)
 
 
 def test_import_cnncli_stays_light_and_train_stays_the_module() -> None:
-    code = ("import sys, cnncli; light = 'cnncli.train' not in sys.modules; "
-            "import cnncli.train as t; from cnncli import fit, load, Classifier; "
+    code = ("import sys, cnncli; light = 'cnncli.run.train' not in sys.modules; "
+            "import cnncli.run.train as t; from cnncli import fit, load, Classifier; "
             "print(light, t.__name__, fit.__module__, load.__module__, Classifier.__module__, 'fit' in dir(cnncli))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.stdout.split() == ["True", "cnncli.train", "cnncli.api", "cnncli.api", "cnncli.predict", "True"]
+    assert proc.stdout.split() == [
+        "True", "cnncli.run.train", "cnncli.run.api", "cnncli.run.api", "cnncli.run.predict", "True"
+    ]

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnncli.checkpoint import apply_params, load_checkpoint, save_checkpoint
 from cnncli.config import build_config, load_config
-from cnncli.errors import ConfigError
-from cnncli.gradcheck import gradcheck
-from cnncli.layers import BatchNorm
-from cnncli.model import build_model
+from cnncli.host.errors import ConfigError
+from cnncli.nn.gradcheck import gradcheck
+from cnncli.nn.layers import BatchNorm
+from cnncli.nn.model import build_model
+from cnncli.run.checkpoint import apply_params, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 EPS = 1e-5
@@ -233,7 +233,7 @@ def test_the_deep_config_resumed_mid_epoch_is_bit_identical(real_cifar_dir: Path
     from helpers import assert_same_training_state
     from test_layers_new_run import _StopAt
 
-    from cnncli.train import TrainingInterrupted, train
+    from cnncli.run.train import TrainingInterrupted, train
 
     monkeypatch.setenv("CNNCLI_THREADS", "2")
 

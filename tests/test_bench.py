@@ -1,4 +1,4 @@
-"""`cnn bench` and `cnncli.bench`: it runs, reports every figure, and the profile adds up. Never timings."""
+"""`cnn bench` and `cnncli.bench.timing`: it runs, reports every figure, and the profile adds up. Never timings."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from clihelp import one_line_error
 from clihelp import stdout_of as _stdout
 from typer.testing import CliRunner
 
-from cnncli.bench import run_bench
-from cnncli.blas import blas_info, blas_threads
-from cnncli.cli import app
+from cnncli.bench.timing import run_bench
+from cnncli.cli.app import app
 from cnncli.config import load_config
+from cnncli.host.blas import blas_info, blas_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"
@@ -98,7 +98,7 @@ def test_blas_thread_limit_is_restored() -> None:
     assert blas_info()["threads"] == before
 
 
-# ---------------------------------------------------------------- side by side with PyTorch (cnncli.torchbench)
+# ---------------------------------------------------------------- side by side with PyTorch (cnncli.bench.torchbench)
 # torch is never a dependency: these skip only where it is not importable (`make bench-torch` installs it).
 
 
@@ -110,8 +110,8 @@ def _torch() -> Any:
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 def test_torch_network_computes_cnncli_logits(config: Path, memory_format: str) -> None:
     _torch()
-    from cnncli.model import build_model
-    from cnncli.torchbench import build_torch_net, set_format, torch_logits
+    from cnncli.bench.torchbench import build_torch_net, set_format, torch_logits
+    from cnncli.nn.model import build_model
 
     cfg = load_config(config)
     model = build_model(cfg.model, seed=3)
@@ -129,9 +129,9 @@ def test_torch_sgd_step_moves_the_weights_as_cnncli_does() -> None:
     """Three steps of forward, mean cross-entropy, backward and Nesterov SGD with weight decay on weights only:
     with a large decay, decaying the biases too (or a different momentum rule) would move them visibly apart."""
     torch = _torch()
-    from cnncli.model import build_model
-    from cnncli.optim import make_optimizer
-    from cnncli.torchbench import build_torch_net, make_torch_optimizer
+    from cnncli.bench.torchbench import build_torch_net, make_torch_optimizer
+    from cnncli.nn.model import build_model
+    from cnncli.run.optim import make_optimizer
 
     cfg = load_config(DIAGRAM, ["train.optimizer.lr=0.05", "train.optimizer.weight_decay=0.5"])
     model = build_model(cfg.model, seed=0)
@@ -227,7 +227,7 @@ def test_against_torch_tunes_when_asked_and_says_which_micro_batches(tmp_path: P
 def test_without_torch_the_command_prints_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from clihelp import one_line_error
 
-    from cnncli.cli_bench import torch_script
+    from cnncli.cli.bench import torch_script
 
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     result = runner.invoke(app, ["bench", "--config", str(SEED), "--against", "torch"])
@@ -241,7 +241,7 @@ def test_a_layer_type_without_a_torch_builder_is_named(monkeypatch: pytest.Monke
     _torch()
     from clihelp import one_line_error
 
-    from cnncli import torchbench
+    from cnncli.bench import torchbench
 
     monkeypatch.delitem(torchbench.TORCH_LAYERS, "maxpool")
     result = runner.invoke(app, ["bench", "--config", str(SEED), "--against", "torch", *SMALL])
@@ -255,8 +255,8 @@ def test_torch_script_follows_cnn_train_recipe(tmp_path: Path, real_cifar_dir: P
     _torch()
     import yaml
 
-    from cnncli.cli_bench import torch_script
-    from cnncli.train import train
+    from cnncli.cli.bench import torch_script
+    from cnncli.run.train import train
 
     raw = yaml.safe_load(SEED.read_text())
     raw["data"].update(limit=768, val_size=256)
@@ -280,7 +280,7 @@ def test_torch_script_follows_cnn_train_recipe(tmp_path: Path, real_cifar_dir: P
 
 def test_the_profile_says_how_much_of_each_stage_is_inside_matrix_products() -> None:
     from cnncli.config import build_config
-    from cnncli.model import build_model
+    from cnncli.nn.model import build_model
 
     layers = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1}, {"type": "relu"},
               {"type": "maxpool", "kernel_size": 2}, {"type": "maxpool", "kernel_size": 2}, {"type": "flatten"},
@@ -302,9 +302,9 @@ def test_the_profile_counts_the_floating_point_work_of_every_product() -> None:
     """2·m·k·n per product, against a count by hand from the layer shapes: conv1 8→4 (3×3, pad 1) on 8×8 with
     a 2×2 pool after it (columns: all 64 pixels, window offset first), conv2 4→6 on 4×4 with its bias as one
     more column row (4·9 + 1), its δX a correlation (4 × 6·9 per pixel), the linear 96 → 3."""
-    from cnncli.bench import _profile, product_floor
+    from cnncli.bench.timing import _profile, product_floor
     from cnncli.config import build_config
-    from cnncli.model import build_model
+    from cnncli.nn.model import build_model
 
     layers = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1}, {"type": "relu"},
               {"type": "maxpool", "kernel_size": 2},
@@ -331,7 +331,7 @@ def test_the_profile_counts_the_floating_point_work_of_every_product() -> None:
 
 
 def test_kernel_candidates_follow_the_cpu_flags(tmp_path: Path) -> None:
-    from cnncli.bench import cpu_flags, kernel_candidates
+    from cnncli.bench.timing import cpu_flags, kernel_candidates
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu\n")
@@ -347,7 +347,7 @@ def test_kernel_candidates_follow_the_cpu_flags(tmp_path: Path) -> None:
 def test_blas_kernels_runs_each_candidate_in_a_process_with_those_kernels() -> None:
     """Each row's process must report the kernels it was asked for (the variable reached OpenBLAS before it
     loaded), the unset row what this process runs."""
-    from cnncli.bench import kernel_candidates
+    from cnncli.bench.timing import kernel_candidates
 
     info = blas_info()
     if not (info["config"] or "").lower().startswith("openblas"):
@@ -366,8 +366,8 @@ def test_blas_kernels_runs_each_candidate_in_a_process_with_those_kernels() -> N
 
 
 def test_blas_kernels_errors_are_one_line() -> None:
-    from cnncli.bench import compare_blas_kernels
-    from cnncli.errors import CnnError
+    from cnncli.bench.timing import compare_blas_kernels
+    from cnncli.host.errors import CnnError
 
     err = one_line_error(runner.invoke(app, ["bench", "--blas-kernels", "--against", "torch"]))
     assert "--blas-kernels" in err and "--against" in err

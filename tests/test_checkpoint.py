@@ -17,12 +17,12 @@ from clihelp import one_line_error as _one_line_error
 from clihelp import stdout_of as _stdout
 from typer.testing import CliRunner
 
-from cnncli.checkpoint import apply_optim, apply_params, load_checkpoint, save_checkpoint
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import config_to_dict, load_config
-from cnncli.errors import CheckpointError
-from cnncli.model import build_model
-from cnncli.train import train
+from cnncli.host.errors import CheckpointError
+from cnncli.nn.model import build_model
+from cnncli.run.checkpoint import apply_optim, apply_params, load_checkpoint, save_checkpoint
+from cnncli.run.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"

@@ -16,7 +16,7 @@ from clihelp import stderr_of as _stderr
 from clihelp import stdout_of as _stdout
 from typer.testing import CliRunner
 
-from cnncli.cli import app
+from cnncli.cli.app import app
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"

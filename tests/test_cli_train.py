@@ -26,10 +26,10 @@ from helpers import arrays as _arrays
 from helpers import assert_same_training_state as _assert_same_training_state
 from typer.testing import CliRunner
 
-from cnncli.checkpoint import load_checkpoint
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import load_config
 from cnncli.data import load_cifar10
+from cnncli.run.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"

@@ -1,6 +1,6 @@
 """The `cnn` console script's own usage errors are one line too (exit 2), and it has -h and --version.
 
-Through the real console script in a subprocess: CliRunner bypasses `cnncli.cli.main`, where this lives.
+Through the real console script in a subprocess: CliRunner bypasses `cnncli.cli.app.main`, where this lives.
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ from cnncli.config import (
     config_to_yaml,
     load_config,
 )
-from cnncli.errors import CnnError, ConfigError
-from cnncli.layers import Conv2D, Flatten, Linear, MaxPool2D, ReLU
-from cnncli.model import build_model
+from cnncli.host.errors import CnnError, ConfigError
+from cnncli.nn.layers import Conv2D, Flatten, Linear, MaxPool2D, ReLU
+from cnncli.nn.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"

@@ -14,7 +14,7 @@ import pytest
 from helpers import closed_port_url
 
 from cnncli import data
-from cnncli.errors import DataError
+from cnncli.host.errors import DataError
 
 # The official class order (from the CIFAR-10 web page), not taken from the code under test.
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -25,10 +25,11 @@ from fileserver import FileServer
 from helpers import closed_port_url
 from typer.testing import CliRunner
 
-from cnncli import data, datasets, images
-from cnncli.cli import app
+from cnncli import data
+from cnncli.cli.app import app
 from cnncli.config import DataConfig, NormalizeConfig, build_config, config_to_dict, load_config
-from cnncli.errors import ConfigError, DataError
+from cnncli.data import images, mnist
+from cnncli.host.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 IDX = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
@@ -364,10 +365,10 @@ def test_mnist_download_tries_mirrors_in_order(server: FileServer, tmp_path: Pat
     files = mnist_files(arrays)
     live = serve_mnist(server, files)
     dead = closed_port_url().rsplit("/", 1)[0] + "/mnist/"
-    source = dataclasses.replace(datasets.MNIST, mirrors=(dead, live))
+    source = dataclasses.replace(mnist.MNIST, mirrors=(dead, live))
     half = len(files[IDX[2]]) // 2
     write_files(tmp_path / "mnist", {IDX[2] + ".part": files[IDX[2]][:half]})  # from an interrupted run
-    folder = datasets.ensure_idx_set(source, tmp_path, md5s=md5s(files), **FAST)
+    folder = mnist.ensure_idx_set(source, tmp_path, md5s=md5s(files), **FAST)
     assert folder == tmp_path / "mnist"
     assert sorted(p.name for p in folder.iterdir()) == sorted(IDX)  # no .part left
     gets = server.gets()
@@ -375,7 +376,7 @@ def test_mnist_download_tries_mirrors_in_order(server: FileServer, tmp_path: Pat
     assert [g["range"] for g in gets if g["path"].endswith(IDX[2])] == [f"bytes={half}-"]
     ds = data.load_dataset(DataConfig(dataset="mnist"), folder)
     assert np.array_equal(ds.test_x[:, 0], arrays["test_x"]) and ds.train_y.tolist() == arrays["train_y"].tolist()
-    assert datasets.ensure_idx_set(source, tmp_path) == folder and len(server.gets()) == len(gets)
+    assert mnist.ensure_idx_set(source, tmp_path) == folder and len(server.gets()) == len(gets)
 
 
 @pytest.mark.parametrize(("dataset", "env", "md5"), [
@@ -394,9 +395,9 @@ def test_idx_download_checks_the_official_md5(
 
 def test_idx_download_all_mirrors_fail(tmp_path: Path) -> None:
     a, b = closed_port_url(), closed_port_url()
-    source = dataclasses.replace(datasets.FASHION_MNIST, mirrors=(a, b))
+    source = dataclasses.replace(mnist.FASHION_MNIST, mirrors=(a, b))
     with pytest.raises(DataError) as e:
-        datasets.ensure_idx_set(source, tmp_path, **FAST)
+        mnist.ensure_idx_set(source, tmp_path, **FAST)
     _one_line(e, f"{a}/{IDX[0]}: connection refused", f"{b}/{IDX[0]}", "CNNCLI_FASHION_MNIST_URL")
 
 

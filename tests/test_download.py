@@ -21,9 +21,9 @@ from helpers import closed_port_url
 from typer.testing import CliRunner
 
 from cnncli import data
-from cnncli.cli import app
-from cnncli.download import DownloadLimitError, Limits, limits_from_env
-from cnncli.errors import ConfigError, DataError
+from cnncli.cli.app import app
+from cnncli.data.download import DownloadLimitError, Limits, limits_from_env
+from cnncli.host.errors import ConfigError, DataError
 
 FOLDER = "cifar-10-batches-py"
 FILES = ("batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from helpers import assert_same_training_state
 
-from cnncli.checkpoint import load_checkpoint
 from cnncli.config import EarlyStoppingConfig, ScheduleConfig, load_config
-from cnncli.errors import ConfigError
-from cnncli.optim import learning_rate, plateau_lr
-from cnncli.runs import read_history
-from cnncli.train import Callbacks, TrainingInterrupted, stops_early, train
+from cnncli.host.errors import ConfigError
+from cnncli.run.checkpoint import load_checkpoint
+from cnncli.run.optim import learning_rate, plateau_lr
+from cnncli.run.runs import read_history
+from cnncli.run.train import Callbacks, TrainingInterrupted, stops_early, train
 
 SEED = Path(__file__).resolve().parent.parent / "configs" / "seed.yaml"
 SMALL = ["data.limit=512", "data.val_size=128", "train.batch_size=64"]  # 384 training images: 6 steps per epoch

@@ -21,11 +21,11 @@ from faultkit import cnn, copy_of_run, train
 from helpers import closed_port_url
 from typer.testing import CliRunner
 
-from cnncli.checkpoint import apply_optim, apply_params, load_checkpoint, save_checkpoint
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import load_config
-from cnncli.errors import CheckpointError
-from cnncli.model import build_model
+from cnncli.host.errors import CheckpointError
+from cnncli.nn.model import build_model
+from cnncli.run.checkpoint import apply_optim, apply_params, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"
@@ -298,7 +298,7 @@ def test_a_state_beyond_this_runs_epoch_and_an_adam_step_count_that_disagrees(
 
 
 def test_a_state_written_before_states_had_a_format_number_still_resumes() -> None:
-    from cnncli.train import _State
+    from cnncli.run.train import _State
 
     legacy = {"epoch": 0, "batch": 0, "step": 0, "best_val_acc": None, "best_epoch": 0, "history": [], "partial": {}}
     assert _State.from_json(legacy, Path("old.npz")).epoch == 0

@@ -23,7 +23,7 @@ from clihelp import ok, one_line_error
 from faultkit import SEED, SETS, cnn, copy_of_run, reference_run, temp_files, train
 from helpers import assert_same_training_state
 
-from cnncli.checkpoint import load_checkpoint
+from cnncli.run.checkpoint import load_checkpoint
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -88,7 +88,7 @@ def fsync(fd):
         os.kill(os.getpid(), signal.SIGKILL)  # the new checkpoint is written but not yet renamed
     real(fd)
 os.fsync = fsync
-from cnncli.cli import main
+from cnncli.cli.app import main
 sys.argv = ["cnn", *sys.argv[1:]]
 main()
 """
@@ -175,8 +175,8 @@ def test_out_that_cannot_be_a_folder_is_one_line(real_cifar_dir: Path, tmp_path:
 
 
 def test_atomic_write_names_the_path_and_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cnncli.atomic import atomic_write
-    from cnncli.errors import StorageError
+    from cnncli.host.atomic import atomic_write
+    from cnncli.host.errors import StorageError
 
     target = tmp_path / "x.bin"
     target.write_bytes(b"old")

@@ -15,13 +15,13 @@ import yaml
 from clihelp import ok, one_line_error
 from typer.testing import CliRunner
 
-from cnncli.checkpoint import save_checkpoint
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import build_config, load_config
-from cnncli.limits import LIMIT_ENV, memory_limit, parse_size
-from cnncli.memory import estimate_step
-from cnncli.model import build_model
-from cnncli.optim import make_optimizer
+from cnncli.host.limits import LIMIT_ENV, memory_limit, parse_size
+from cnncli.nn.model import build_model
+from cnncli.run.checkpoint import save_checkpoint
+from cnncli.run.memory import estimate_step
+from cnncli.run.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"

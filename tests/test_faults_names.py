@@ -12,11 +12,11 @@ from clihelp import one_line_error
 from helpers import closed_port_url
 from typer.testing import CliRunner
 
-from cnncli.checkpoint import apply_params, load_checkpoint, save_checkpoint
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import build_config, load_config
-from cnncli.model import build_model
-from cnncli.names import RUN_NAME, check_name
+from cnncli.host.names import RUN_NAME, check_name
+from cnncli.nn.model import build_model
+from cnncli.run.checkpoint import apply_params, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"

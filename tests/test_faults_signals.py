@@ -1,7 +1,7 @@
 """Signals during `cnn train`: SIGTERM is handled like Ctrl-C (finish the step, save a resumable checkpoint, say how
 to resume, exit 143), repeated signals still end cleanly (no traceback, no "Exception ignored", the checkpoint
 loads), and a SIGTERM while the data loads ends with one line. The real `cnn` in a subprocess, tiny data slices;
-the state machine of cnncli/signals.py is also checked in process with real signals.
+the state machine of cnncli/host/signals.py is also checked in process with real signals.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from clihelp import ok
 from faultkit import SEED, SETS, STEPS, copy_of_run, reference_run, runner, signalled, temp_files
 from helpers import assert_same_training_state
 
-from cnncli.checkpoint import load_checkpoint
-from cnncli.cli import app
-from cnncli.signals import stop_signals
+from cnncli.cli.app import app
+from cnncli.host.signals import stop_signals
+from cnncli.run.checkpoint import load_checkpoint
 
 
 def _clean_exit(proc: subprocess.CompletedProcess, code: int) -> list[str]:

@@ -29,11 +29,11 @@ from clihelp import one_line_error as _one_line_error
 from helpers import arrays
 from typer.testing import CliRunner
 
-from cnncli.checkpoint import save_checkpoint
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import load_config
 from cnncli.data import load_cifar10, make_splits
-from cnncli.model import build_model
+from cnncli.nn.model import build_model
+from cnncli.run.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -255,7 +255,7 @@ def test_eval_split_headings_and_old_batch_spelling(home: Path, real_cifar_dir: 
 def test_confusion_matrix_too_wide_for_the_terminal_numbers_its_columns() -> None:
     from rich.console import Console
 
-    from cnncli.cli_train import confusion_table
+    from cnncli.cli.train import confusion_table
 
     console = Console(width=80, file=open(os.devnull, "w"), record=True)  # noqa: SIM115
     console.print(confusion_table(np.arange(100).reshape(10, 10), CLASSES, width=80))
@@ -295,7 +295,7 @@ def test_train_json_is_one_object_on_stdout(home: Path, digits: Path) -> None:
 def test_help_has_no_type_labels_and_one_spelling() -> None:
     import typer
 
-    from cnncli.cli import app
+    from cnncli.cli.app import app
 
     root = typer.main.get_command(app)
 
@@ -376,7 +376,7 @@ def _drain(fd: int) -> str:
 
 
 def test_training_bar_keeps_its_width_when_the_numbers_appear() -> None:
-    from cnncli.progress import TrainProgress
+    from cnncli.cli.progress import TrainProgress
 
     master, slave = _pty(100)
     with open(slave, "w", buffering=1) as stream:
@@ -424,7 +424,7 @@ def test_gradcheck_shows_progress_and_ctrl_c_leaves_no_half_drawn_bar(home: Path
 
 
 def test_download_bar_speaks_binary_units_and_ctrl_c_erases_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cnncli import progress
+    from cnncli.cli import progress
 
     assert progress._human_bytes(170_498_071) == "162.6 MiB"  # CIFAR-10's archive: 170,498,071 / 1024²
     master, slave = _pty(100)

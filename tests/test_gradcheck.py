@@ -1,4 +1,4 @@
-"""The finite-difference gradient checker (`cnncli/gradcheck.py`) and `cnn gradcheck`.
+"""The finite-difference gradient checker (`cnncli/nn/gradcheck.py`) and `cnn gradcheck`.
 
 The shipped configs must pass everywhere; deliberately broken backward passes (monkeypatched) must be
 reported as failures of exactly the affected tensors, with the relative error one can derive by hand:
@@ -16,11 +16,11 @@ import pytest
 from clihelp import stdout_of as _stdout
 from typer.testing import CliRunner
 
-from cnncli import layers
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import build_config, load_config
-from cnncli.gradcheck import TensorCheck, gradcheck, rel_error
-from cnncli.model import Sequential, build_model
+from cnncli.nn import layers
+from cnncli.nn.gradcheck import TensorCheck, gradcheck, rel_error
+from cnncli.nn.model import Sequential, build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"

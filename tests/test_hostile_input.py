@@ -17,12 +17,12 @@ import yaml
 from clihelp import ok, one_line_error
 from typer.testing import CliRunner
 
-from cnncli.checkpoint import load_checkpoint, save_checkpoint
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import config_from_json, config_to_dict, load_config
-from cnncli.errors import CheckpointError, ConfigError
-from cnncli.model import build_model
-from cnncli.safeload import MAX_DEPTH, describe, load_json, load_yaml, show
+from cnncli.host.errors import CheckpointError, ConfigError
+from cnncli.host.safeload import MAX_DEPTH, describe, load_json, load_yaml, show
+from cnncli.nn.model import build_model
+from cnncli.run.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"

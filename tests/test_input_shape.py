@@ -14,10 +14,10 @@ from conftest import CONFIGS
 from typer.testing import CliRunner
 
 from cnncli import data
-from cnncli.checkpoint import load_checkpoint
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import build_config, config_to_dict, load_config
-from cnncli.errors import CheckpointError
+from cnncli.host.errors import CheckpointError
+from cnncli.run.checkpoint import load_checkpoint
 
 runner = CliRunner()
 SEED_LAYERS = yaml.safe_load((CONFIGS / "seed.yaml").read_text(encoding="utf-8"))["model"]["layers"]
@@ -97,8 +97,8 @@ def test_output_count_that_disagrees_names_the_layer(real_cifar_dir: Path, tmp_p
 
 
 def test_class_names_entry_is_optional_and_checked(tmp_path: Path) -> None:
-    from cnncli.checkpoint import save_checkpoint
-    from cnncli.model import build_model
+    from cnncli.nn.model import build_model
+    from cnncli.run.checkpoint import save_checkpoint
 
     cfg = build_config({"model": {"layers": SEED_LAYERS}})
     model = build_model(cfg.model)

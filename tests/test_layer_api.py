@@ -19,15 +19,16 @@ import pytest
 from clihelp import ok, one_line_error, stdout_of
 from typer.testing import CliRunner
 
-from cnncli import Layer, LayerOptions, option, registry
-from cnncli.checkpoint import load_checkpoint, save_checkpoint
-from cnncli.cli import app
+from cnncli import Layer, LayerOptions, option
+from cnncli.cli.app import app
 from cnncli.config import build_config
-from cnncli.errors import ConfigError
-from cnncli.gradcheck import gradcheck
-from cnncli.layers import AvgPool2D, ReLU
-from cnncli.model import build_model
-from cnncli.optim import make_optimizer
+from cnncli.host.errors import ConfigError
+from cnncli.nn import registry
+from cnncli.nn.gradcheck import gradcheck
+from cnncli.nn.layers import AvgPool2D, ReLU
+from cnncli.nn.model import build_model
+from cnncli.run.checkpoint import load_checkpoint, save_checkpoint
+from cnncli.run.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "docs" / "examples"
@@ -296,7 +297,7 @@ def test_buffers_are_saved_loaded_not_optimized_and_not_decayed(tmp_path: Path) 
     with np.load(path, allow_pickle=False) as npz:
         assert "s1.calls" in npz.files and float(npz["s1.calls"][0]) == 7
     again = build_model(cfg.model, seed=5)
-    from cnncli.checkpoint import apply_params
+    from cnncli.run.checkpoint import apply_params
 
     apply_params(load_checkpoint(path), again, path)
     assert float(again.named_buffers()["s1.calls"][0]) == 7
@@ -408,7 +409,7 @@ def test_option_bounds_and_keys_come_from_the_declaration() -> None:
 
 def test_readme_key_reference_is_the_generated_one() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert registry.layer_reference() in readme, "regenerate the table: python -c 'from cnncli.registry import " \
+    assert registry.layer_reference() in readme, "regenerate the table: python -c 'from cnncli.nn.registry import " \
         "layer_reference; print(layer_reference())'"
 
 

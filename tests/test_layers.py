@@ -1,4 +1,4 @@
-"""Layer tests against numbers derived independently of `cnncli/layers.py`.
+"""Layer tests against numbers derived independently of `cnncli/nn/layers.py`.
 
 References used here, never the code under test itself:
 
@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import pytest
 
-from cnncli.layers import Conv2D, Flatten, Linear, MaxPool2D, ReLU, softmax, softmax_cross_entropy
+from cnncli.nn.layers import Conv2D, Flatten, Linear, MaxPool2D, ReLU, softmax, softmax_cross_entropy
 
 TOL = 1e-10
 
@@ -763,7 +763,7 @@ def test_full_chain_matches_finite_differences():
 
 def test_max_pool_windows_larger_than_16_by_16_route_to_the_right_offset() -> None:
     # offsets u·K + v reach K² − 1 = 288 for K = 17: more than a byte holds
-    from cnncli.layers import MaxPool2D
+    from cnncli.nn.layers import MaxPool2D
 
     x = np.zeros((1, 1, 17, 17))
     x[0, 0, 16, 15] = 1.0  # offset 16·17 + 15 = 287
@@ -774,7 +774,7 @@ def test_max_pool_windows_larger_than_16_by_16_route_to_the_right_offset() -> No
 
 
 def test_uniform_init_is_pytorchs_default_and_he_is_unchanged() -> None:
-    from cnncli.layers import Conv2D, Linear
+    from cnncli.nn.layers import Conv2D, Linear
 
     rng = np.random.default_rng(5)
     he = Conv2D(8, 64, 3, rng=np.random.default_rng(5))

@@ -1,6 +1,6 @@
 """The layers of issue 10 beside batch-norm: global average pooling, dropout, leaky ReLU, tanh, sigmoid and the
 residual block, each against naive loops written straight from the sums of docs/derivations.md (not from
-cnncli/layers.py), the docs' worked examples, float64 finite differences (≤ 1e-7), the engine against the
+cnncli/nn/layers.py), the docs' worked examples, float64 finite differences (≤ 1e-7), the engine against the
 per-layer reference on networks that mix every layer type (training and evaluation mode), checkpoints, and the
 one-line config errors.
 """
@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnncli.checkpoint import apply_params, load_checkpoint, save_checkpoint
 from cnncli.config import apply_overrides, build_config
-from cnncli.errors import ConfigError
-from cnncli.gradcheck import gradcheck
-from cnncli.layers import Dropout, GlobalAvgPool2D, LeakyReLU, Sigmoid, Tanh
-from cnncli.model import build_model
-from cnncli.optim import make_optimizer
-from cnncli.residual import Residual
+from cnncli.host.errors import ConfigError
+from cnncli.nn.gradcheck import gradcheck
+from cnncli.nn.layers import Dropout, GlobalAvgPool2D, LeakyReLU, Sigmoid, Tanh
+from cnncli.nn.model import build_model
+from cnncli.nn.residual import Residual
+from cnncli.run.checkpoint import apply_params, load_checkpoint, save_checkpoint
+from cnncli.run.optim import make_optimizer
 
 
 def _cfg(input_shape, layers, seed=0):

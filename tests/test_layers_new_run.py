@@ -16,12 +16,12 @@ from clihelp import ok, one_line_error
 from helpers import assert_same_training_state
 from typer.testing import CliRunner
 
-from cnncli.checkpoint import load_checkpoint
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import build_config, load_config
-from cnncli.model import Sequential, build_model
-from cnncli.trace import trace
-from cnncli.train import Callbacks, TrainingInterrupted, train
+from cnncli.nn.model import Sequential, build_model
+from cnncli.nn.trace import trace
+from cnncli.run.checkpoint import load_checkpoint
+from cnncli.run.train import Callbacks, TrainingInterrupted, train
 
 runner = CliRunner()
 

@@ -1,4 +1,4 @@
-"""The model built from a config (`cnncli/model.py`): inferred shapes, default names, seeded He-normal init,
+"""The model built from a config (`cnncli/nn/model.py`): inferred shapes, default names, seeded He-normal init,
 summary totals.
 
 Shapes, parameter counts and multiply-adds are derived here from the textbook formulas, walking the raw YAML
@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from cnncli.config import build_config, load_config
-from cnncli.errors import ConfigError
-from cnncli.model import Sequential, build_model
+from cnncli.host.errors import ConfigError
+from cnncli.nn.model import Sequential, build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"

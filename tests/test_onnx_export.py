@@ -14,13 +14,13 @@ from conftest import CONFIGS, ROOT
 from typer.testing import CliRunner
 
 from cnncli import data
-from cnncli.checkpoint import save_checkpoint
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import Config, build_config, load_config
-from cnncli.layers import Flatten, Linear, ReLU, softmax
-from cnncli.model import Sequential, build_model
-from cnncli.onnx_export import OPSET, ExportError, check_exportable
-from cnncli.predict import Classifier
+from cnncli.nn.layers import Flatten, Linear, ReLU, softmax
+from cnncli.nn.model import Sequential, build_model
+from cnncli.run.checkpoint import save_checkpoint
+from cnncli.run.onnx_export import OPSET, ExportError, check_exportable
+from cnncli.run.predict import Classifier
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cnncli.config import AdamConfig, ScheduleConfig, SGDConfig
-from cnncli.optim import SGD, Adam, learning_rate, make_optimizer
+from cnncli.run.optim import SGD, Adam, learning_rate, make_optimizer
 
 
 def _params(w: float = 1.0, b: float = 1.0, dtype: type = np.float64) -> dict[str, np.ndarray]:

@@ -48,8 +48,8 @@ def test_the_wheel_carries_every_config_and_the_installed_package_finds_them_by_
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
-    run = [sys.executable, "-c", "import sys, cnncli.cli; print(cnncli.cli.__file__, file=sys.stderr); "
-           "sys.argv[0] = 'cnn'; cnncli.cli.main()"]
+    run = [sys.executable, "-c", "import sys, cnncli.cli.app; print(cnncli.cli.app.__file__, file=sys.stderr); "
+           "sys.argv[0] = 'cnn'; cnncli.cli.app.main()"]
     proc = subprocess.run([*run, "config", "list", "--json"], cwd=elsewhere, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

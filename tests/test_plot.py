@@ -1,4 +1,4 @@
-"""`cnn plot` and `cnncli/plot.py`: learning curves and confusion matrix of a real (tiny) training run.
+"""`cnn plot` and `cnncli/run/plot.py`: learning curves and confusion matrix of a real (tiny) training run.
 
 The run folder is made by training for real: `cnn train` on 1,000 images (200 held out) for 2 epochs. The PNGs
 are checked by their bytes (signature, IHDR size, non-trivial length). Tests that draw need matplotlib (the
@@ -16,9 +16,9 @@ import pytest
 from clihelp import one_line_error as _one_line_error
 from typer.testing import CliRunner
 
-from cnncli.cli import app
-from cnncli.plot import INSTALL_HINT, Metrics, learning_curves_png, read_metrics
-from cnncli.train import METRIC_FIELDS
+from cnncli.cli.app import app
+from cnncli.run.plot import INSTALL_HINT, Metrics, learning_curves_png, read_metrics
+from cnncli.run.train import METRIC_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"

@@ -1,4 +1,4 @@
-"""`cnn predict` and `cnncli.predict.Classifier`: image files give exactly what `cnn eval` computes.
+"""`cnn predict` and `cnncli.run.predict.Classifier`: image files give exactly what `cnn eval` computes.
 
 The images are real CIFAR-10 test images written as PNG files into tmp_path (PNG is lossless, so the decoded
 pixels are the data loader's), classified by a checkpoint of a short real training run."""
@@ -18,15 +18,15 @@ from conftest import CONFIGS
 from typer.testing import CliRunner
 
 from cnncli import data
-from cnncli.checkpoint import load_checkpoint, save_checkpoint
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import load_config
-from cnncli.errors import DataError
-from cnncli.evaluate import evaluate
-from cnncli.layers import softmax_cross_entropy
-from cnncli.predict import Classifier, Failure, Prediction, image_inputs
-from cnncli.preprocess import Normalizer
-from cnncli.train import model_from_checkpoint, train
+from cnncli.data.preprocess import Normalizer
+from cnncli.host.errors import DataError
+from cnncli.nn.layers import softmax_cross_entropy
+from cnncli.run.checkpoint import load_checkpoint, open_checkpoint, save_checkpoint
+from cnncli.run.evaluate import evaluate
+from cnncli.run.predict import Classifier, Failure, Prediction, image_inputs
+from cnncli.run.train import train
 
 Image = pytest.importorskip("PIL.Image")
 runner = CliRunner()
@@ -67,8 +67,7 @@ def checkpoint(real_cifar_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 def _eval_path_probabilities(checkpoint: Path, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """What `cnn eval` computes for x: the stored normalisation, the engine's logits in eval batches, and the
     softmax of softmax_cross_entropy (the function eval's loss comes from). x uint8 (N, C, H, W) -> p (N, K)."""
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt, checkpoint)
+    ckpt, model = open_checkpoint(checkpoint)
     normalizer = Normalizer(ckpt.config.data.normalize, model.input_shape[0])
     b = ckpt.config.train.eval_batch_size
     parts = [softmax_cross_entropy(model.predict(normalizer(x[i : i + b])), y[i : i + b])[2]
@@ -106,8 +105,7 @@ def test_predict_json_on_png_files_equals_the_eval_path(checkpoint: Path, pngs: 
     assert ref.max() > 0.5 and ref.min() < 0.01  # a trained network: the comparison is not of uniform rows
 
     # and the accuracy that follows from the printed classes is `cnn eval`'s on these images
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt, checkpoint)
+    ckpt, model = open_checkpoint(checkpoint)
     res = evaluate(model, x, y, Normalizer(ckpt.config.data.normalize, 3), 128, classes)
     top1 = np.array([classes.index(r["top"][0]["class"]) for r in records])
     assert float(np.mean(top1 == y)) == res.accuracy
@@ -150,8 +148,7 @@ def test_text_output_default_top_k_and_classes_from_the_checkpoint(checkpoint: P
 
 def test_checkpoint_without_class_names_uses_indices(checkpoint: Path, tmp_path: Path,
                                                      test_images: tuple[np.ndarray, np.ndarray]) -> None:
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt, checkpoint)
+    ckpt, model = open_checkpoint(checkpoint)
     bare = save_checkpoint(tmp_path / "bare.npz", model, ckpt.config)  # no classes entry
     clf = Classifier.from_checkpoint(bare)
     assert clf.classes == tuple(str(i) for i in range(10))
@@ -190,7 +187,7 @@ def test_classifier_on_arrays(checkpoint: Path, test_images: tuple[np.ndarray, n
 
 def test_files_of_other_sizes_and_channels_are_fitted(checkpoint: Path, tmp_path: Path,
                                                       test_images: tuple[np.ndarray, np.ndarray]) -> None:
-    from cnncli.images import decode_image
+    from cnncli.data.images import decode_image
 
     clf = Classifier.from_checkpoint(checkpoint)
     big = tmp_path / "big.jpg"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from cnncli.config import AugmentConfig, NormalizeConfig
-from cnncli.errors import ConfigError
-from cnncli.preprocess import Normalizer, augment
+from cnncli.data.preprocess import Normalizer, augment
+from cnncli.host.errors import ConfigError
 
 
 def _matches(out: np.ndarray, img: np.ndarray, p: int) -> list[tuple[int, int, bool]]:

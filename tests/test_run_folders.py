@@ -8,8 +8,8 @@ from pathlib import Path
 from clihelp import ok, one_line_error
 from typer.testing import CliRunner
 
-from cnncli.cli import app
-from cnncli.train import lock_run_dir
+from cnncli.cli.app import app
+from cnncli.run.train import lock_run_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"

@@ -19,11 +19,11 @@ import yaml
 from clihelp import ok, one_line_error
 from typer.testing import CliRunner
 
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import config_to_dict, load_config
-from cnncli.plot import band
-from cnncli.runs import group_runs, list_runs, short_key
-from cnncli.train import METRIC_FIELDS
+from cnncli.run.plot import band
+from cnncli.run.runs import group_runs, list_runs, short_key
+from cnncli.run.train import METRIC_FIELDS
 
 SEED = Path(__file__).resolve().parent.parent / "configs" / "seed.yaml"
 runner = CliRunner()

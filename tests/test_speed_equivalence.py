@@ -1,7 +1,7 @@
 """The fused engine (`Sequential.loss_and_grads`, `Sequential.predict`) against the per-layer reference path.
 
 The reference is `Sequential.forward` → `softmax_cross_entropy` → `Sequential.backward`, the classes of
-`cnncli/layers.py` that `tests/test_layers.py` checks against naive loops. The engine must give the same loss,
+`cnncli/nn/layers.py` that `tests/test_layers.py` checks against naive loops. The engine must give the same loss,
 logits and every gradient:
 
 * in float64, to ~1e-12 (only the order of the sums differs);
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnncli import engine
-from cnncli.blas import blas_info
 from cnncli.config import build_config, load_config
-from cnncli.layers import softmax_cross_entropy
-from cnncli.model import Sequential, build_model
+from cnncli.engine import executor as engine
+from cnncli.host.blas import blas_info
+from cnncli.nn.layers import softmax_cross_entropy
+from cnncli.nn.model import Sequential, build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -191,7 +191,7 @@ def test_micro_batch_split_changes_only_rounding(which: str) -> None:
 
 def test_training_steps_are_deterministic_and_follow_the_reference() -> None:
     """Three SGD steps: two fresh fast runs end bit-identical; the reference run ends within rounding."""
-    from cnncli.optim import make_optimizer
+    from cnncli.run.optim import make_optimizer
 
     cfg = load_config(SHIPPED["diagram"])
 
@@ -230,7 +230,7 @@ def test_engine_follows_parameter_changes_dtype_and_layers() -> None:
 
 def test_plain_layer_state_still_works_for_gradcheck() -> None:
     """`forward` stays the per-layer path: ReLU._mask and MaxPool2D._argmax are set as gradcheck expects."""
-    from cnncli.layers import MaxPool2D, ReLU
+    from cnncli.nn.layers import MaxPool2D, ReLU
 
     model = _model("seed")
     x, y = _batch(model, 3)

@@ -32,11 +32,11 @@ from clihelp import ok, one_line_error
 from helpers import assert_same_training_state
 from typer.testing import CliRunner
 
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import load_config
-from cnncli.errors import ConfigError
-from cnncli.runs import read_history
-from cnncli.sweep import parse_grid, parse_sample
+from cnncli.host.errors import ConfigError
+from cnncli.run.runs import read_history
+from cnncli.run.sweep import parse_grid, parse_sample
 
 SEED = Path(__file__).resolve().parent.parent / "configs" / "seed.yaml"
 SMALL = ["data.limit=512", "data.val_size=128", "train.batch_size=64", "train.epochs=1"]
@@ -61,7 +61,7 @@ def _best_val(run_dir: Path) -> float:
 
 def _cli(*args: str) -> list[str]:
     """A `cnn` command line as its own process (so that it can be signalled)."""
-    return [sys.executable, "-c", "from cnncli.cli import app; app()", *args]
+    return [sys.executable, "-c", "from cnncli.cli.app import app; app()", *args]
 
 
 # ------------------------------------------------------------------------------------- search space
@@ -263,7 +263,7 @@ def test_a_stopped_sweep_continues_and_the_cut_off_trial_resumes_bit_for_bit(rea
     assert [int(r["epoch"]) for r in read_history(cut)] == [1, 2, 3]
 
     # the resumed trial ends exactly where an uninterrupted training of the same overrides does
-    from cnncli.train import train
+    from cnncli.run.train import train
 
     overrides = json.loads((cut / "overrides.json").read_text())["overrides"]
     train(load_config(SEED, overrides), tmp_path / "whole", real_cifar_dir)
@@ -390,7 +390,7 @@ def test_a_slot_goes_to_the_lower_trial_unless_the_higher_one_claimed_it_first()
     higher one had passed its check (claimed); a trial that gave the slot up (cut off) holds nothing."""
     import optuna
 
-    from cnncli.sweep import is_duplicate
+    from cnncli.run.sweep import is_duplicate
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study()

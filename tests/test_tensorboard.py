@@ -16,8 +16,8 @@ from clihelp import ok, one_line_error
 from helpers import arrays
 from typer.testing import CliRunner
 
-from cnncli.cli import app
-from cnncli.runs import read_history
+from cnncli.cli.app import app
+from cnncli.run.runs import read_history
 
 pytest.importorskip("tensorboardX")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -88,7 +88,7 @@ def test_per_parameter_histograms_norms_and_update_ratios(tb_run: Path) -> None:
 def test_hparams_records_decode_to_the_trial_values(tmp_path: Path) -> None:
     from tensorboard.plugins.hparams import metadata
 
-    from cnncli.tb import write_hparams
+    from cnncli.run.tb import write_hparams
 
     write_hparams(tmp_path, {"train.optimizer.lr": 0.03, "seed": 1, "optimizer": "sgd"}, {"val_acc": 0.42})
     acc = _load(tmp_path)

@@ -1,9 +1,9 @@
-"""`cnn trace` and `cnncli/trace.py`: one real CIFAR-10 image through the article's equations.
+"""`cnn trace` and `cnncli/nn/trace.py`: one real CIFAR-10 image through the article's equations.
 
 What is checked, and against what:
 - the names follow the article (S¹, A¹, P¹, h, z; W_fc, b_fc) and generalise per layer (conv2 -> S², A²);
 - every traced tensor equals the model's own `Sequential.forward` / `backward` on the same normalised image
-  (z, p, L, each parameter gradient, δX), and — independently of `cnncli/layers.py` — the article's formulas
+  (z, p, L, each parameter gradient, δX), and — independently of `cnncli/nn/layers.py` — the article's formulas
   written out here with NumPy (§Forward 2–7, §Backprop 1–6);
 - δA¹ has exactly one non-zero per pooling window whose δP¹ is non-zero, at the window's arg-max (counted
   here from the tensors);
@@ -24,13 +24,13 @@ from clihelp import stdout_of as _stdout
 from typer.testing import CliRunner
 
 from cnncli import data
-from cnncli.checkpoint import save_checkpoint
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import build_config, load_config
-from cnncli.layers import softmax_cross_entropy
-from cnncli.model import build_model
-from cnncli.preprocess import Normalizer
-from cnncli.trace import Trace, loss_change, name_tensors, trace
+from cnncli.data.preprocess import Normalizer
+from cnncli.nn.layers import softmax_cross_entropy
+from cnncli.nn.model import build_model
+from cnncli.nn.trace import Trace, loss_change, name_tensors, trace
+from cnncli.run.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"
@@ -149,7 +149,7 @@ def test_trace_equals_the_models_own_passes(config: Path, test_set: data.Cifar10
 
 
 def test_trace_follows_the_article_equations(seed_trace: Trace) -> None:
-    """The article's formulas, written out here independently of cnncli/layers.py (seed config, image 0)."""
+    """The article's formulas, written out here independently of cnncli/nn/layers.py (seed config, image 0)."""
     t = seed_trace
     X, W1, b1, Wfc, bfc = (t[k].value for k in ("X", "W1", "b1", "W_fc", "b_fc"))
     y = np.eye(10)[t.label]
@@ -370,8 +370,9 @@ def test_cli_trace_png_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 
 def test_a_layer_without_a_doc_section_is_cited_by_its_docstring_not_a_dead_anchor() -> None:
-    from cnncli.layers import Layer, ReLU
-    from cnncli.trace import DOCS, Step, _section
+    from cnncli.nn.layer import Layer
+    from cnncli.nn.layers import ReLU
+    from cnncli.nn.trace import DOCS, Step, _section
 
     class Mine(Layer):
         type_name = "mylayer"

@@ -16,10 +16,10 @@ import pytest
 from helpers import arrays as _arrays
 from helpers import assert_same_training_state as _assert_same_training_state
 
-from cnncli.checkpoint import load_checkpoint
 from cnncli.config import load_config
-from cnncli.errors import TrainingDiverged
-from cnncli.train import Callbacks, TrainingInterrupted, train
+from cnncli.host.errors import TrainingDiverged
+from cnncli.run.checkpoint import load_checkpoint
+from cnncli.run.train import Callbacks, TrainingInterrupted, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"

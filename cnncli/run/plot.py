@@ -1,0 +1,331 @@
+"""Pictures (the optional `viz` extra, matplotlib): learning curves, confusion matrix, a trace's tensors.
+
+matplotlib is imported lazily, inside the functions, and only through its object-oriented API with the Agg
+canvas (no pyplot, no global backend switch, no display needed). Without it, `require_matplotlib` raises
+`VizUnavailable`, one line saying what to install. Reading `metrics.csv` needs no matplotlib.
+
+Every writer saves atomically (temp file + rename, `cnncli.host.atomic.atomic_write`) and returns the path.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cnncli.host.atomic import atomic_write
+from cnncli.host.errors import CnnError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cnncli.nn.trace import Trace
+
+INSTALL_HINT = "matplotlib is not installed; pictures need the viz extra: pip install 'cnncli[viz]'"
+DPI = 110
+
+
+class VizUnavailable(CnnError):
+    """matplotlib is missing: the message says what to install."""
+
+
+class RunFolderError(CnnError):
+    """A run folder or its metrics.csv is missing or unreadable; the message names the file."""
+
+
+def require_matplotlib() -> tuple[Any, Any]:
+    """(Figure, FigureCanvasAgg) classes of matplotlib; VizUnavailable (one line) when it is not installed."""
+    try:
+        import matplotlib  # noqa: F401  (imported first: a stub or a missing package fails here)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise VizUnavailable(INSTALL_HINT) from None
+    return Figure, FigureCanvasAgg
+
+
+def _new_figure(figsize: tuple[float, float], **kwargs: Any) -> Any:
+    figure_cls, canvas_cls = require_matplotlib()
+    fig = figure_cls(figsize=figsize, dpi=DPI, **kwargs)
+    canvas_cls(fig)  # the Agg canvas renders the PNG
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, format="png", dpi=DPI)
+    except OSError as e:
+        raise CnnError(f"{path}: cannot write ({e.strerror or e})") from None
+    return path
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """metrics.csv as arrays, one entry per epoch; NaN where a value is absent (no validation set)."""
+
+    epoch: np.ndarray  # (E,) int
+    train_loss: np.ndarray  # (E,)
+    train_acc: np.ndarray  # (E,) in [0, 1]
+    val_loss: np.ndarray  # (E,)
+    val_acc: np.ndarray  # (E,)
+    lr: np.ndarray  # (E,) the learning rate of each epoch's last step
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(np.isfinite(self.val_acc).any())
+
+
+REQUIRED_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+
+def read_metrics(run_dir: Path) -> Metrics:
+    """Read `run_dir/metrics.csv` (written by `cnn train`); RunFolderError names the folder or file and the fault."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise RunFolderError(f"{run_dir}: run folder not found")
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: not a folder (give the run folder that cnn train wrote)")
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        raise RunFolderError(f"{path}: not found (cnn train writes it after every epoch)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunFolderError(f"{path}: cannot read ({e})") from None
+    reader = csv.DictReader(text.splitlines())
+    missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise RunFolderError(f"{path}: not a metrics file, missing column(s) {', '.join(missing)}")
+    cols: dict[str, list[float]] = {c: [] for c in REQUIRED_COLUMNS}
+    for row in reader:
+        line = reader.line_num
+        for c in REQUIRED_COLUMNS:
+            raw = (row.get(c) or "").strip()
+            if not raw and c.startswith("val_"):
+                cols[c].append(math.nan)
+                continue
+            try:
+                value = float(raw)
+            except ValueError:
+                raise RunFolderError(f"{path}: line {line}: {c} is {raw!r}, not a number") from None
+            if not math.isfinite(value):
+                raise RunFolderError(f"{path}: line {line}: {c} is {raw!r}, not a finite number")
+            cols[c].append(value)
+    if not cols["epoch"]:
+        raise RunFolderError(f"{path}: no epochs recorded yet")
+    return Metrics(
+        epoch=np.array(cols["epoch"], dtype=np.int64),
+        **{c: np.array(cols[c], dtype=np.float64) for c in REQUIRED_COLUMNS if c != "epoch"},
+    )
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+def learning_curves_png(metrics: Metrics, path: Path, title: str = "") -> Path:
+    """Three panels against the epoch: loss and accuracy (train, and validation when present), learning rate."""
+    fig = _new_figure((13, 3.8), layout="constrained")
+    ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
+    e = metrics.epoch
+    marker = "o" if len(e) <= 30 else None
+    ax_loss.plot(e, metrics.train_loss, marker=marker, label="train")
+    ax_acc.plot(e, 100 * metrics.train_acc, marker=marker, label="train")
+    if metrics.has_validation:
+        ax_loss.plot(e, metrics.val_loss, marker=marker, label="validation")
+        ax_acc.plot(e, 100 * metrics.val_acc, marker=marker, label="validation")
+        best = int(np.nanargmax(metrics.val_acc))
+        ax_acc.annotate(f"best {100 * metrics.val_acc[best]:.1f}%", (e[best], 100 * metrics.val_acc[best]),
+                        textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+    ax_lr.plot(e, metrics.lr, marker=marker, color="tab:green")
+    for ax, name in ((ax_loss, "cross-entropy loss"), (ax_acc, "accuracy (%)"), (ax_lr, "learning rate")):
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax_acc.margins(y=0.15)
+    ax_loss.legend()
+    ax_acc.legend()
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def confusion_png(confusion: np.ndarray, classes: tuple[str, ...], path: Path, title: str = "") -> Path:
+    """The confusion matrix (K, K) of counts, rows the true class, columns the prediction; names on both axes."""
+    k = len(classes)
+    fig = _new_figure((7.5, 6.5), layout="constrained")
+    ax = fig.subplots()
+    totals = confusion.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(totals > 0, confusion / np.maximum(totals, 1), 0.0)
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for t in range(k):
+        for p in range(k):
+            ax.text(p, t, str(int(confusion[t, p])), ha="center", va="center", fontsize=8,
+                    color="white" if share[t, p] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class")
+    acc = float(np.trace(confusion)) / max(int(confusion.sum()), 1)
+    ax.set_title(f"{title + ' — ' if title else ''}accuracy {100 * acc:.2f}% ({int(confusion.sum()):,} images)")
+    return _save(fig, path)
+
+
+def mosaic(maps: np.ndarray, cols: int = 8, gap: int = 1, fill: float = np.nan) -> np.ndarray:
+    """Tile maps (C, H, W[, 3]) into one image, `cols` per row, `gap` pixels of `fill` between them.
+
+    -> (rows·(H+gap)−gap, cols·(W+gap)−gap[, 3]) with rows = ⌈C / cols⌉; channel c at row c // cols, column c % cols.
+    """
+    c, h, w = maps.shape[:3]
+    cols = max(1, min(cols, c))
+    rows = math.ceil(c / cols)
+    out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, *maps.shape[3:]), fill, dtype=np.float64)
+    for i in range(c):
+        r, q = divmod(i, cols)
+        out[r * (h + gap) : r * (h + gap) + h, q * (w + gap) : q * (w + gap) + w] = maps[i]
+    return out
+
+
+def _channel_grid(ax: Any, maps: np.ndarray, title: str, diverging: bool, cols: int = 8) -> None:
+    """Draw maps (C, H, W) as one mosaic of its C channels, one colour scale for all, with a colour bar."""
+    if diverging:
+        lim = float(np.abs(maps).max()) or 1.0
+        cmap, lo, hi = "RdBu_r", -lim, lim
+    else:
+        lo, hi = float(maps.min()), float(maps.max())
+        cmap, hi = "viridis", (hi if hi > lo else lo + 1)
+    import matplotlib
+
+    cm = matplotlib.colormaps[cmap].with_extremes(bad="white")
+    im = ax.imshow(mosaic(maps, cols), cmap=cm, vmin=lo, vmax=hi, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=10)
+    ax.figure.colorbar(im, ax=ax, shrink=0.8, pad=0.02)
+
+
+def trace_png(trace: Trace, path: Path, title: str = "") -> Path:
+    """The input image, the first conv layer's filters, and every feature map of the trace beside its gradient.
+
+    Feature maps are the 3-D tensors of the forward pass (S¹, A¹, P¹, and S², A², … for deeper configs), each
+    drawn as a mosaic of its channels (8 per row, viridis, one scale per tensor) beside δ of it (red/blue, 0 white).
+    """
+    maps = [s for s in trace.forward if s.value.ndim == 3 and s.key != "X"]
+    grads = {s.key: s for s in trace.backward}
+    filters = next((s for s in trace.parameters if s.value.ndim == 4), None)
+    # inches: the top row, then each mosaic (8 channels per row, ~6 in wide) plus its title
+    heights = [2.4] + [0.5 + 6.0 * math.ceil(s.shape[0] / 8) * s.shape[1] / (8 * s.shape[2]) for s in maps]
+    fig = _new_figure((14, 0.5 + sum(heights)), layout="constrained")
+    axes = fig.subplots(len(heights), 2, height_ratios=heights, squeeze=False,
+                        gridspec_kw={"width_ratios": [1, 1]})
+
+    ax = axes[0, 0]
+    x = trace["X"].value
+    if trace.image is not None and trace.image.ndim == 3 and trace.image.shape[0] in (1, 3):
+        ax.imshow(np.moveaxis(trace.image, 0, -1).squeeze(), interpolation="nearest")
+        what = "raw pixels"
+    else:
+        lo, hi = float(x.min()), float(x.max())
+        ax.imshow(np.moveaxis((x - lo) / (hi - lo or 1), 0, -1).squeeze(), interpolation="nearest")
+        what = "normalised, rescaled"
+    ax.set_axis_off()
+    pred = trace.top[0][1]
+    ax.set_title(f"X ({what}) · true: {trace.classes[trace.label]}, predicted: {pred}", fontsize=10)
+    ax = axes[0, 1]
+    ax.set_axis_off()
+    if filters is not None:
+        w = filters.value  # (C_out, C_in, K, K)
+        if w.shape[1] == 3:  # RGB: each filter rescaled to [0, 1] on its own
+            lo = w.min(axis=(1, 2, 3), keepdims=True)
+            span = w.max(axis=(1, 2, 3), keepdims=True) - lo
+            rgb = np.moveaxis((w - lo) / np.where(span > 0, span, 1), 1, -1)  # (C_out, K, K, 3)
+            ax.imshow(mosaic(rgb, cols=8, fill=1.0), interpolation="nearest")
+            how = "each rescaled to its own range, as RGB"
+        else:
+            lim = float(np.abs(w).max()) or 1.0
+            ax.imshow(mosaic(w.mean(axis=1), cols=8), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            how = "mean over input channels"
+        ax.set_title(f"${filters.symbol.tex}$: {w.shape[0]} filters {'×'.join(map(str, w.shape[1:]))} ({how})",
+                     fontsize=10)
+
+    for row, s in enumerate(maps, start=1):
+        shape = "×".join(map(str, s.shape))
+        _channel_grid(axes[row, 0], s.value, f"${s.symbol.tex}$  {shape}  ({s.citation})", diverging=False)
+        g = grads.get("d" + s.key)
+        if g is not None:
+            _channel_grid(axes[row, 1], g.value, f"${g.symbol.tex}$  {shape}  ({g.citation})", diverging=True)
+        else:
+            axes[row, 1].set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=12)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------ several runs
+
+
+@dataclass(frozen=True)
+class CurveBand:
+    """One group's curve over epochs: mean and sample standard deviation over its runs (seeds)."""
+
+    epoch: np.ndarray  # (E,) epochs that at least one run reached
+    mean: np.ndarray  # (E,)
+    std: np.ndarray  # (E,) 0 where a single run has the epoch
+    count: np.ndarray  # (E,) runs that reached each epoch
+
+
+def band(curves: list[tuple[np.ndarray, np.ndarray]]) -> CurveBand:
+    """Pool (epochs (E_i,), values (E_i,)) of several runs per epoch; NaN values (no validation) are left out."""
+    per: dict[int, list[float]] = {}
+    for epochs, values in curves:
+        for e, v in zip(epochs.tolist(), values.tolist(), strict=True):
+            if math.isfinite(v):
+                per.setdefault(int(e), []).append(float(v))
+    es = sorted(per)
+    vals = [np.array(per[e]) for e in es]
+    return CurveBand(
+        epoch=np.array(es, dtype=np.int64),
+        mean=np.array([v.mean() for v in vals]),
+        std=np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals]),
+        count=np.array([len(v) for v in vals], dtype=np.int64),
+    )
+
+
+def compare_curves_png(groups: list[tuple[str, list[Metrics]]], path: Path, title: str = "") -> Path:
+    """Overlay the learning curves of groups of runs (label, the runs' metrics): per group the mean over its
+    runs (seeds) as a line and mean ± one sample standard deviation as a band. Panels: validation accuracy,
+    validation loss and training loss against the epoch (training accuracy instead when no run validated)."""
+    has_val = any(m.has_validation for _, ms in groups for m in ms)
+    panels = [("val_acc", "validation accuracy (%)", 100.0), ("val_loss", "validation loss", 1.0)] if has_val else \
+        [("train_acc", "training accuracy (%)", 100.0)]
+    panels.append(("train_loss", "training loss", 1.0))
+    fig = _new_figure((4.6 * len(panels), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for i, (label, ms) in enumerate(groups):
+        colour = f"C{i % 10}"
+        for ax, (column, _, scale) in zip(axes, panels, strict=True):
+            b = band([(m.epoch, getattr(m, column)) for m in ms])
+            if not len(b.epoch):
+                continue
+            n = int(b.count.max())
+            ax.plot(b.epoch, scale * b.mean, color=colour, marker="o" if len(b.epoch) <= 30 else None, ms=3,
+                    label=f"{label} ({n} run{'s' if n > 1 else ''})")
+            if n > 1:
+                ax.fill_between(b.epoch, scale * (b.mean - b.std), scale * (b.mean + b.std), color=colour, alpha=0.2,
+                                linewidth=0)
+    for ax, (_, name, _) in zip(axes, panels, strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title or "mean ± sample std over seeds")
+    return _save(fig, path)
