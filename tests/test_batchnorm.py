@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cnncli import engine
 from cnncli.config import build_config, load_config
+from cnncli.engine import engine_for
 from cnncli.host.errors import ConfigError
 from cnncli.nn.gradcheck import gradcheck
 from cnncli.nn.layers import BatchNorm
@@ -126,21 +128,22 @@ def test_engine_equals_reference_with_batchnorm_in_both_modes() -> None:
     x, y = rng.standard_normal((90, 2, 6, 6)), rng.integers(0, 4, 90)
     for dtype, tol in ((np.float64, 1e-10), (np.float32, 3e-4)):
         fast, ref = _model(BN_NET, dtype=dtype), _model(BN_NET, dtype=dtype)
-        ref.fast = False
-        lf, zf = fast.loss_and_grads(x.astype(dtype), y)
+        lf, zf = engine.loss_and_grads(fast, x.astype(dtype), y)
         lr, zr = ref.loss_and_grads(x.astype(dtype), y)
         assert lf == pytest.approx(lr, rel=tol)
         for k, g in ref.named_grads().items():
             np.testing.assert_allclose(fast.named_grads()[k], g, rtol=tol, atol=tol * float(np.abs(g).max()))
         for k, b in ref.named_buffers().items():
             np.testing.assert_allclose(fast.named_buffers()[k], b, rtol=tol, atol=tol)
-        np.testing.assert_allclose(fast.predict(x.astype(dtype)), ref.predict(x.astype(dtype)), rtol=tol, atol=tol)
+        z_fast, z_ref = engine.predict(fast, x.astype(dtype)), ref.predict(x.astype(dtype))
+        np.testing.assert_allclose(z_fast, z_ref, rtol=tol, atol=tol)
 
 
 def test_buffers_in_checkpoints_and_no_weight_decay_on_gamma_beta(tmp_path: Path) -> None:
     cfg = build_config({"model": {"input_shape": [2, 6, 6], "layers": BN_NET}})
     model = build_model(cfg.model)
-    model.loss_and_grads(np.random.default_rng(1).standard_normal((8, 2, 6, 6)).astype(np.float32), np.arange(8) % 4)
+    x = np.random.default_rng(1).standard_normal((8, 2, 6, 6)).astype(np.float32)
+    engine.loss_and_grads(model, x, np.arange(8) % 4)
     assert model.decayed() == {"conv1.W", "fc1.W"}
     path = save_checkpoint(tmp_path / "bn.npz", model, cfg)
     with np.load(path, allow_pickle=False) as npz:
@@ -155,8 +158,8 @@ def test_buffers_in_checkpoints_and_no_weight_decay_on_gamma_beta(tmp_path: Path
 def test_a_batch_of_one_vector_in_training_mode_is_a_one_line_error() -> None:
     model = _model([{"type": "flatten"}, {"type": "batchnorm"}, {"type": "linear", "out_features": 2}], (1, 2, 2))
     with pytest.raises(ConfigError, match=r"bn1: batch-norm in training mode needs more than one value"):
-        model.loss_and_grads(np.ones((1, 1, 2, 2)), np.array([0]))
-    model.predict(np.ones((1, 1, 2, 2)))  # evaluation mode: fine
+        engine.loss_and_grads(model, np.ones((1, 1, 2, 2)), np.array([0]))
+    engine.predict(model, np.ones((1, 1, 2, 2)))  # evaluation mode: fine
 
 
 def test_the_deep_config_builds_with_the_expected_parameters() -> None:
@@ -186,23 +189,23 @@ def test_batch_statistics_shared_across_worker_threads_equal_the_whole_batch_ref
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((37, 2, 6, 6)), rng.integers(0, 4, 37)
     fast, ref = _model(IMAGE_BN_NET), _model(IMAGE_BN_NET)
-    ref.fast, fast.threads = False, threads
-    assert fast.engine().worker_count(37) == threads and not fast.engine().whole_batch()
+    engine_for(fast).threads = threads
+    assert engine_for(fast).worker_count(37) == threads and not engine_for(fast).whole_batch()
     for _ in range(2):  # the second step starts from running statistics the first one moved
-        lf, _ = fast.loss_and_grads(x, y)
+        lf, _ = engine.loss_and_grads(fast, x, y)
         lr, _ = ref.loss_and_grads(x, y)
         assert lf == pytest.approx(lr, rel=1e-12)
         for k, g in ref.named_grads().items():
             np.testing.assert_allclose(fast.named_grads()[k], g, rtol=1e-10, atol=1e-12)  # δb ≈ 0 before a BN
         for k, b in ref.named_buffers().items():
             np.testing.assert_allclose(fast.named_buffers()[k], b, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(fast.predict(x), ref.predict(x), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(engine.predict(fast, x), ref.predict(x), rtol=1e-10, atol=1e-12)
 
 
 def test_a_worker_that_fails_between_the_shared_sums_stops_the_others_with_its_own_error() -> None:
     fast = _model(IMAGE_BN_NET)
-    fast.threads = 2
-    stage = next(s for s in fast.engine().stages if getattr(s, "core", None) is not None)
+    engine_for(fast).threads = 2
+    stage = next(s for s in engine_for(fast).stages if getattr(s, "core", None) is not None)
     real = stage.forward
 
     def forward(buf, train):
@@ -213,16 +216,16 @@ def test_a_worker_that_fails_between_the_shared_sums_stops_the_others_with_its_o
     stage.forward = forward
     x = np.random.default_rng(0).standard_normal((8, 2, 6, 6))
     with pytest.raises(RuntimeError, match="worker 1 broke"):
-        fast.loss_and_grads(x, np.arange(8) % 4)
+        engine.loss_and_grads(fast, x, np.arange(8) % 4)
     stage.forward = real
-    fast.loss_and_grads(x, np.arange(8) % 4)  # and the engine still works afterwards
+    engine.loss_and_grads(fast, x, np.arange(8) % 4)  # and the engine still works afterwards
 
 
 def test_a_one_pixel_batch_of_one_is_refused_before_the_workers_start() -> None:
     model = _model([{"type": "batchnorm"}, {"type": "flatten"}, {"type": "linear", "out_features": 2}], (1, 1, 1))
-    model.threads = 2
+    engine_for(model).threads = 2
     with pytest.raises(ConfigError, match=r"bn1: batch-norm in training mode needs more than one value"):
-        model.loss_and_grads(np.ones((1, 1, 1, 1)), np.array([0]))
+        engine.loss_and_grads(model, np.ones((1, 1, 1, 1)), np.array([0]))
 
 
 def test_the_deep_config_resumed_mid_epoch_is_bit_identical(real_cifar_dir: Path, tmp_path: Path,

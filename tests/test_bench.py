@@ -14,9 +14,11 @@ from clihelp import one_line_error
 from clihelp import stdout_of as _stdout
 from typer.testing import CliRunner
 
+from cnncli import engine
 from cnncli.bench.timing import run_bench
 from cnncli.cli.app import app
 from cnncli.config import load_config
+from cnncli.engine import engine_for
 from cnncli.host.blas import blas_info, blas_threads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +121,7 @@ def test_torch_network_computes_cnncli_logits(config: Path, memory_format: str) 
     set_format(tnet, memory_format)
     x = np.random.default_rng(1).standard_normal((6, 3, 32, 32)).astype(np.float32)
     zt = torch_logits(tnet, x, memory_format)
-    for z in (model.forward(x), model.predict(x)):  # the per-layer reference and the fused engine
+    for z in (model.forward(x), engine.predict(model, x)):  # the per-layer reference and the fused engine
         scale = float(np.max(np.abs(z)))
         assert scale > 0.1
         assert float(np.max(np.abs(zt - z))) <= 1e-5 * scale
@@ -144,7 +146,7 @@ def test_torch_sgd_step_moves_the_weights_as_cnncli_does() -> None:
     for _ in range(3):
         x = rng.standard_normal((12, 3, 32, 32)).astype(np.float32)
         y = rng.integers(0, 10, size=12)
-        model.loss_and_grads(x, y)
+        engine.loss_and_grads(model, x, y)
         opt.step(params, model.named_grads(), cfg.train.optimizer.lr)
         topt.zero_grad()
         torch.nn.functional.cross_entropy(tnet.net(torch.from_numpy(x)), torch.from_numpy(y)).backward()
@@ -288,14 +290,14 @@ def test_the_profile_says_how_much_of_each_stage_is_inside_matrix_products() -> 
     model = build_model(build_config({"model": {"input_shape": [3, 8, 8], "layers": layers}}).model)
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((16, 3, 8, 8)).astype(np.float32), rng.integers(0, 3, 16)
-    engine = model.engine()
-    timed = {label: f + b for label, f, b in engine.profile(x, y)}
-    mm = engine.matmul_seconds
-    conv, pool, fc = (s.label for s in engine.stages)
+    eng = engine_for(model)
+    timed = {label: f + b for label, f, b in eng.profile(x, y)}
+    mm = eng.matmul_seconds
+    conv, pool, fc = (s.label for s in eng.stages)
     assert 0 < sum(mm[conv]) <= timed[conv] and 0 < sum(mm[fc]) <= timed[fc]
     assert sum(mm[pool]) == 0  # a pool stage has no product
-    model.loss_and_grads(x, y)  # outside the profile nothing is timed
-    assert engine.matmul_seconds == mm
+    engine.loss_and_grads(model, x, y)  # outside the profile nothing is timed
+    assert eng.matmul_seconds == mm
 
 
 def test_the_profile_counts_the_floating_point_work_of_every_product() -> None:
@@ -314,11 +316,11 @@ def test_the_profile_counts_the_floating_point_work_of_every_product() -> None:
     n = 12
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((n, 8, 8, 8)).astype(np.float32), rng.integers(0, 3, n)
-    engine = model.engine()
-    engine.train_micro_batch = 5  # three micro-batches (5, 5, 2): the count is over all of them
-    engine.profile(x, y)
-    conv1, conv2, fc = (s.label for s in engine.stages)
-    fl = engine.matmul_flops
+    eng = engine_for(model)
+    eng.train_micro_batch = 5  # three micro-batches (5, 5, 2): the count is over all of them
+    eng.profile(x, y)
+    conv1, conv2, fc = (s.label for s in eng.stages)
+    fl = eng.matmul_flops
     assert fl[conv1] == (2 * 4 * 72 * 64 * n, 2 * 4 * 72 * 64 * n)  # S; δW (no δX: the first layer)
     assert fl[conv2] == (2 * 6 * 37 * 16 * n, 2 * 6 * 37 * 16 * n + 2 * 4 * 54 * 16 * n)  # S + b; [δW | δb], δX
     assert fl[fc] == (2 * 3 * 96 * n, 2 * 3 * 96 * n + 2 * 96 * 3 * n)

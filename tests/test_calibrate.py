@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cnncli.config import build_config
-from cnncli.engine import calibrate
+from cnncli.engine import calibrate, engine_for
 from cnncli.nn.model import build_model
 from cnncli.run.checkpoint import load_checkpoint
 
@@ -35,13 +35,13 @@ def _model(layers=SMALL, shape=(3, 8, 8)):
 
 def _fake_clock(monkeypatch: pytest.MonkeyPatch, model, best_train: int, best_eval: int) -> None:
     """Each timed call 'takes' longer the farther the engine's current size is from the given best one."""
-    engine = model.engine()
+    eng = engine_for(model)
 
     def fake(fn, calls):
         fn()
         if model.training:
-            return 10.0 + abs(engine.train_micro_batch - best_train)
-        return 5.0 + abs(engine.eval_micro_batch - best_eval)
+            return 10.0 + abs(eng.train_micro_batch - best_train)
+        return 5.0 + abs(eng.eval_micro_batch - best_eval)
 
     monkeypatch.setattr(calibrate, "_time", fake)
 
@@ -52,8 +52,8 @@ def test_the_fastest_candidates_are_chosen_applied_and_cached(monkeypatch: pytes
     t = calibrate.for_model(model, 64, 100)
     assert (t.train_micro_batch, t.eval_micro_batch, t.source) == (12, 50, "measured")
     assert set(t.train_ms) >= {8, 12, 16, 24, 32, 48, 64} and "fastest of" in t.why
-    engine = model.engine()
-    assert (engine.train_micro_batch, engine.eval_micro_batch) == (12, 50)
+    eng = engine_for(model)
+    assert (eng.train_micro_batch, eng.eval_micro_batch) == (12, 50)
     assert cache.is_file()
     # the next run on this machine and network reads the cache: nothing measured
     monkeypatch.setattr(calibrate, "_time", lambda fn, calls: pytest.fail("measured again"))

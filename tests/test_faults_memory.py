@@ -15,6 +15,7 @@ import yaml
 from clihelp import ok, one_line_error
 from typer.testing import CliRunner
 
+from cnncli import engine
 from cnncli.cli.app import app
 from cnncli.config import build_config, load_config
 from cnncli.host.limits import LIMIT_ENV, memory_limit, parse_size
@@ -171,7 +172,7 @@ def test_the_estimate_is_close_to_what_a_training_step_allocates(layers: list | 
         x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
         y = rng.integers(0, 10, batch)
         for _ in range(2):
-            model.loss_and_grads(x, y)
+            engine.loss_and_grads(model, x, y)
             optimizer.step(model.named_params(), model.named_grads(), 0.01)
         peak = tracemalloc.get_traced_memory()[1]
     finally:

@@ -19,9 +19,10 @@ import pytest
 from clihelp import ok, one_line_error, stdout_of
 from typer.testing import CliRunner
 
-from cnncli import Layer, LayerOptions, option
+from cnncli import Layer, LayerOptions, engine, option
 from cnncli.cli.app import app
 from cnncli.config import build_config
+from cnncli.engine import engine_for
 from cnncli.host.errors import ConfigError
 from cnncli.nn import registry
 from cnncli.nn.gradcheck import gradcheck
@@ -237,9 +238,8 @@ def test_engine_equals_the_reference_on_random_mixes_of_fused_and_generic_layers
     for dtype, tol in ((np.float64, 1e-10), (np.float32, 2e-4)):
         ref, fast = _model([2, 16, 16], layers, seed=case, dtype=dtype), _model([2, 16, 16], layers, seed=case,
                                                                                   dtype=dtype)
-        ref.fast = False
         loss_r, z_r = ref.loss_and_grads(x.astype(dtype), y)
-        loss_f, z_f = fast.loss_and_grads(x.astype(dtype), y)
+        loss_f, z_f = engine.loss_and_grads(fast, x.astype(dtype), y)
         assert loss_f == pytest.approx(loss_r, rel=tol), layers
         np.testing.assert_allclose(z_f, z_r, rtol=tol, atol=tol)
         gr, gf = ref.named_grads(), fast.named_grads()
@@ -247,7 +247,8 @@ def test_engine_equals_the_reference_on_random_mixes_of_fused_and_generic_layers
         for k in gr:
             scale = float(np.abs(gr[k]).max()) or 1.0
             np.testing.assert_allclose(gf[k], gr[k], rtol=tol, atol=tol * scale, err_msg=f"{k} of {layers}")
-        np.testing.assert_allclose(fast.predict(x.astype(dtype)), ref.predict(x.astype(dtype)), rtol=tol, atol=tol)
+        z_fast, z_ref = engine.predict(fast, x.astype(dtype)), ref.predict(x.astype(dtype))
+        np.testing.assert_allclose(z_fast, z_ref, rtol=tol, atol=tol)
 
 
 def test_a_subclass_of_a_fused_layer_runs_its_own_backward_in_the_engine() -> None:
@@ -258,10 +259,10 @@ def test_a_subclass_of_a_fused_layer_runs_its_own_backward_in_the_engine() -> No
     x = np.random.default_rng(1).standard_normal((8, 1, 6, 6))
     y = np.arange(8) % 4
     doubled, reference, normal = _model([1, 6, 6], layers), _model([1, 6, 6], layers), _model([1, 6, 6], plain)
-    reference.fast = False
-    for m in (doubled, reference, normal):
-        m.loss_and_grads(x, y)
-    assert [type(s).__name__ for s in doubled.engine().stages][1] == "_LayerStage"
+    reference.loss_and_grads(x, y)
+    for m in (doubled, normal):
+        engine.loss_and_grads(m, x, y)
+    assert [type(s).__name__ for s in engine_for(doubled).stages][1] == "_LayerStage"
     for k, g in reference.named_grads().items():  # the engine ran DoubledReLU's own forward and backward...
         np.testing.assert_allclose(doubled.named_grads()[k], g, rtol=1e-10, atol=1e-12)
     # ...which is not what a fused ReLU would have computed
@@ -271,7 +272,7 @@ def test_a_subclass_of_a_fused_layer_runs_its_own_backward_in_the_engine() -> No
 def test_a_batch_coupling_layer_makes_the_engine_run_the_whole_batch() -> None:
     _register_test_layers()
     model = _model([1, 6, 6], [{"type": "center"}, {"type": "flatten"}, {"type": "linear", "out_features": 3}])
-    eng = model.engine()
+    eng = engine_for(model)
     assert eng.whole_batch() and eng.worker_count(200) == 1
     model.eval()
     assert not eng.whole_batch() and eng.worker_count(200, train=False) > 0
@@ -290,7 +291,7 @@ def test_buffers_are_saved_loaded_not_optimized_and_not_decayed(tmp_path: Path) 
     model.named_buffers()["s1.calls"][...] = 7
     params = model.named_params()
     opt = make_optimizer(params, cfg.train.optimizer, model.decayed())
-    model.loss_and_grads(np.ones((4, 2, 3, 3), np.float32), np.array([0, 1, 2, 0]))
+    engine.loss_and_grads(model, np.ones((4, 2, 3, 3), np.float32), np.array([0, 1, 2, 0]))
     opt.step(params, model.named_grads(), 0.1)
     assert model.named_buffers()["s1.calls"][0] == 7  # the optimizer never touches a buffer
     path = save_checkpoint(tmp_path / "c.npz", model, cfg)
@@ -309,7 +310,7 @@ def test_modes_reach_every_layer_and_predict_uses_evaluation_mode() -> None:
     model = _model([1, 4, 4], [{"type": "center"}, {"type": "flatten"}, {"type": "linear", "out_features": 2}])
     x = np.random.default_rng(0).standard_normal((5, 1, 4, 4)) + 3.0
     assert model.training
-    z_eval = model.predict(x)  # evaluation mode: CenterBatch is the identity there
+    z_eval = engine.predict(model, x)  # evaluation mode: CenterBatch is the identity there
     assert model.training, "predict restores the mode"
     model.eval()
     np.testing.assert_allclose(z_eval, model.forward(x), rtol=1e-12)

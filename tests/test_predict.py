@@ -17,7 +17,7 @@ from clihelp import ok, one_line_error
 from conftest import CONFIGS
 from typer.testing import CliRunner
 
-from cnncli import data
+from cnncli import data, engine
 from cnncli.cli.app import app
 from cnncli.config import load_config
 from cnncli.data.preprocess import Normalizer
@@ -70,7 +70,7 @@ def _eval_path_probabilities(checkpoint: Path, x: np.ndarray, y: np.ndarray) -> 
     ckpt, model = open_checkpoint(checkpoint)
     normalizer = Normalizer(ckpt.config.data.normalize, model.input_shape[0])
     b = ckpt.config.train.eval_batch_size
-    parts = [softmax_cross_entropy(model.predict(normalizer(x[i : i + b])), y[i : i + b])[2]
+    parts = [softmax_cross_entropy(engine.predict(model, normalizer(x[i : i + b])), y[i : i + b])[2]
              for i in range(0, len(x), b)]
     return np.concatenate(parts)
 

@@ -1,4 +1,4 @@
-"""The fused engine (`Sequential.loss_and_grads`, `Sequential.predict`) against the per-layer reference path.
+"""The fused engine (`engine.loss_and_grads(model, …)`, `engine.predict`) against the per-layer reference path.
 
 The reference is `Sequential.forward` → `softmax_cross_entropy` → `Sequential.backward`, the classes of
 `cnncli/nn/layers.py` that `tests/test_layers.py` checks against naive loops. The engine must give the same loss,
@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cnncli import engine
 from cnncli.config import build_config, load_config
-from cnncli.engine import executor as engine
+from cnncli.engine import engine_for, executor
 from cnncli.host.blas import blas_info
 from cnncli.nn.layers import softmax_cross_entropy
 from cnncli.nn.model import Sequential, build_model
@@ -110,10 +111,10 @@ def _reference(model: Sequential, x: np.ndarray, y: np.ndarray) -> tuple[float, 
 
 def _fast(model: Sequential, x: np.ndarray, y: np.ndarray, threads: int | None = None,
           micro_batch: int | None = None) -> tuple[float, np.ndarray, dict]:
-    model.threads = threads
+    engine_for(model).threads = threads
     if micro_batch is not None:
-        model.engine().train_micro_batch = micro_batch
-    loss, z = model.loss_and_grads(x, y)
+        engine_for(model).train_micro_batch = micro_batch
+    loss, z = engine.loss_and_grads(model, x, y)
     return loss, z, {k: v.copy() for k, v in model.named_grads().items()}
 
 
@@ -135,7 +136,7 @@ def _assert_close(ref: tuple, got: tuple, rtol: float) -> None:
 def test_engine_matches_reference_in_float64(which: str) -> None:
     model = _model(which, np.float64)
     x, y = _batch(model, 11, np.float64)
-    model.engine().train_micro_batch = 4  # micro-batches of 4, 4, 3 on two threads
+    engine_for(model).train_micro_batch = 4  # micro-batches of 4, 4, 3 on two threads
     _assert_close(_reference(model, x, y), _fast(model, x, y, threads=2), rtol=1e-10)
 
 
@@ -145,7 +146,8 @@ def test_engine_matches_reference_in_float32(which: str) -> None:
     x, y = _batch(model, 24)
     ref = _reference(model, x, y)
     _assert_close(ref, _fast(model, x, y, threads=2, micro_batch=8), rtol=2e-5)
-    np.testing.assert_allclose(model.predict(x), ref[1], rtol=0, atol=2e-5 * max(1.0, float(np.abs(ref[1]).max())))
+    scale = max(1.0, float(np.abs(ref[1]).max()))
+    np.testing.assert_allclose(engine.predict(model, x), ref[1], rtol=0, atol=2e-5 * scale)
 
 
 @pytest.mark.parametrize("which", ALL)
@@ -159,7 +161,7 @@ def test_exact_on_integer_data_full_of_ties(which: str) -> None:
         p[...] = rng.integers(-1, 2, size=p.shape) / (4.0 if name.endswith(".b") else 8.0)
     x = rng.integers(0, 3, size=(9, *model.input_shape)).astype(np.float64)
     y = rng.integers(0, model.output_shape[0], size=9)
-    model.engine().train_micro_batch = 4
+    engine_for(model).train_micro_batch = 4
     ref, got = _reference(model, x, y), _fast(model, x, y, threads=2)
     np.testing.assert_array_equal(got[1], ref[1])  # logits: exact
     _assert_close(ref, got, rtol=1e-12)
@@ -169,7 +171,7 @@ def test_exact_on_integer_data_full_of_ties(which: str) -> None:
 def test_threaded_step_is_bit_identical_run_to_run_and_across_threads(which: str) -> None:
     model = _model(which)
     x, y = _batch(model, 70)  # micro-batches of 24, 23, 23
-    model.engine().train_micro_batch = 24
+    engine_for(model).train_micro_batch = 24
     runs = [_fast(model, x, y, threads=t) for t in (2, 2, 1, 3)]
     exact = blas_info()["controllable"]  # BLAS one thread per worker: the same products whatever the split
     for loss, z, grads in runs[1:] if exact else runs[1:2]:
@@ -197,12 +199,14 @@ def test_training_steps_are_deterministic_and_follow_the_reference() -> None:
 
     def train(fast: bool) -> dict[str, np.ndarray]:
         model = build_model(cfg.model, seed=3)
-        model.fast = fast
         params = model.named_params()
         opt = make_optimizer(params, cfg.train.optimizer)
         for step in range(3):
             x, y = _batch(model, 40, seed=step)
-            model.loss_and_grads(x, y)
+            if fast:
+                engine.loss_and_grads(model, x, y)
+            else:
+                model.loss_and_grads(x, y)
             opt.step(params, model.named_grads(), 0.05)
         return {k: v.copy() for k, v in params.items()}
 
@@ -215,17 +219,17 @@ def test_training_steps_are_deterministic_and_follow_the_reference() -> None:
 def test_engine_follows_parameter_changes_dtype_and_layers() -> None:
     model = _model("seed")
     x, y = _batch(model, 8)
-    model.loss_and_grads(x, y)
+    engine.loss_and_grads(model, x, y)
     other = _model("seed", seed=5)
     model.load_params(other.named_params())  # in place: the engine reads the live arrays
     _assert_close(_reference(other, x, y), _fast(model, x, y), rtol=2e-5)
     model.astype(np.float64)  # new arrays and dtype: the engine's buffers follow
-    loss, z = model.loss_and_grads(x.astype(np.float64), y)
+    loss, z = engine.loss_and_grads(model, x.astype(np.float64), y)
     assert z.dtype == np.float64 and model.named_grads()["conv1.W"].dtype == np.float64
     model.layers = model.layers[3:]  # a different network (flatten → fc1 needs 4096 inputs)
     model.input_shape = (16, 16, 16)
     h = np.random.default_rng(0).standard_normal((5, 16, 16, 16))
-    np.testing.assert_allclose(model.predict(h), model.forward(h), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(engine.predict(model, h), model.forward(h), rtol=1e-12, atol=1e-12)
 
 
 def test_plain_layer_state_still_works_for_gradcheck() -> None:
@@ -234,7 +238,7 @@ def test_plain_layer_state_still_works_for_gradcheck() -> None:
 
     model = _model("seed")
     x, y = _batch(model, 3)
-    model.loss_and_grads(x, y)
+    engine.loss_and_grads(model, x, y)
     model.forward(x)
     relu = next(layer for layer in model.layers if isinstance(layer, ReLU))
     pool = next(layer for layer in model.layers if isinstance(layer, MaxPool2D))
@@ -242,10 +246,9 @@ def test_plain_layer_state_still_works_for_gradcheck() -> None:
     assert pool._argmax is not None and pool._argmax.shape == (3, 16, 16, 16) and pool._argmax.dtype == np.uint8
 
 
-def test_fast_flag_switches_to_the_reference_path() -> None:
+def test_the_models_own_passes_are_the_per_layer_reference_exactly() -> None:
     model = _model("seed")
     x, y = _batch(model, 5)
-    model.fast = False
     loss, z = model.loss_and_grads(x, y)
     ref = _reference(_model("seed"), x, y)
     assert loss == ref[0]
@@ -263,7 +266,7 @@ def test_products_in_blocks_of_rows_match_the_reference(which: str, monkeypatch:
     output rows (engine.CONV_BLOCK_*). Blocks of 3 rows here: 8 output rows split 3, 3, 2, 7 split 3, 3, 1
     (two sizes of block buffers in evaluation), every window layout, the correlation and scatter δX,
     batch-norm folded into the conv for evaluation and batch statistics for training."""
-    monkeypatch.setattr(engine, "CONV_BLOCK_ROWS", 3)
+    monkeypatch.setattr(executor, "CONV_BLOCK_ROWS", 3)
     if which == "batchnorm":
         cfg = build_config({"model": {"input_shape": [3, 8, 8], "layers": BN_CONV}}).model
         model = build_model(cfg, seed=0, dtype=np.float64)
@@ -273,8 +276,8 @@ def test_products_in_blocks_of_rows_match_the_reference(which: str, monkeypatch:
     else:
         model = _model(which, np.float64)
     x, y = _batch(model, 19, np.float64)
-    model.engine().train_micro_batch = 8
-    model.engine().eval_micro_batch = 8
+    engine_for(model).train_micro_batch = 8
+    engine_for(model).eval_micro_batch = 8
     if which == "batchnorm":
         model.train()
     ref, got = _reference(model, x, y), _fast(model, x, y, threads=2)
@@ -283,7 +286,8 @@ def test_products_in_blocks_of_rows_match_the_reference(which: str, monkeypatch:
     _assert_close(ref, got, rtol=1e-10)
     model.eval()
     expected = model.forward(x)  # the per-layer path (running statistics in evaluation)
-    np.testing.assert_allclose(model.predict(x), expected, rtol=0, atol=1e-10 * max(1.0, float(np.abs(expected).max())))
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(engine.predict(model, x), expected, rtol=0, atol=1e-10 * scale)
 
 
 @pytest.mark.parametrize("gammas", ["positive", "one_negative", "one_zero"])
@@ -315,3 +319,16 @@ def test_batchnorm_pooled_before_its_affine_map_matches_the_reference(gammas: st
     if mode == "batch_statistics":  # a bias before a batch-norm: a zero gradient, rounding noise on both paths
         assert abs(ref[2].pop("conv2.b")).max() < 1e-12 and abs(got[2].pop("conv2.b")).max() < 1e-12
     _assert_close(ref, got, rtol=1e-10)
+
+
+def test_every_option_of_a_layer_type_the_engine_computes_is_one_it_handles() -> None:
+    """A fused layer type (and batch-norm) that gains an option the engine's stages do not know would be
+    computed without it, silently: the engine lists what it handles, and the two lists must agree."""
+    import dataclasses
+
+    from cnncli.nn.layers import BatchNorm
+
+    assert set(executor.HANDLED_OPTIONS) == {*executor._FUSED, BatchNorm}
+    for cls, handled in executor.HANDLED_OPTIONS.items():
+        declared = {f.name for f in dataclasses.fields(cls.Options)} - {"type", "name"}
+        assert declared == handled, f"{cls.__name__}: options {sorted(declared ^ handled)} differ from the engine's"

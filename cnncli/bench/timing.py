@@ -1,8 +1,8 @@
 """`cnn bench`: how fast one training step and one inference pass run, on random data of the config's shape.
 
-A training step is what `cnncli/run/train.py` does per batch: `Sequential.loss_and_grads` (forward, softmax
+A training step is what `cnncli/run/train.py` does per batch: `engine.loss_and_grads` (forward, softmax
 cross-entropy, backward) and the optimizer update `make_optimizer(...).step(params, grads, lr)`. Inference
-is `Sequential.predict` on an evaluation batch. Each is timed after a warm-up, as the median over repeats of
+is `engine.predict` on an evaluation batch. Each is timed after a warm-up, as the median over repeats of
 the mean time per call; the per-layer shares come from one extra, instrumented pass on a single thread.
 
 No output here: `cnncli/cli/bench.py` renders a `BenchResult`.
@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from cnncli import engine
 from cnncli.config import Config
-from cnncli.engine import calibrate
+from cnncli.engine import calibrate, engine_for
 from cnncli.engine.calibrate import Tuning
 from cnncli.host.blas import blas_info
 from cnncli.nn.model import Sequential, build_model
@@ -48,7 +49,7 @@ class LayerShare:
 @dataclass
 class BenchResult:
     config: str
-    engine: str  # "fused" (Sequential.loss_and_grads / predict) or "per-layer" (the reference path)
+    engine: str  # "fused" (engine.loss_and_grads / predict) or "per-layer" (Sequential's own, the reference)
     batch: int
     eval_batch: int
     steps: int
@@ -85,8 +86,8 @@ def _median_ms(fn: Callable[[], object], calls: int, repeats: int) -> tuple[floa
     return statistics.median(runs), runs
 
 
-def _profile(model: Sequential, x: np.ndarray, y: np.ndarray, step: Callable[[], None], passes: int
-             ) -> list[LayerShare]:
+def _profile(model: Sequential, x: np.ndarray, y: np.ndarray, step: Callable[[], None], passes: int,
+             reference: bool = False) -> list[LayerShare]:
     """Shares of one training step: the engine's stages timed on one thread, the loss (forward column), the
     sum of the micro-batch gradients and the optimizer update (backward column); they add up to 1."""
     rows: dict[str, list[float]] = {}
@@ -94,11 +95,12 @@ def _profile(model: Sequential, x: np.ndarray, y: np.ndarray, step: Callable[[],
     flops: dict[str, float] = {}
     update = 0.0
     for _ in range(passes):
-        if model.fast:
-            timed = model.engine().profile(x, y)
-            for name, (f_mm, b_mm) in model.engine().matmul_seconds.items():
+        if not reference:
+            eng = engine_for(model)
+            timed = eng.profile(x, y)
+            for name, (f_mm, b_mm) in eng.matmul_seconds.items():
                 matmul[name] = matmul.get(name, 0.0) + f_mm + b_mm
-            for name, (f_fl, b_fl) in model.engine().matmul_flops.items():
+            for name, (f_fl, b_fl) in eng.matmul_flops.items():
                 flops[name] = flops.get(name, 0.0) + f_fl + b_fl
         else:
             timed = _profile_layers(model, x, y)
@@ -192,6 +194,7 @@ class BenchCase:
     update: Callable[[], None]  # the optimizer step alone
     infer: Callable[[], None]  # predict on xe
     tuning: Tuning | None = None
+    reference: bool = False  # the per-layer reference path instead of the engine
 
     def tuning_dict(self) -> dict[str, Any]:
         """The micro-batch sizes used, as the results carry them ({} on the per-layer path)."""
@@ -210,11 +213,14 @@ def prepare_case(
     """Build `cfg`'s network (weights from `seed`), random inputs and labels, and the timed calls; the engine's
     micro-batch sizes as `cnn train` would use them (`calibrate.for_model`; measured again with `retune`)."""
     model = build_model(cfg.model, seed=seed)
-    model.fast = not reference
-    model.threads = threads
-    tuning = calibrate.for_model(model, batch, eval_batch, retune=retune)
-    used_threads = 1 if reference else model.engine().worker_count(batch)
-    eval_threads = 1 if reference else model.engine().worker_count(eval_batch, train=False)
+    eng = engine_for(model)
+    eng.threads = threads
+    if reference:
+        tuning = calibrate.default("the per-layer reference path has no micro-batches")
+    else:
+        tuning = calibrate.for_model(model, batch, eval_batch, retune=retune)
+    used_threads = 1 if reference else eng.worker_count(batch)
+    eval_threads = 1 if reference else eng.worker_count(eval_batch, train=False)
     rng = np.random.default_rng(seed)
     n_classes = model.output_shape[0]
     x = rng.standard_normal((batch, *model.input_shape)).astype(np.float32)
@@ -225,16 +231,22 @@ def prepare_case(
     lr = cfg.train.optimizer.lr
 
     def train_step() -> None:
-        model.loss_and_grads(x, y)
+        if reference:
+            model.loss_and_grads(x, y)
+        else:
+            engine.loss_and_grads(model, x, y)
         optimizer.step(params, model.named_grads(), lr)
 
     def update() -> None:
         optimizer.step(params, model.named_grads(), lr)
 
     def infer() -> None:
-        model.predict(xe)
+        if reference:
+            model.predict(xe)
+        else:
+            engine.predict(model, xe)
 
-    return BenchCase(model, x, y, xe, lr, used_threads, eval_threads, train_step, update, infer, tuning)
+    return BenchCase(model, x, y, xe, lr, used_threads, eval_threads, train_step, update, infer, tuning, reference)
 
 
 def run_bench(
@@ -253,7 +265,7 @@ def run_bench(
     """Time `steps` training steps (batch `batch`, default train.batch_size) and ⌈steps/4⌉ inference passes
     (batch `eval_batch`, default train.eval_batch_size), `repeats` times each after `warmup` calls; medians.
 
-    `reference` times the per-layer path (`Sequential.fast = False`) instead of the fused engine.
+    `reference` times the per-layer path (`Sequential.loss_and_grads`) instead of the fused engine.
     """
     batch = batch or cfg.train.batch_size
     eval_batch = eval_batch or cfg.train.eval_batch_size
@@ -263,7 +275,7 @@ def run_bench(
         case.infer()
     train_ms, train_runs = _median_ms(case.train_step, steps, repeats)
     eval_ms, eval_runs = _median_ms(case.infer, eval_calls(steps), repeats)
-    layers = _profile(case.model, case.x, case.y, case.update, passes=max(2, min(steps, 10)))
+    layers = _profile(case.model, case.x, case.y, case.update, passes=max(2, min(steps, 10)), reference=case.reference)
     blas = blas_info()
     return BenchResult(
         config=config_name,

@@ -31,9 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from cnncli import engine
 from cnncli.bench.timing import BenchCase, eval_calls, prepare_case
 from cnncli.config import AdamConfig, Config, OptimizerConfig, SGDConfig
 from cnncli.data.preprocess import Normalizer, augment
+from cnncli.engine import engine_for
 from cnncli.host.blas import blas_info
 from cnncli.host.errors import CnnError, ConfigError, TrainingDiverged
 from cnncli.nn.model import Sequential, build_model
@@ -256,7 +258,7 @@ def torch_logits(tnet: TorchNet, x: np.ndarray, memory_format: str = "contiguous
 def logits_difference(model: Sequential, tnet: TorchNet, x: np.ndarray, memory_format: str) -> float:
     """max |z_torch − z_cnncli| / max |z_cnncli| over x (N, *input_shape): ~1e-7 when they agree."""
     tnet.copy_buffers_from(model)
-    z = model.predict(x)
+    z = engine.predict(model, x)
     zt = torch_logits(tnet, x, memory_format)
     return float(np.max(np.abs(zt - z)) / max(float(np.max(np.abs(z))), 1e-30))
 
@@ -582,8 +584,8 @@ def train_torch(
     if model.output_shape != (len(dataset.classes),):
         raise ConfigError(f"model.layers: the last layer gives {model.output_shape[0]} outputs but "
                           f"{cfg.data.dataset} has {len(dataset.classes)} classes")
-    model.threads = threads
-    n_threads = model.engine().worker_count(tc.batch_size)
+    engine_for(model).threads = threads
+    n_threads = engine_for(model).worker_count(tc.batch_size)
     normalizer = Normalizer(cfg.data.normalize, model.input_shape[0])
     tnet = build_torch_net(cfg, model)
     set_format(tnet, memory_format)

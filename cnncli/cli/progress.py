@@ -1,4 +1,4 @@
-"""Progress rendering for the CLI (the only terminal-facing module besides cli.py).
+"""Progress rendering for the CLI (with the other modules of `cnncli/cli/`, the only code that talks to the terminal).
 
 In a terminal: tqdm bars. Not in a terminal (CI logs, `| tee`): plain lines, at most one every few seconds.
 Library code never prints; it calls the callbacks made here.

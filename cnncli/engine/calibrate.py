@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from cnncli.engine import engine_for, loss_and_grads, predict
 from cnncli.engine.executor import EVAL_MICRO_BATCH, TRAIN_MICRO_BATCH
 from cnncli.host.blas import blas_info, worker_threads
 from cnncli.nn.model import Sequential
@@ -68,7 +69,7 @@ class Tuning:
         return d
 
     def apply(self, model: Sequential) -> None:
-        engine = model.engine()
+        engine = engine_for(model)
         engine.train_micro_batch, engine.eval_micro_batch = self.train_micro_batch, self.eval_micro_batch
 
 
@@ -100,13 +101,13 @@ def machine_key() -> str:
 
 def shape_key(model: Sequential, batch: int, eval_batch: int) -> str:
     """The network's stages and shapes, its dtype, the batch sizes and the worker threads, hashed."""
-    engine = model.engine()
+    engine = engine_for(model)
     dtype = next(iter(model.named_params().values())).dtype if model.named_params() else np.float32
     desc = {
         "input": list(model.input_shape),
         "stages": [[s.label, list(s.in_shape), list(s.out_shape)] for s in engine.stages],
         "params": {k: list(v.shape) for k, v in model.named_params().items()},
-        "dtype": str(dtype), "batch": batch, "eval_batch": eval_batch, "threads": model.threads or worker_threads(),
+        "dtype": str(dtype), "batch": batch, "eval_batch": eval_batch, "threads": engine.threads or worker_threads(),
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -173,7 +174,7 @@ def store(model: Sequential, batch: int, eval_batch: int, tuning: Tuning) -> Pat
 
 def training_is_fixed(model: Sequential) -> str | None:
     """Why the training micro-batch is not a choice for this network, or None."""
-    engine = model.engine()
+    engine = engine_for(model)
     if engine.whole_batch():
         return "a layer couples the whole batch in training (one micro-batch)"
     if engine.synced():
@@ -194,9 +195,9 @@ def measure(model: Sequential, batch: int, eval_batch: int, rounds: int = 5, sec
     `rounds` rounds every candidate runs once (after one untimed call the first time), as many calls as fit
     in about `seconds`; the fastest median wins. The model's parameters, buffers (batch-norm's running
     statistics) and mode are left as they were; its gradients are overwritten."""
-    engine = model.engine()
+    engine = engine_for(model)
     rng = np.random.default_rng(seed)
-    threads = model.threads or worker_threads()
+    threads = engine_for(model).threads or worker_threads()
     x = rng.standard_normal((batch, *model.input_shape)).astype(np.float32)
     y = rng.integers(0, model.output_shape[0], size=batch)
     saved = {k: v.copy() for k, v in model.named_buffers().items()}
@@ -217,7 +218,7 @@ def measure(model: Sequential, batch: int, eval_batch: int, rounds: int = 5, sec
                 engine.train_micro_batch = c
 
                 def step() -> None:
-                    model.loss_and_grads(x, y)
+                    loss_and_grads(model, x, y)
 
                 if ("t", c) not in calls:
                     calls["t", c] = max(1, int(seconds / max(_time(step, 1) / 1000, 1e-6)))
@@ -227,7 +228,7 @@ def measure(model: Sequential, batch: int, eval_batch: int, rounds: int = 5, sec
                 engine.eval_micro_batch = c
 
                 def infer() -> None:
-                    model.predict(xe)
+                    predict(model, xe)
 
                 if ("e", c) not in calls:
                     calls["e", c] = max(1, int(seconds / max(_time(infer, 1) / 1000, 1e-6)))
@@ -255,9 +256,7 @@ def default(reason: str) -> Tuning:
 
 def for_model(model: Sequential, batch: int, eval_batch: int, retune: bool = False) -> Tuning:
     """The sizes for this network on this machine: cached, else measured now and cached (unless
-    CNNCLI_TUNE=0 or `model.fast` is off). Applies them to the model's engine."""
-    if not model.fast:
-        return default("the per-layer reference path has no micro-batches")
+    CNNCLI_TUNE=0). Applies them to the model's engine."""
     tuning = None if retune else cached(model, batch, eval_batch)
     if tuning is None and (retune or enabled()):
         tuning = measure(model, batch, eval_batch)

@@ -1,5 +1,5 @@
 """The fused execution engine: the same functions as the per-layer path of `cnncli/nn/layers.py`, several
-times faster (see the notes below). `Sequential.loss_and_grads` and `Sequential.predict` run it;
+times faster (see the notes below). `cnncli.engine.loss_and_grads(model, x, y)` and `predict(model, x)` run it;
 `tests/test_speed_equivalence.py` holds it to the per-layer reference.
 """
 
@@ -1024,6 +1024,19 @@ class _LayerStage(_Stage):
 # something else, so it runs through its own forward/backward in a `_LayerStage`.
 _FUSED = (Conv2D, MaxPool2D, Linear, ReLU, Flatten)
 
+# Every option of each layer type the engine computes itself (the `_FUSED` types and BatchNorm), all honoured by
+# its stages (`init` only sets the starting weights, which the engine reads as they are). A fused type that gains
+# an option must be taught here and in its stage, or leave `_FUSED` (its layers then run their own forward and
+# backward in a `_LayerStage`): tests/test_speed_equivalence.py fails until the two lists agree.
+HANDLED_OPTIONS: dict[type[Layer], frozenset[str]] = {
+    Conv2D: frozenset({"out_channels", "kernel_size", "stride", "padding", "bias", "init"}),
+    MaxPool2D: frozenset({"kernel_size", "stride"}),
+    Linear: frozenset({"out_features", "bias", "init"}),
+    ReLU: frozenset(),
+    Flatten: frozenset(),
+    BatchNorm: frozenset({"momentum", "eps"}),
+}
+
 
 def _fused(layer: Layer) -> bool:
     return type(layer) in _FUSED
@@ -1150,7 +1163,7 @@ class Engine:
 
     def __init__(self, layers: list[Layer], input_shape: Shape) -> None:
         self.layers = list(layers)
-        self.key = (tuple(map(id, layers)), tuple(input_shape))  # what `Sequential.engine` checks
+        self.key = (tuple(map(id, layers)), tuple(input_shape))  # what `cnncli.engine.engine_for` checks
         self.input_shape = tuple(input_shape)
         self.stages = _plan(self.layers, self.input_shape)
         self.threads: int | None = None

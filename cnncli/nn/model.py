@@ -1,9 +1,9 @@
 """A `Sequential` network built from the config's layer list, every shape inferred from the input shape.
 
-Two ways to run it: the per-layer path (`Sequential.forward` / `backward`, the classes of `cnncli/nn/layers.py`
-one after another — the reference, and what `cnncli/nn/gradcheck.py` inspects) and the fused `Engine` of
-`cnncli/engine/executor.py` (run by `Sequential.loss_and_grads` and `Sequential.predict`), which computes the same
-functions to float32 rounding several times faster.
+This is the reference network: `forward` and `backward` run the classes of `cnncli/nn/layers.py` one after
+another, as docs/derivations.md derives them, and `cnncli/nn/gradcheck.py` inspects exactly this path. The fused
+engine (`cnncli/engine/`) takes a `Sequential` and computes the same functions to float32 rounding several times
+faster (`engine.loss_and_grads(model, x, y)`, `engine.predict(model, x)`); nothing here knows about it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from cnncli.engine.executor import Engine
 from cnncli.host.errors import ConfigError
 from cnncli.nn.build import NestedLayerError, build_layers, param_budget
 from cnncli.nn.layer import Layer, Shape
@@ -40,10 +39,6 @@ class Sequential:
     def __init__(self, layers: list[Layer], input_shape: Shape) -> None:
         self.layers = layers
         self.input_shape = tuple(input_shape)
-        # loss_and_grads / predict through the fused `Engine` (True) or the per-layer reference path (False).
-        self.fast = True
-        self.threads: int | None = None  # the engine's worker threads; None: `worker_threads()`
-        self._engine: Engine | None = None
 
     # ---- parameters -------------------------------------------------------------------------------
     def param_layers(self) -> Iterator[Layer]:
@@ -132,36 +127,25 @@ class Sequential:
         return d
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        """One training pass: forward, mean softmax cross-entropy, backward; fills `named_grads()`.
+        """One training pass layer by layer: forward, mean softmax cross-entropy, backward; fills `named_grads()`.
 
-        x (N, *input_shape), y (N,) integer labels -> (loss, logits z (N, classes)). Runs the fused `Engine`
-        (`self.fast`), else the per-layer path; both give the same numbers to float32 rounding.
+        x (N, *input_shape), y (N,) integer labels -> (loss, logits z (N, classes)).
         """
-        if self.fast:
-            return self.engine().loss_and_grads(x, y)
         z = self.forward(x)
         loss, dz, _ = softmax_cross_entropy(z, y)
         self.backward(dz)
         return loss, z
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Inference in evaluation mode: X (N, *input_shape) -> logits z (N, classes), keeping nothing for a
-        backward pass. The fused `Engine` when `self.fast`, else `forward`; the same numbers to float32
-        rounding. Each layer's mode is restored afterwards."""
+        """Inference layer by layer in evaluation mode: X (N, *input_shape) -> logits z (N, classes). Each
+        layer's mode is restored afterwards."""
         modes = [layer.training for layer in self.layers]
         self.eval()
         try:
-            return self.engine().predict(x) if self.fast else self.forward(x)
+            return self.forward(x)
         finally:
             for layer, mode in zip(self.layers, modes, strict=True):
                 layer.train(mode)
-
-    def engine(self) -> Engine:
-        """The fused execution engine of this network (built on first use, rebuilt if `layers` changes)."""
-        if self._engine is None or self._engine.key != (tuple(map(id, self.layers)), self.input_shape):
-            self._engine = Engine(self.layers, self.input_shape)
-        self._engine.threads = self.threads
-        return self._engine
 
     def set_input_grad(self, needed: bool) -> None:
         """Whether the first layer computes δX (gradcheck wants it; training does not)."""

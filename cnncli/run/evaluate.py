@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cnncli import engine
 from cnncli.data.preprocess import Normalizer
 from cnncli.nn.layers import softmax_cross_entropy
 from cnncli.nn.model import Sequential
@@ -55,7 +56,7 @@ def evaluate(
     total_loss = 0.0
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        z = model.predict(normalizer(xb))  # the fused engine; forward() is the per-layer reference path
+        z = engine.predict(model, normalizer(xb))  # fused; model.predict is the per-layer reference path
         loss, _, _ = softmax_cross_entropy(z, yb)
         total_loss += loss * len(xb)
         np.add.at(confusion, (yb, z.argmax(axis=1)), 1)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from cnncli import engine
 from cnncli.config import NormalizeConfig
 from cnncli.data.preprocess import Normalizer
 from cnncli.host.errors import CheckpointError, CnnError, DataError
@@ -136,7 +137,8 @@ class Classifier:
         k = len(self.classes)
         if not len(inputs):
             return np.zeros((0, k), dtype=np.float32)
-        parts = [self.model.predict(inputs[i : i + self.batch_size]) for i in range(0, len(inputs), self.batch_size)]
+        parts = [engine.predict(self.model, inputs[i : i + self.batch_size])
+                 for i in range(0, len(inputs), self.batch_size)]
         return np.concatenate(parts).astype(np.float32, copy=False)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from cnncli import data as data_mod
+from cnncli import engine
 from cnncli.config import (
     Config,
     EarlyStoppingConfig,
@@ -307,13 +308,13 @@ def _check_state(d: Any, source: Path) -> _State:
         if not 0 < sums["seen"] <= 2**62 or sums["correct"] > sums["seen"]:  # type: ignore[operator]
             raise bad("partial.seen", "images seen so far (more than 0, at least partial.correct)", sums["seen"])
         partial = sums
-    engine = d.get("engine", {})  # optional (older checkpoints have none): the run's micro-batch sizes
-    if not isinstance(engine, dict) or (engine and set(engine) != {"train_micro_batch", "eval_micro_batch"}):
-        raise bad("engine", "a mapping of train_micro_batch, eval_micro_batch", engine)
-    for key, value in engine.items():
+    sizes = d.get("engine", {})  # optional (older checkpoints have none): the run's micro-batch sizes
+    if not isinstance(sizes, dict) or (sizes and set(sizes) != {"train_micro_batch", "eval_micro_batch"}):
+        raise bad("engine", "a mapping of train_micro_batch, eval_micro_batch", sizes)
+    for key, value in sizes.items():
         integer(f"engine.{key}", value, 1, calibrate.MAX_MICRO_BATCH)
     return _State(epoch=epoch, batch=batch, step=step, best_val_acc=best_val_acc, best_epoch=best_epoch,
-                  history=rows, partial=dict(partial), engine=dict(engine))
+                  history=rows, partial=dict(partial), engine=dict(sizes))
 
 
 def check_fits_data(model: Sequential, cfg: Config, data_folder: Path) -> None:
@@ -476,7 +477,7 @@ def train(
                 xb = augment(xb, cfg.data.augment, np.random.default_rng([cfg.seed, epoch, b]))
                 lr = learning_rate(tc.optimizer.lr, tc.schedule, state.step, steps, tc.epochs, monitored)
                 model.set_step(cfg.seed, epoch, b)  # dropout's masks: a function of the step alone
-                loss, z = model.loss_and_grads(normalizer(xb), yb)
+                loss, z = engine.loss_and_grads(model, normalizer(xb), yb)
                 if not math.isfinite(loss):
                     kept = f"last good checkpoint: {last_path}" if last_path.exists() else "no checkpoint was saved"
                     raise TrainingDiverged(
