@@ -2,7 +2,7 @@
 
 The engine's automatic micro-batch calibration (cnncli/engine/calibrate.py) is off for the suite (and the processes it
 starts): it would add a measurement to every training test and write a cache into the home folder.
-tests/test_tune.py turns it on with a cache in a temporary folder.
+tests/engine/test_calibrate.py turns it on with a cache in a temporary folder.
 """
 
 from __future__ import annotations

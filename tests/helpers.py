@@ -1,12 +1,16 @@
-"""Helpers shared by several test files: checkpoint comparison and a URL nobody listens on."""
+"""Helpers shared by several test files: checkpoint comparison, a training stopped at a given step, and a URL
+nobody listens on."""
 
 from __future__ import annotations
 
 import json
+import signal
 import socket
 from pathlib import Path
 
 import numpy as np
+
+from cnncli.run.train import Callbacks
 
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
@@ -38,3 +42,17 @@ def closed_port_url() -> str:
     port = s.getsockname()[1]
     s.close()
     return f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"
+
+
+class StopAt(Callbacks):
+    """Training callbacks that send SIGINT (Ctrl-C) at (epoch, batch): the run stops there as a user's would."""
+
+    def __init__(self, at: tuple[int, int] | None) -> None:
+        self.at, self.epoch = at, 0
+
+    def on_epoch_start(self, epoch: int, epochs: int, steps: int, start_batch: int) -> None:
+        self.epoch = epoch
+
+    def on_batch(self, batch: int, steps: int, loss: float, acc: float, images_per_s: float, lr: float) -> None:
+        if (self.epoch, batch) == self.at:
+            signal.raise_signal(signal.SIGINT)

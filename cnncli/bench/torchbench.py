@@ -7,7 +7,7 @@ rounds, medians. `python -m cnncli.cli.torchbench train --config C` (`train_torc
 
 "The same" means: the network is built from the config's layer list by `TORCH_LAYERS` (a table from layer
 type to a builder) with cnncli's initial weights copied in, so both compute the same logits to float32
-rounding (`tests/test_bench.py` checks it, and every bench run reports the largest difference); the loss is
+rounding (`tests/bench/test_bench.py` checks it, and every bench run reports the largest difference); the loss is
 the mean softmax cross-entropy; the optimizer follows the config with weight decay on weights ('*.W') only,
 as `cnncli/run/optim.py` does; batches, learning rate and thread count are cnncli's.
 

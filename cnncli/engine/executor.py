@@ -1,6 +1,6 @@
 """The fused execution engine: the same functions as the per-layer path of `cnncli/nn/layers.py`, several
 times faster (see the notes below). `cnncli.engine.loss_and_grads(model, x, y)` and `predict(model, x)` run it;
-`tests/test_speed_equivalence.py` holds it to the per-layer reference.
+`tests/engine/test_speed_equivalence.py` holds it to the per-layer reference.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cnncli.nn.layers import BatchNorm, Conv2D, Flatten, Linear, MaxPool2D, ReLU
 # ==========================================================================================================
 # The fused execution engine.
 #
-# The same network as the per-layer path, computed differently (`tests/test_speed_equivalence.py` checks
+# The same network as the per-layer path, computed differently (`tests/engine/test_speed_equivalence.py` checks
 # that loss, logits and every gradient agree to float32 rounding):
 #
 # * tensors are batch-minor inside: images (C, H, W, N), vectors (D, N), the example index last. Each conv
@@ -1027,7 +1027,7 @@ _FUSED = (Conv2D, MaxPool2D, Linear, ReLU, Flatten)
 # Every option of each layer type the engine computes itself (the `_FUSED` types and BatchNorm), all honoured by
 # its stages (`init` only sets the starting weights, which the engine reads as they are). A fused type that gains
 # an option must be taught here and in its stage, or leave `_FUSED` (its layers then run their own forward and
-# backward in a `_LayerStage`): tests/test_speed_equivalence.py fails until the two lists agree.
+# backward in a `_LayerStage`): tests/engine/test_speed_equivalence.py fails until the two lists agree.
 HANDLED_OPTIONS: dict[type[Layer], frozenset[str]] = {
     Conv2D: frozenset({"out_channels", "kernel_size", "stride", "padding", "bias", "init"}),
     MaxPool2D: frozenset({"kernel_size", "stride"}),

@@ -12,7 +12,7 @@ Two checks, both raising a one-line ConfigError that names the key, the estimate
 
 The limit comes from `cnncli/host/limits.py`. The step estimates leave out NumPy's short-lived temporaries and the data
 set itself; for the shipped configs they came within 0.55–1.4× of the peaks tracemalloc measured
-(tests/test_faults_memory.py holds them within 0.4–2.5×). They are meant to stop sizes that are off by orders of
+(tests/faults/test_faults_memory.py holds them within 0.4–2.5×). They are meant to stop sizes that are off by orders of
 magnitude, not to budget tightly.
 """
 

@@ -52,7 +52,7 @@ from typing import Any
 
 import yaml
 
-from cnncli.config import Config, config_to_dict, load_config, parse_yaml, resolve_config
+from cnncli.config import MONITORED, Config, config_to_dict, load_config, parse_yaml, resolve_config
 from cnncli.host.atomic import atomic_write
 from cnncli.host.errors import CnnError, ConfigError
 from cnncli.host.safeload import describe, show
@@ -61,7 +61,7 @@ from cnncli.run.runs import OVERRIDES_FILE, process_alive, read_json_file
 INSTALL_HINT = "Optuna is not installed; sweeps need the sweep extra: pip install 'cnncli[sweep]'"
 SWEEP_FILE = "sweep.json"
 JOURNAL_FILE = "study.journal"
-METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
+METRICS = MONITORED  # what a sweep may optimise: the metrics early stopping may monitor
 SAMPLE_KINDS = ("loguniform", "uniform", "int", "choice")
 PRUNERS = ("median", "asha")
 JOB_ENV = "CNNCLI_SWEEP_JOB"

@@ -22,7 +22,7 @@ from cnncli.nn import layers
 from cnncli.nn.gradcheck import TensorCheck, gradcheck, rel_error
 from cnncli.nn.model import Sequential, build_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 DIAGRAM = ROOT / "configs" / "seed-diagram.yaml"
 TOL = 1e-6

@@ -31,7 +31,7 @@ from cnncli.nn.model import build_model
 from cnncli.run.checkpoint import load_checkpoint, save_checkpoint
 from cnncli.run.optim import make_optimizer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "docs" / "examples"
 MY_LAYERS = EXAMPLES / "my_layers.py"
 MY_CONFIG = EXAMPLES / "my-layers.yaml"
@@ -196,7 +196,7 @@ class Scale(Layer):
 
 def _register_test_layers() -> None:
     for cls in (DoubledReLU, CenterBatch, Scale):
-        registry.register_layer(cls, "tests/test_layer_api.py")
+        registry.register_layer(cls, "tests/nn/test_layer_api.py")
 
 
 BUILDING_BLOCKS = [

@@ -18,7 +18,7 @@ from cnncli.nn.layers import BatchNorm
 from cnncli.nn.model import build_model
 from cnncli.run.checkpoint import apply_params, load_checkpoint, save_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EPS = 1e-5
 
 
@@ -233,8 +233,7 @@ def test_the_deep_config_resumed_mid_epoch_is_bit_identical(real_cifar_dir: Path
     # configs/cifar-deep.yaml itself (its layers, augmentation, Nesterov SGD, warm-up + cosine schedule, weight
     # decay), on a slice: the batch statistics shared between two worker threads and the running statistics in
     # the checkpoint must make the interrupted-and-resumed run land on the same bits as the uninterrupted one
-    from helpers import assert_same_training_state
-    from test_layers_new_run import _StopAt
+    from helpers import StopAt, assert_same_training_state
 
     from cnncli.run.train import TrainingInterrupted, train
 
@@ -245,7 +244,7 @@ def test_the_deep_config_resumed_mid_epoch_is_bit_identical(real_cifar_dir: Path
     whole, split = tmp_path / "whole", tmp_path / "split"
     train(cfg, whole, real_cifar_dir)
     with pytest.raises(TrainingInterrupted):
-        train(cfg, split, real_cifar_dir, callbacks=_StopAt((1, 2)))
+        train(cfg, split, real_cifar_dir, callbacks=StopAt((1, 2)))
     ck = load_checkpoint(split / "last.npz")
     assert 0 < ck.state["batch"] < 6, ck.state  # saved in the middle of an epoch (6 steps of 32)
     train(ck.config, split, real_cifar_dir, resume=ck, resume_path=split / "last.npz")

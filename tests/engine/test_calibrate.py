@@ -17,7 +17,7 @@ from cnncli.engine import calibrate, engine_for
 from cnncli.nn.model import build_model
 from cnncli.run.checkpoint import load_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1}, {"type": "relu"},
          {"type": "maxpool", "kernel_size": 2}, {"type": "flatten"}, {"type": "linear", "out_features": 3}]
 
@@ -124,8 +124,7 @@ def test_a_resumed_run_keeps_the_sizes_it_trained_with(real_cifar_dir: Path, tmp
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # the training micro-batch orders the sums of a batch's gradients: a run interrupted and resumed after the
     # cache changed must still use its own sizes, and so land on the uninterrupted run's bits
-    from helpers import assert_same_training_state
-    from test_layers_new_run import _StopAt
+    from helpers import StopAt, assert_same_training_state
 
     from cnncli.run.train import TrainingInterrupted, train
 
@@ -145,7 +144,7 @@ def test_a_resumed_run_keeps_the_sizes_it_trained_with(real_cifar_dir: Path, tmp
     train(cfg, whole, real_cifar_dir)
     monkeypatch.setenv("CNNCLI_CACHE", str(tmp_path / "other-cache"))
     with pytest.raises(TrainingInterrupted):
-        train(cfg, split, real_cifar_dir, callbacks=_StopAt((1, 2)))
+        train(cfg, split, real_cifar_dir, callbacks=StopAt((1, 2)))
     ck = load_checkpoint(split / "last.npz")
     assert ck.state["engine"] == {"train_micro_batch": 7, "eval_micro_batch": 20}
     sizes["train"] = 13  # the machine's calibration has changed since

@@ -27,7 +27,7 @@ from cnncli.host.errors import CheckpointError
 from cnncli.nn.model import build_model
 from cnncli.run.checkpoint import apply_optim, apply_params, load_checkpoint, save_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 runner = CliRunner()
 

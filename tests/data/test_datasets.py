@@ -31,7 +31,7 @@ from cnncli.config import DataConfig, NormalizeConfig, build_config, config_to_d
 from cnncli.data import images, mnist
 from cnncli.host.errors import ConfigError, DataError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 IDX = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
        "t10k-labels-idx1-ubyte.gz")
 # From the data sets' own pages, not from the code under test.

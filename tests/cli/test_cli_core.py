@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from cnncli.cli.app import app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 DIAGRAM = ROOT / "configs" / "seed-diagram.yaml"
 COMMANDS = ["summary", "gradcheck"]

@@ -19,7 +19,7 @@ from cnncli.config import build_config, load_config
 from cnncli.host.errors import ConfigError
 from cnncli.nn.model import Sequential, build_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 DIAGRAM = ROOT / "configs" / "seed-diagram.yaml"
 

@@ -31,7 +31,7 @@ from cnncli.config import load_config
 from cnncli.data import load_cifar10
 from cnncli.run.checkpoint import load_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 PARAMS = ("conv1.W", "conv1.b", "fc1.W", "fc1.b")

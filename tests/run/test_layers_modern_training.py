@@ -6,14 +6,13 @@ training run with dropout stopped mid-epoch and resumed bit-identically (real CI
 from __future__ import annotations
 
 import re
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from clihelp import ok, one_line_error
-from helpers import assert_same_training_state
+from helpers import StopAt, assert_same_training_state
 from typer.testing import CliRunner
 
 from cnncli.cli.app import app
@@ -21,7 +20,7 @@ from cnncli.config import build_config, load_config
 from cnncli.nn.model import Sequential, build_model
 from cnncli.nn.trace import trace
 from cnncli.run.checkpoint import load_checkpoint
-from cnncli.run.train import Callbacks, TrainingInterrupted, train
+from cnncli.run.train import TrainingInterrupted, train
 
 runner = CliRunner()
 
@@ -165,18 +164,6 @@ def test_bad_configs_are_one_line_errors_from_the_cli(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- resume
 
 
-class _StopAt(Callbacks):
-    def __init__(self, at: tuple[int, int] | None) -> None:
-        self.at, self.epoch = at, 0
-
-    def on_epoch_start(self, epoch: int, epochs: int, steps: int, start_batch: int) -> None:
-        self.epoch = epoch
-
-    def on_batch(self, batch: int, steps: int, loss: float, acc: float, images_per_s: float, lr: float) -> None:
-        if (self.epoch, batch) == self.at:
-            signal.raise_signal(signal.SIGINT)
-
-
 def test_a_run_with_dropout_resumed_mid_epoch_is_bit_identical(real_cifar_dir: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     layers = [{"type": "conv", "out_channels": 6, "kernel_size": 3, "padding": 1}, {"type": "relu"},
@@ -199,7 +186,7 @@ def test_a_run_with_dropout_resumed_mid_epoch_is_bit_identical(real_cifar_dir: P
     assert keys == [(3, e, b) for e in range(2) for b in range(8)], "one key per step, before it"
     keys.clear()
     with pytest.raises(TrainingInterrupted):
-        train(cfg, split, real_cifar_dir, callbacks=_StopAt((1, 3)))
+        train(cfg, split, real_cifar_dir, callbacks=StopAt((1, 3)))
     ck = load_checkpoint(split / "last.npz")
     keys.clear()
     train(ck.config, split, real_cifar_dir, resume=ck, resume_path=split / "last.npz")

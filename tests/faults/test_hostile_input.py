@@ -24,7 +24,7 @@ from cnncli.host.safeload import MAX_DEPTH, describe, load_json, load_yaml, show
 from cnncli.nn.model import build_model
 from cnncli.run.checkpoint import load_checkpoint, save_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 CNN = str(Path(sys.executable).parent / "cnn")
 runner = CliRunner()

@@ -24,7 +24,7 @@ from cnncli.nn.model import build_model
 from cnncli.run.checkpoint import apply_optim, apply_params, load_checkpoint, save_checkpoint
 from cnncli.run.train import train
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 SHAPES = {"conv1.W": (16, 3, 3, 3), "conv1.b": (16,), "fc1.W": (10, 4096), "fc1.b": (10,)}
 

@@ -21,7 +21,7 @@ from cnncli.host.errors import TrainingDiverged
 from cnncli.run.checkpoint import load_checkpoint
 from cnncli.run.train import Callbacks, TrainingInterrupted, train
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 DOCUMENTED_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
 

@@ -22,7 +22,7 @@ from cnncli.run.runs import read_history
 pytest.importorskip("tensorboardX")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
-SEED = Path(__file__).resolve().parent.parent / "configs" / "seed.yaml"
+SEED = Path(__file__).resolve().parents[2] / "configs" / "seed.yaml"
 SMALL = ["--set", "data.limit=512", "--set", "data.val_size=128", "--set", "train.batch_size=64"]
 runner = CliRunner()
 

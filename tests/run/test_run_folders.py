@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cnncli.cli.app import app
 from cnncli.run.train import lock_run_dir
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 runner = CliRunner()
 SMALL = ["--set", "data.limit=600", "--set", "data.val_size=100", "--epochs", "1"]

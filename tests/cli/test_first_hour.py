@@ -35,7 +35,7 @@ from cnncli.data import load_cifar10, make_splits
 from cnncli.nn.model import build_model
 from cnncli.run.checkpoint import save_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 CNN = str(Path(sys.executable).parent / "cnn")
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

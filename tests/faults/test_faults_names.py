@@ -18,7 +18,7 @@ from cnncli.host.names import RUN_NAME, check_name
 from cnncli.nn.model import build_model
 from cnncli.run.checkpoint import apply_params, load_checkpoint, save_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 runner = CliRunner()
 HEAD = [{"type": "flatten"}, {"type": "linear", "out_features": 10}]

@@ -32,7 +32,7 @@ from cnncli.nn.model import build_model
 from cnncli.nn.trace import Trace, loss_change, name_tensors, trace
 from cnncli.run.checkpoint import save_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 DIAGRAM = ROOT / "configs" / "seed-diagram.yaml"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -21,7 +21,7 @@ from cnncli.config import load_config
 from cnncli.engine import engine_for
 from cnncli.host.blas import blas_info, blas_threads
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 DIAGRAM = ROOT / "configs" / "seed-diagram.yaml"
 SMALL = ["--steps", "2", "--repeats", "2", "--batch", "16", "--eval-batch", "40"]

@@ -20,7 +20,7 @@ from cnncli.cli.app import app
 from cnncli.run.plot import INSTALL_HINT, Metrics, learning_curves_png, read_metrics
 from cnncli.run.train import METRIC_FIELDS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -21,7 +21,7 @@ from cnncli.run.optim import learning_rate, plateau_lr
 from cnncli.run.runs import read_history
 from cnncli.run.train import Callbacks, TrainingInterrupted, stops_early, train
 
-SEED = Path(__file__).resolve().parent.parent / "configs" / "seed.yaml"
+SEED = Path(__file__).resolve().parents[2] / "configs" / "seed.yaml"
 SMALL = ["data.limit=512", "data.val_size=128", "train.batch_size=64"]  # 384 training images: 6 steps per epoch
 
 

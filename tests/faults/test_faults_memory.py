@@ -24,7 +24,7 @@ from cnncli.run.checkpoint import save_checkpoint
 from cnncli.run.memory import estimate_step
 from cnncli.run.optim import make_optimizer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 runner = CliRunner()
 

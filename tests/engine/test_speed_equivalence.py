@@ -1,7 +1,7 @@
 """The fused engine (`engine.loss_and_grads(model, …)`, `engine.predict`) against the per-layer reference path.
 
 The reference is `Sequential.forward` → `softmax_cross_entropy` → `Sequential.backward`, the classes of
-`cnncli/nn/layers.py` that `tests/test_layers.py` checks against naive loops. The engine must give the same loss,
+`cnncli/nn/layers.py` that `tests/nn/test_layers.py` checks against naive loops. The engine must give the same loss,
 logits and every gradient:
 
 * in float64, to ~1e-12 (only the order of the sums differs);
@@ -27,7 +27,7 @@ from cnncli.host.blas import blas_info
 from cnncli.nn.layers import softmax_cross_entropy
 from cnncli.nn.model import Sequential, build_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 CONV = "conv"
 

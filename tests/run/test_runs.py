@@ -25,7 +25,7 @@ from cnncli.run.plot import band
 from cnncli.run.runs import group_runs, list_runs, short_key
 from cnncli.run.train import METRIC_FIELDS
 
-SEED = Path(__file__).resolve().parent.parent / "configs" / "seed.yaml"
+SEED = Path(__file__).resolve().parents[2] / "configs" / "seed.yaml"
 runner = CliRunner()
 
 

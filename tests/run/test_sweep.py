@@ -38,7 +38,7 @@ from cnncli.host.errors import ConfigError
 from cnncli.run.runs import read_history
 from cnncli.run.sweep import parse_grid, parse_sample
 
-SEED = Path(__file__).resolve().parent.parent / "configs" / "seed.yaml"
+SEED = Path(__file__).resolve().parents[2] / "configs" / "seed.yaml"
 SMALL = ["data.limit=512", "data.val_size=128", "train.batch_size=64", "train.epochs=1"]
 runner = CliRunner()
 
