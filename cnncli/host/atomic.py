@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO
 
 from cnncli.host.errors import StorageError, os_reason
+from cnncli.host.files import check_writable
 
 
 def _umask() -> int:
@@ -26,8 +27,11 @@ def atomic_write(path: Path, binary: bool = True) -> Iterator[IO]:
     The file gets the usual permissions (0666 less the umask), not mkstemp's 0600. An OSError (a full disk,
     a file too large, a read-only folder) becomes a `StorageError` naming `path` and the OS reason.
     The temporary file is `.<name>.<random>.tmp` beside `path` (`stale_temp_files` finds those a kill left).
+    Only a regular file or a new path is written: `path` being a device, FIFO, socket or folder is a
+    `NotRegularFile` (`cnncli.host.files.check_writable`), before anything is written and again before the rename.
     """
     path = Path(path)
+    check_writable(path)  # a device, FIFO or folder is never replaced by the rename below
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
@@ -39,6 +43,7 @@ def atomic_write(path: Path, binary: bool = True) -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
+        check_writable(path)  # again: a special file may have appeared while the content was written
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
