@@ -7,9 +7,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
-from cnncli.cli.kit import CnnGroup, JsonOpt, LayersOpt, SetOpt, load_layers, out, print_json, user_errors
+from cnncli.cli.kit import (
+    CnnGroup,
+    JsonOpt,
+    LayersOpt,
+    SetOpt,
+    load_layers,
+    one_line,
+    out,
+    print_json,
+    safe,
+    user_errors,
+)
 
 config_app = typer.Typer(
     cls=CnnGroup,
@@ -57,7 +67,7 @@ def list_configs(json_out: JsonOpt = False) -> None:
     for col in ("name", "data set", "layers", "epochs", "description"):
         table.add_column(col, justify="right" if col in ("layers", "epochs") else "left")
     for r in rows:
-        table.add_row(r["name"], r["dataset"], str(r["layers"]), str(r["epochs"]), escape(r["description"]))
+        table.add_row(r["name"], r["dataset"], str(r["layers"]), str(r["epochs"]), safe(r["description"]))
     out.print(table)
 
 
@@ -85,7 +95,7 @@ def show(
     text = config_to_yaml(cfg)
     text = "\n".join(line for line in text.splitlines() if not line.startswith("name:"))  # the file's stem names it
     overrides = "".join(f" --set {s}" for s in set_ or [])
-    what = " ".join(f"{config}{overrides} ({path})".split())  # one comment line, whatever the names hold
+    what = one_line(" ".join(f"{config}{overrides} ({path})".split()))  # one comment line, whatever names hold
     header = (f"# {what}, resolved: every key with its value, defaults filled in.\n"
               "# Save it as my.yaml, edit it, and train it with: cnn train --config my.yaml\n")
     out.print(header + text, markup=False, highlight=False, soft_wrap=True, emoji=False)

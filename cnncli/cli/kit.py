@@ -35,8 +35,31 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def one_line(text: str) -> str:
-    """`text` with its control characters escaped (a newline in a file name → \\n): an error stays one line."""
+    """THE escaping of anything that came from a file or a name (class names, file names, per-file errors, run
+    and study names) on its way to the terminal: every character that is not printable is written as its
+    Python escape (a newline → \\n, ESC → \\x1b, a bell → \\x07, C1 controls, bidirectional overrides →
+    \\u202e), so that no such text can move the cursor, clear the screen, colour the output or break a line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def safe(text: object) -> str:
+    """`one_line(str(text))`, also escaped for Rich markup ('[red]' in a name stays text): for `out.print`."""
+    return escape(one_line(str(text)))
+
+
+def json_text(obj: object) -> str:
+    """`obj` as one line of JSON for the terminal: non-ASCII text kept, but every character `one_line` would
+    escape written as a JSON \\u escape (json.dumps leaves C1 controls and U+2028 raw)."""
+    text = json.dumps(obj, ensure_ascii=False)
+    return "".join(c if c.isprintable() or c == " " else _json_escape(c) for c in text)
+
+
+def _json_escape(c: str) -> str:
+    n = ord(c)
+    if n <= 0xFFFF:
+        return f"\\u{n:04x}"
+    n -= 0x10000
+    return f"\\u{0xD800 + (n >> 10):04x}\\u{0xDC00 + (n & 0x3FF):04x}"
 
 
 def user_errors(fn: F) -> F:
@@ -47,7 +70,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CnnError as e:
-            err.print(f"[red]error:[/red] {escape(one_line(str(e)))}", soft_wrap=True, emoji=False)
+            err.print(f"[red]error:[/red] {safe(e)}", soft_wrap=True, emoji=False)
             raise typer.Exit(code=1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -194,7 +217,7 @@ def _plain(v: Any) -> Any:
 
 def print_json(obj: Any) -> None:
     """One JSON object on one line of stdout (NaN and infinities as null), for `--json`."""
-    sys.stdout.write(json.dumps(_plain(obj), ensure_ascii=False) + "\n")
+    sys.stdout.write(json_text(_plain(obj)) + "\n")
     sys.stdout.flush()
 
 
@@ -222,6 +245,33 @@ def prepare_data(data_dir: Path | None, cfg: Any, quiet: bool = False) -> Path:
         return data.ensure_dataset(cfg.data, target, lambda done, total: None)
     with byte_progress(data.download_label(cfg.data)) as update:
         return data.ensure_dataset(cfg.data, target, update)
+
+
+def check_output(path: Path | None, option: str) -> None:
+    """Before the work: `path`, a file the command will write (`option` names where it came from), must be a
+    regular file or a new path (`cnncli.host.files.check_writable`), never a device, FIFO or folder."""
+    if path is not None:
+        from cnncli.host.errors import StorageError
+        from cnncli.host.files import check_writable
+
+        try:
+            check_writable(path)
+        except StorageError as e:
+            raise StorageError(f"{option} {e}", e.errno, e.strerror) from None
+
+
+def run_data_dir(data_dir: Path | None, run_dir: Path) -> Path | None:
+    """`--data-dir` when given; otherwise the data folder the run in `run_dir` recorded in its run.json (said
+    on stderr), so that plotting or evaluating a run reads what it was trained on instead of downloading."""
+    if data_dir is not None:
+        return data_dir
+    from cnncli.run.runs import recorded_data_dir
+
+    found = recorded_data_dir(run_dir)
+    if found is not None:
+        err.print(f"note: reading the data the run used, {safe(found)} (from its run.json; --data-dir to change)",
+                  soft_wrap=True, highlight=False)
+    return found
 
 
 def split_images(cfg: Any, folder: Path, split: str) -> tuple[Any, Any, list[str]]:

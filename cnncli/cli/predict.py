@@ -3,14 +3,12 @@ Each parses its options, calls the library (`cnncli/run/predict.py`, `cnncli/run
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
-from cnncli.cli.kit import LayersOpt, err, load_layers, out, shape_text, user_errors
+from cnncli.cli.kit import LayersOpt, check_output, err, json_text, load_layers, out, safe, shape_text, user_errors
 
 CheckpointArg = Annotated[
     Path, typer.Argument(metavar="CHECKPOINT", help="A .npz checkpoint (best.npz, last.npz, or exported weights).")
@@ -49,13 +47,13 @@ def predict(
     for result in classifier.classify_files(image_inputs(images), top_k):
         if isinstance(result, Failure):
             failed += 1
-            err.print(f"[red]error:[/red] {escape(result.message)}", soft_wrap=True, emoji=False)
+            err.print(f"[red]error:[/red] {safe(result.message)}", soft_wrap=True, emoji=False)
         elif json_out:
-            out.print(json.dumps(result.to_dict(), ensure_ascii=False), markup=False, highlight=False,
+            out.print(json_text(result.to_dict()), markup=False, highlight=False,
                       soft_wrap=True, emoji=False)
         else:
-            ranked = "  ".join(f"{escape(c)} {100 * p:.1f}%" for c, p in result.top)
-            out.print(f"{escape(result.file)}: {ranked}", soft_wrap=True, emoji=False)
+            ranked = "  ".join(f"{safe(c)} {100 * p:.1f}%" for c, p in result.top)
+            out.print(f"{safe(result.file)}: {ranked}", soft_wrap=True, emoji=False)
     if failed:
         raise typer.Exit(code=1)
 
@@ -77,12 +75,13 @@ def export(
     from cnncli.run.predict import Classifier
 
     require_onnx()
+    check_output(onnx_path, "--onnx")
     load_layers(layers)
     classifier = Classifier.from_checkpoint(checkpoint)
     info = export_onnx(classifier.model, classifier.normalize, onnx_path, classifier.classes)
     k = len(info.classes)
     out.print(
-        f"wrote {escape(str(info.path))}: ONNX opset {info.opset}, {info.nodes} operators, {info.bytes / 1e3:,.0f} kB; "
+        f"wrote {safe(str(info.path))}: ONNX opset {info.opset}, {info.nodes} operators, {info.bytes / 1e3:,.0f} kB; "
         f"input pixels N×{shape_text(info.input_shape)} float32 in [0, 1] (pixel / 255; normalisation included); "
         f"outputs logits and probabilities N×{k}",
         soft_wrap=True,

@@ -16,6 +16,8 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from cnncli.cli.kit import one_line
+
 PLAIN_INTERVAL_S = 5.0
 
 
@@ -174,6 +176,7 @@ class TrainProgress:
         self._last_line = 0.0
 
     def _line(self, text: str) -> None:
+        text = "\n".join(one_line(part) for part in text.split("\n"))  # paths and names: never raw
         if self.bar is not None:
             self.bar.write(text, file=self.stream)
         else:
@@ -181,6 +184,8 @@ class TrainProgress:
 
     def on_start(self, info: Any) -> None:
         resumed = f", resumed from {info.resumed_from} at epoch {info.start_epoch + 1}" if info.resumed_from else ""
+        if info.resumed_from and info.start_epoch >= info.epochs:
+            resumed = f", resumed from {info.resumed_from}: every epoch is done, the test evaluation is left"
         self._line(
             f"training on {info.n_train:,} images, validating on {info.n_val:,}, testing on {info.n_test:,} "
             f"({info.steps_per_epoch} steps per epoch){resumed}"

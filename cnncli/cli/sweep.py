@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from cnncli.cli.kit import (
@@ -21,6 +20,7 @@ from cnncli.cli.kit import (
     out,
     prepare_data,
     print_json,
+    safe,
     user_errors,
 )
 
@@ -168,8 +168,8 @@ def sweep(
     todo = sw.pending(study, target)
     where = "journal " + str(sweep_dir / sw.JOURNAL_FILE) if storage is None else sw.masked_url(storage)
     say = err if json_out else out  # --json keeps stdout for the one JSON object
-    say.print(f"[bold]sweep {escape(name)}[/bold]: {escape(spec.describe())}", soft_wrap=True)
-    say.print(f"folder {escape(str(sweep_dir))}, study in {escape(where)}; {target} trials in all, {todo} to run",
+    say.print(f"[bold]sweep {safe(name)}[/bold]: {safe(spec.describe())}", soft_wrap=True)
+    say.print(f"folder {safe(str(sweep_dir))}, study in {safe(where)}; {target} trials in all, {todo} to run",
               soft_wrap=True)
     outcome = None
     if todo:
@@ -190,7 +190,7 @@ def sweep(
         peaks = ", ".join(f"{p:.0f} MiB" for p in outcome.peaks_mb) or "unknown"  # ru_maxrss KiB / 1024
         say.print(f"{outcome.ran} trial(s) ran in {outcome.seconds:.1f} s wall time; peak memory per worker: {peaks}")
         for e in outcome.errors:
-            err.print(f"[red]error:[/red] {escape(e)}", soft_wrap=True)
+            err.print(f"[red]error:[/red] {safe(e)}", soft_wrap=True)
         if outcome.interrupted:
             err.print("[yellow]stopped[/yellow]: run the same command again to continue the study (cut-off trials "
                       "resume from their last.npz)", soft_wrap=True)
@@ -204,7 +204,7 @@ def _render_event(ev: dict[str, Any], metric: str, out: Any = out) -> None:
     if kind == "start":
         params = " ".join(f"{k}={_value_text(v)}" for k, v in ev["params"].items())
         resumed = " (resuming its last.npz)" if ev.get("resumed") else ""
-        out.print(f"trial {ev['trial']} started: {escape(params)} seed={ev['seed']}{resumed}", soft_wrap=True)
+        out.print(f"trial {ev['trial']} started: {safe(params)} seed={ev['seed']}{resumed}", soft_wrap=True)
     elif kind == "epoch":
         out.print(f"trial {ev['trial']} epoch {ev['epoch']}: {metric} {_metric_text(metric, ev.get('value'))}")
     elif kind == "end":
@@ -215,9 +215,9 @@ def _render_event(ev: dict[str, Any], metric: str, out: Any = out) -> None:
             out.print(f"trial {ev['trial']} {state}: {what}{test}, {ev['seconds']:.1f} s")
         elif state == "interrupted":
             out.print(f"trial {ev['trial']} [yellow]interrupted[/yellow]: resumable from "
-                      f"{escape(ev['run_dir'])}/last.npz", soft_wrap=True)
+                      f"{safe(ev['run_dir'])}/last.npz", soft_wrap=True)
         else:
-            out.print(f"trial {ev['trial']} [red]{state}[/red]: {escape(str(ev.get('error')))}", soft_wrap=True)
+            out.print(f"trial {ev['trial']} [red]{state}[/red]: {safe(str(ev.get('error')))}", soft_wrap=True)
     elif kind == "stopping":
         if ev["count"] == 1:
             err.print("[yellow]stopping[/yellow]: running trials save a resumable checkpoint after their current "
@@ -258,7 +258,7 @@ def _show_table(study: Any, spec: Any, sweep_dir: Path | None, json_out: bool) -
         table.add_row(
             str(r.number), state, *(_value_text(r.params.get(k, "—")) for k in keys), str(r.seed),
             _metric_text(metric, r.value), "—" if r.best_epoch is None else str(r.best_epoch), _pct(r.test_acc),
-            "—" if r.seconds is None else f"{r.seconds:.1f} s", escape(_folder(r.run_dir, sweep_dir)),
+            "—" if r.seconds is None else f"{r.seconds:.1f} s", safe(_folder(r.run_dir, sweep_dir)),
             style="bold" if best is not None and r.number == best.number else None,
         )
     out.print(table)
@@ -276,10 +276,10 @@ def _show_table(study: Any, spec: Any, sweep_dir: Path | None, json_out: bool) -
         out.print(agg)
     if best is not None:
         params = " ".join(f"{k}={_value_text(v)}" for k, v in best.params.items())
-        out.print(f"best trial {best.number}: {escape(params)} seed={best.seed}, {metric} "
+        out.print(f"best trial {best.number}: {safe(params)} seed={best.seed}, {metric} "
                   f"{_metric_text(metric, best.value)} at epoch {best.best_epoch}, test accuracy {_pct(best.test_acc)}",
                   soft_wrap=True)
-        out.print(f"best run folder: {escape(str(best.run_dir))}", soft_wrap=True)
+        out.print(f"best run folder: {safe(str(best.run_dir))}", soft_wrap=True)
 
 
 @sweep_app.command("show")
@@ -318,7 +318,7 @@ def runs(
             print_json(r.to_json(folder))
         return
     if not found:
-        out.print(f"no run folders under {escape(str(folder))}")
+        out.print(f"no run folders under {safe(str(folder))}")
         return
     table = Table(title=f"{len(found)} run(s) under {folder}")
     for col, right in (("run", False), ("config", False), ("overrides", False), ("epochs", True),
@@ -331,6 +331,6 @@ def runs(
         best = "—" if r.best_val_acc is None else f"{_pct(r.best_val_acc)} (ep {r.best_epoch})"
         colour = {"finished": "green", "failed": "red", "interrupted": "yellow", "pruned": "yellow"}.get(r.state)
         state = f"[{colour}]{r.state}[/{colour}]" if colour else r.state
-        table.add_row(escape(_folder(str(r.path.resolve()), folder)), escape(r.config), escape(" ".join(r.overrides)),
+        table.add_row(safe(_folder(str(r.path.resolve()), folder)), safe(r.config), safe(" ".join(r.overrides)),
                       epochs, best, _pct(r.test_acc), f"{r.seconds:.1f} s", state)
     out.print(table)

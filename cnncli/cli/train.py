@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from cnncli.cli.kit import (
     CONFIG_DEFAULT,
@@ -30,6 +29,8 @@ from cnncli.cli.kit import (
     prepare_data,
     print_json,
     renamed,
+    run_data_dir,
+    safe,
     shape_text,
     user_errors,
 )
@@ -70,7 +71,7 @@ def download(
     if json_out:
         print_json({"dataset": dataset, "folder": str(folder)})
     else:
-        err.print(f"{data.TITLES[dataset]} ready in {escape(str(folder))}", soft_wrap=True)
+        err.print(f"{data.TITLES[dataset]} ready in {safe(str(folder))}", soft_wrap=True)
 
 
 @renamed({"--batch": "--batch-size"})
@@ -297,7 +298,7 @@ def _train(config: Path | None, set_: list[str] | None, data_dir: Path | None, o
         os.environ["CNNCLI_THREADS"] = str(threads)  # the engine reads it when it sizes its worker pool
     plan = plan_run(config, overrides, out_dir=out_dir, resume=resume, init=init, overwrite=overwrite)
     for note in plan.notes:
-        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        err.print(f"[yellow]note:[/yellow] {safe(note)}", soft_wrap=True)
     cfg = plan.cfg
     if plan.resume is not None:
         _refuse_nothing_to_do(plan, resume, epochs)
@@ -319,10 +320,10 @@ def _train(config: Path | None, set_: list[str] | None, data_dir: Path | None, o
         result = run_plan(plan, folder, callbacks=progress, overrides=overrides)
     except TrainingInterrupted as e:
         close()
-        err.print(f"[yellow]{escape(str(e))}[/yellow]", soft_wrap=True)
+        err.print(f"[yellow]{safe(str(e))}[/yellow]", soft_wrap=True)
         command = f"cnn train --resume {e.path}" + (f" --data-dir {data_dir}" if data_dir else "")
         command += "".join(f" --layers {p}" for p in layers or [])
-        err.print(f"resume with:  {escape(command)}", soft_wrap=True)
+        err.print(f"resume with:  {safe(command)}", soft_wrap=True)
         raise typer.Exit(code=exit_code(e.signum)) from None
     finally:
         close()
@@ -341,11 +342,14 @@ def _refuse_nothing_to_do(plan: Any, resume: Path | None, epochs: int | None) ->
     """--resume of a run that already has the epochs asked for would train nothing and rewrite its files for
     nothing: ConfigError saying so and how to extend it (before anything is written)."""
     from cnncli.host.errors import ConfigError
+    from cnncli.run.train import evaluation_pending
 
     state = plan.resume.state if isinstance(plan.resume.state, dict) else {}
     done = state.get("epoch")
     total = plan.cfg.train.epochs
     if not isinstance(done, int) or isinstance(done, bool) or done < total:
+        return
+    if done == total and evaluation_pending(plan.run_dir):  # stopped during the test evaluation: run it now
         return
     asked = f"--epochs {epochs} is the total, not a number to add" if epochs is not None else \
         f"its config asks for {total}"
@@ -434,7 +438,7 @@ def eval_(
     asked = eval_batch_size or cfg.train.eval_batch_size
     check_step(model, min(asked, batch_cap(cfg.data) or asked), "--eval-batch-size" if eval_batch_size else
                f"{checkpoint}: train.eval_batch_size", "one evaluation batch", asked=asked, train=False)
-    folder = prepare_data(data_dir, cfg, quiet=json_out)
+    folder = prepare_data(run_data_dir(data_dir, checkpoint.parent), cfg, quiet=json_out)
     x, y, classes = split_images(cfg, folder, split)
     from cnncli import data
 
@@ -444,7 +448,7 @@ def eval_(
         print_json({"checkpoint": str(checkpoint), "split": split, **res.to_dict()})
         return
     out.print(
-        f"[bold]{escape(str(checkpoint))}[/bold] on the {split} split ({res.n:,} images): "
+        f"[bold]{safe(str(checkpoint))}[/bold] on the {split} split ({res.n:,} images): "
         f"accuracy [bold]{100 * res.accuracy:.2f}%[/bold], loss {res.loss:.4f}"
     )
     per = Table(title="per-class accuracy")
@@ -452,7 +456,7 @@ def eval_(
     per.add_column("accuracy", justify="right")
     per.add_column("images", justify="right")
     for name, acc, n in zip(res.classes, res.per_class, res.confusion.sum(axis=1), strict=True):
-        per.add_row(escape(name), "—" if n == 0 else f"{100 * acc:.1f}%", f"{n:,}")
+        per.add_row(safe(name), "—" if n == 0 else f"{100 * acc:.1f}%", f"{n:,}")
     out.print(per)
     out.print(confusion_table(res.confusion, res.classes, out.width))
 
@@ -471,11 +475,11 @@ def confusion_table(confusion: Any, classes: list[str], width: int) -> Any:
     conf = Table(title=title)
     conf.add_column("")
     for j, name in enumerate(classes):
-        conf.add_column(str(j) if numbered else escape(name), justify="right", no_wrap=True)
+        conf.add_column(str(j) if numbered else safe(name), justify="right", no_wrap=True)
     for i, name in enumerate(classes):
         row = [
             f"[bold green]{v}[/bold green]" if i == j else (str(v) if v else "[dim]0[/dim]")
             for j, v in enumerate(confusion[i])
         ]
-        conf.add_row(f"{i} {escape(name)}" if numbered else escape(name), *row)
+        conf.add_row(f"{i} {safe(name)}" if numbered else safe(name), *row)
     return conf

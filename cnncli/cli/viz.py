@@ -10,7 +10,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.cells import cell_len
-from rich.markup import escape
 
 from cnncli.cli.kit import (
     CONFIG_DEFAULT,
@@ -19,12 +18,15 @@ from cnncli.cli.kit import (
     LayersOpt,
     SetOpt,
     SplitOpt,
+    check_output,
     check_split,
     complete_config,
     load_layers,
     out,
     prepare_data,
     print_json,
+    run_data_dir,
+    safe,
     shape_text,
     split_images,
     user_errors,
@@ -100,6 +102,8 @@ def trace(
 
     load_layers(layers)
     check_split(split)
+    check_output(save, "--save")
+    check_output(png, "--png")
     if checkpoint is not None and config is not None:
         raise ConfigError("give a CHECKPOINT or --config, not both (a checkpoint holds its own config)")
     if checkpoint is not None and set_:
@@ -134,7 +138,7 @@ def trace(
     ds_classes = classes
 
     out.print(
-        f"[bold]trace[/bold] {escape(source)} · {split} image {index}: [bold]{escape(ds_classes[label])}[/bold] · "
+        f"[bold]trace[/bold] {safe(source)} · {split} image {index}: [bold]{safe(ds_classes[label])}[/bold] · "
         "float64, shapes per image (batch axis dropped)",
         soft_wrap=True,
     )
@@ -144,7 +148,7 @@ def trace(
     p_true = t["p"].value[label]
     verdict = "[green]right[/green]" if pred == label else "[red]wrong[/red]"
     out.print(
-        f"\nprediction {escape(pred_name)} (p = {pred_p:.3f}), {verdict}; true label {escape(ds_classes[label])} "
+        f"\nprediction {safe(pred_name)} (p = {pred_p:.3f}), {verdict}; true label {safe(ds_classes[label])} "
         f"(p = {p_true:.3f}); L = −log p_true = {t.loss:.4f}"
     )
     if checks > 0:
@@ -178,13 +182,13 @@ def _save_trace_files(t: Any, save: Path | None, png: Path | None, source: str, 
         except OSError as e:
             raise CnnError(f"--save {save}: cannot write ({e.strerror or e})") from None
         if not quiet:
-            out.print(f"saved {len(arrays)} arrays to {escape(str(save))}: {escape(' '.join(arrays))}", soft_wrap=True)
+            out.print(f"saved {len(arrays)} arrays to {safe(str(save))}: {safe(' '.join(arrays))}", soft_wrap=True)
     if png is not None:
         from cnncli.run.plot import trace_png
 
         trace_png(t, png, title=f"{source} · {split} image {index}")
         if not quiet:
-            out.print(f"wrote {escape(str(png))}")
+            out.print(f"wrote {safe(str(png))}")
 
 
 def _trace_json(t: Any, source: str, split: str, index: int, classes: list[str], label: int) -> dict[str, Any]:
@@ -231,19 +235,19 @@ def _print_steps(title: str, steps: list[Any], with_checks: bool) -> None:
         return fill + text if right else text + fill
 
     def line(cells: tuple[str, ...], bold: bool = True) -> str:
-        sym = escape(pad(cells[0], w[0]))
+        sym = safe(pad(cells[0], w[0]))
         nums = "  ".join(pad(c, w[i], right=True) for i, c in enumerate(cells[2:6], start=2))
-        return f"  {'[bold]' + sym + '[/bold]' if bold else sym}  {escape(pad(cells[1], w[1]))}  {nums}"
+        return f"  {'[bold]' + sym + '[/bold]' if bold else sym}  {safe(pad(cells[1], w[1]))}  {nums}"
 
     head = ("", "docs/derivations.md", "shape", "min", "max", "mean/value")
     fd_head = "  finite differences: max rel. error (entries)" if with_checks else ""
-    out.print(f"\n[bold underline]{escape(title)}[/bold underline]")
+    out.print(f"\n[bold underline]{safe(title)}[/bold underline]")
     out.print(f"[dim]{line(head, bold=False)}{fd_head}[/dim]", soft_wrap=True)
     indent = 2 + w[0] + 2
     for r in rows:
         out.print(line(r) + (f"  {r[6]}" if r[6] else ""), soft_wrap=True)
         for text in textwrap.wrap(r[7], width=max(40, out.width - indent)):
-            out.print(" " * indent + f"[dim]{escape(text)}[/dim]", soft_wrap=True)
+            out.print(" " * indent + f"[dim]{safe(text)}[/dim]", soft_wrap=True)
 
 
 @user_errors
@@ -306,7 +310,7 @@ def plot(
         print_json({"wrote": [str(path)], "runs": len(summaries), "groups": len(groups), "skipped": skipped})
         return
     note = f" ({skipped} run(s) without a finished epoch left out)" if skipped else ""
-    out.print(f"wrote {escape(str(path))}: {len(summaries)} runs in {len(groups)} groups{note}")
+    out.print(f"wrote {safe(str(path))}: {len(summaries)} runs in {len(groups)} groups{note}")
 
 
 def _plot_one(run_dir: Path, out_dir: Path | None, confusion: bool, data_dir: Path | None, json_out: bool) -> None:
@@ -326,7 +330,7 @@ def _plot_one(run_dir: Path, out_dir: Path | None, confusion: bool, data_dir: Pa
         best = run_dir / "best.npz"
         ckpt, model = open_checkpoint(best)
         cfg = ckpt.config
-        folder = prepare_data(data_dir, cfg, quiet=json_out)
+        folder = prepare_data(run_data_dir(data_dir, run_dir), cfg, quiet=json_out)
         ds = data.load_dataset(cfg.data, folder, train=False, test=True)
         normalizer = Normalizer(data.normalization_for(cfg.data, folder, cfg.seed), model.input_shape[0])
         res = evaluate(model, ds.test_x, ds.test_y, normalizer, cfg.train.eval_batch_size, ds.classes)
@@ -339,4 +343,4 @@ def _plot_one(run_dir: Path, out_dir: Path | None, confusion: bool, data_dir: Pa
         print_json({"wrote": [str(p) for p in written], **result})
         return
     for p in written:
-        out.print(f"wrote {escape(str(p))}")
+        out.print(f"wrote {safe(str(p))}")
