@@ -21,6 +21,7 @@ import numpy as np
 from cnncli.data import download as _download
 from cnncli.data.loading import Dataset, check_labels, check_names, record_value, unpickle
 from cnncli.host.errors import DataError
+from cnncli.host.files import first_special
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -32,6 +33,8 @@ META_FILE = "batches.meta"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 REQUIRED_FILES = (META_FILE, *TRAIN_FILES, TEST_FILE)
+# the class names in label order, as batches.meta stores them (label_names)
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 BATCH_SIZE = 10_000
 IMAGE_SHAPE = (3, 32, 32)
@@ -68,6 +71,9 @@ def find_extracted(data_dir: Path) -> Path | None:
 def _check_not_partial(data_dir: Path) -> None:
     """Refuse to download beside a copy someone damaged (some batch files present, others missing)."""
     for folder in (data_dir, data_dir / FOLDER_NAME):
+        special = first_special([folder / name for name in REQUIRED_FILES])
+        if special is not None:
+            raise DataError(f"{special}; the CIFAR-10 files must be regular files")
         present = [name for name in REQUIRED_FILES if (folder / name).exists()]
         if present:
             missing = [name for name in REQUIRED_FILES if name not in present]

@@ -23,6 +23,7 @@ import numpy as np
 from cnncli.data import download as _download
 from cnncli.data.loading import Dataset, check_labels, check_names, record_value, unpickle
 from cnncli.host.errors import DataError
+from cnncli.host.files import first_special
 
 ProgressFn = Callable[[int, int | None], None]
 
@@ -89,6 +90,9 @@ def ensure_archive_set(
     if found is not None:
         return found
     for folder in (data_dir, data_dir / source.folder):
+        special = first_special([folder / name for name in source.required])
+        if special is not None:
+            raise DataError(f"{special}; the {source.title} files must be regular files")
         present = [name for name in source.required if (folder / name).exists()]
         if present:
             missing = [name for name in source.required if name not in present]

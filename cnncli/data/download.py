@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnncli.host.errors import ConfigError, DataError
+from cnncli.host.files import first_special
 
 try:  # POSIX only; elsewhere the temp+rename steps still keep the cache consistent
     import fcntl
@@ -223,6 +224,9 @@ def _attempt(
     Raises `_Transient`, `_Permanent` or `_LimitHit`; on any of them the bytes received so far stay in `part`
     (unless they are known to be wrong).
     """
+    special = first_special([part])  # a FIFO would block the append, a device swallow the download
+    if special is not None:
+        raise DataError(f"{special}; the partial download must be a regular file (remove it)")
     offset = part.stat().st_size if part.exists() else 0
     if size is not None and offset == size:
         return  # complete from an earlier run (e.g. interrupted during extraction); md5 decides

@@ -27,6 +27,7 @@ from typing import BinaryIO
 import numpy as np
 
 from cnncli.host.errors import DataError
+from cnncli.host.files import open_regular
 
 TYPE_CODES: dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
@@ -87,7 +88,7 @@ def read_idx(
     path = Path(path)
     compressed = path.name.endswith(".gz")
     try:
-        raw = open(path, "rb")
+        raw = open_regular(path)  # a FIFO or device is refused, never read
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from e
     with raw:

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from cnncli.catalogue import MAX_PIXELS, check_image_size
-from cnncli.host.errors import CnnError, DataError
+from cnncli.host.errors import CnnError, DataError, os_reason
+from cnncli.host.files import NotRegularFile, open_regular
 
 INSTALL_HINT = "reading PNG/JPEG images needs Pillow: pip install 'cnncli[images]'"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -82,9 +83,17 @@ def decode_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     c, h, w = check_image_size(shape, key="the target image shape")
     path = Path(path)
     try:
-        with warnings.catch_warnings():
+        raw = open_regular(path)  # a FIFO or device is refused here, never read (it would block or never end)
+    except NotRegularFile as e:
+        raise DataError(str(e)) from None
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {os_reason(e)}") from None
+    try:
+        with raw, warnings.catch_warnings():
             warnings.simplefilter("error", image_mod.DecompressionBombWarning)
-            with image_mod.open(path, formats=list(FORMATS)) as img:
+            with image_mod.open(raw, formats=list(FORMATS)) as img:
                 width, height = img.size
                 if width * height > MAX_PIXELS:
                     raise DataError(f"{path}: {width}×{height} pixels, more than the {MAX_PIXELS:,} accepted")
@@ -135,10 +144,23 @@ def split_roots(root: Path) -> tuple[Path, Path | None]:
 
 
 def _class_dirs(folder: Path) -> list[str]:
+    """The visible sub-folders of `folder` (a symlink to a folder counts); a visible symlink that loops or
+    points nowhere is a `DataError` naming it (it was meant as a class, and would silently lose its images)."""
     try:
-        return sorted(e.name for e in os.scandir(folder) if e.is_dir() and _visible(e.name))
+        entries = sorted((e for e in os.scandir(folder) if _visible(e.name)), key=lambda e: e.name)
     except OSError as e:
         raise DataError(f"cannot list {folder}: {e.strerror or e}") from e
+    names = []
+    for e in entries:
+        try:
+            if e.is_dir():
+                names.append(e.name)
+            elif e.is_symlink() and not os.path.exists(e.path):
+                raise DataError(f"{e.path}: a symbolic link to nothing ({os.readlink(e.path)!r} does not exist); "
+                                "remove it or point it at a class folder")
+        except OSError as err:  # ELOOP, EACCES: name the entry, not the whole folder
+            raise DataError(f"{e.path}: cannot use this class entry: {os_reason(err)}") from None
+    return names
 
 
 def folder_classes(root: Path) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from cnncli.data.download import one_line
 from cnncli.host.errors import DataError
+from cnncli.host.files import open_regular
 
 
 def _numpy_reconstruct() -> Callable[..., Any]:
@@ -64,7 +65,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 def unpickle(path: Path) -> Any:
     """Load one pickle through `_ArrayOnlyUnpickler`; any failure -> DataError naming `path`."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO or device is refused, never read
             return _ArrayOnlyUnpickler(f, path).load()
     except DataError:
         raise

@@ -20,6 +20,7 @@ from cnncli.data import download as _download
 from cnncli.data.idx import read_idx
 from cnncli.data.loading import Dataset, check_labels
 from cnncli.host.errors import DataError
+from cnncli.host.files import first_special
 
 ProgressFn = Callable[[int, int | None], None]
 
@@ -110,6 +111,10 @@ def ensure_idx_set(
         f"{source.url_env} (or data.url) to a reachable mirror folder"
     )
     inside = data_dir.name == source.folder
+    for folder in (data_dir, data_dir / source.folder):
+        special = first_special([folder / name for name in IDX_FILES])
+        if special is not None:
+            raise DataError(f"{special}; the four {source.title} files must be regular files")
     present = [name for name in IDX_FILES if (data_dir / name).exists()]
     if present and not inside:
         missing = [name for name in IDX_FILES if name not in present]

@@ -166,3 +166,10 @@ def load_dataset(data_cfg: DataConfig, folder: Path, *, train: bool = True, test
     return mnist.load_idx_set(mnist.source(name), folder, train=train, test=test)
 
 
+
+
+def builtin_classes(dataset: str) -> tuple[str, ...] | None:
+    """The class names of a built-in data set whose names are fixed (cifar10, mnist, fashion-mnist), in label
+    order; None for the others (cifar100's names come with its files, a folder set's from its sub-folders)."""
+    return {"cifar10": cifar10.CLASSES, "mnist": mnist.MNIST.classes,
+            "fashion-mnist": mnist.FASHION_MNIST.classes}.get(dataset)
