@@ -22,7 +22,7 @@ import yaml
 
 from cnncli.catalogue import DATASET_NAMES, image_shape
 from cnncli.host.errors import ConfigError
-from cnncli.host.safeload import MAX_INT, MAX_SHOWN, describe, load_json, load_yaml, show
+from cnncli.host.safeload import MAX_INT, MAX_SHOWN, describe, load_json, load_yaml, show, too_deep
 from cnncli.nn.options import LayerOptions
 from cnncli.nn.registry import LAYER_TYPES
 
@@ -293,6 +293,9 @@ def build_config(raw: Any, name: str = "config") -> Config:
     if not isinstance(raw, dict):
         raise ConfigValueError("", f"expected a mapping (seed, model, data, train) at the top level, got "
                                f"{describe(raw)}")
+    deep = too_deep(raw)  # a mapping from Python may nest 5,000 levels or hold itself: YAML stops at 64
+    if deep:
+        raise ConfigValueError("", deep)
     raw = dict(raw)
     raw.setdefault("name", name)
     model = raw.get("model")

@@ -126,6 +126,26 @@ def depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
+def too_deep(value: Any, limit: int = MAX_DEPTH, level: int = 1) -> str | None:
+    """None when mappings and lists in `value` nest at most `limit` levels; otherwise a one-line description
+    of where they go deeper (the key path's start). Iterative, so safe on any depth, and it ends on a mapping
+    or list that holds itself (which nests without end). `level`: the level `value` itself is at (2 for a
+    top-level key's value). For values built in Python (the API): YAML and JSON are refused as they are read."""
+    stack: list[tuple[Any, int, str]] = [(value, level, "")]
+    while stack:
+        v, d, where = stack.pop()
+        if isinstance(v, dict | list | tuple):
+            if d > limit:
+                shown = where if len(where) <= MAX_SHOWN else where[:MAX_SHOWN] + "…"
+                return (f"nested deeper than {limit} levels at {shown or 'the top'} (a mapping or list inside "
+                        "itself nests without end)")
+            items = v.items() if isinstance(v, dict) else enumerate(v)
+            for k, x in items:
+                key = f"[{k}]" if not isinstance(v, dict) else (f".{k}" if where else str(k))
+                stack.append((x, d + 1, where + key if len(where) <= MAX_SHOWN else where))
+    return None
+
+
 # ------------------------------------------------------------------------------------- error messages
 
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import TypeVar
 
-from cnncli.host.errors import ConfigError
+from cnncli.host.errors import ConfigError, os_reason
+from cnncli.host.files import kind_of
 from cnncli.nn.layer import Layer
 from cnncli.nn.options import LayerOptions
 
@@ -68,9 +71,14 @@ def load_layer_file(path: Path | str) -> list[str]:
     key = path.resolve()
     if key in _LOADED:
         return _LOADED[key]
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "not found"
-        raise ConfigError(f"--layers {path}: {what} (a Python file of Layer subclasses)")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"--layers {path}: not found (a Python file of Layer subclasses)") from None
+    except OSError as e:
+        raise ConfigError(f"--layers {path}: cannot read: {os_reason(e)}") from None
+    if not stat.S_ISREG(mode):  # a FIFO would block the import, /dev/zero never end it
+        raise ConfigError(f"--layers {path}: is {kind_of(mode)}, not a Python file of Layer subclasses")
     if path.suffix != ".py":
         raise ConfigError(f"--layers {path}: expected a Python file ending in .py")
     module_name = f"cnncli_user_layers_{len(_LOADED)}_{path.stem.replace('-', '_')}"

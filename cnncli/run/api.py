@@ -21,6 +21,7 @@ from typing import Any
 from cnncli import data
 from cnncli.config import Config, build_config, config_to_dict, read_yaml
 from cnncli.host.errors import ConfigError
+from cnncli.host.safeload import MAX_DEPTH, too_deep
 from cnncli.nn.registry import load_layer_file
 from cnncli.run.predict import Classifier
 from cnncli.run.train import Callbacks, TrainResult, default_run_dir, refuse_earlier_run
@@ -108,6 +109,10 @@ def fit(
     """
     for path in layers:
         load_layer_file(path)
+    for key, value in [("config", config), *overrides.items()]:  # before anything copies or merges them
+        deep = too_deep(dict(value) if isinstance(value, Mapping) else value, MAX_DEPTH, 1 + (key != "config"))
+        if deep:
+            raise ConfigError(f"{key}: {deep}")
     source = ""
     if isinstance(config, Config):
         raw, name = config_to_dict(config), config.name

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cnncli.host.atomic import atomic_write
-from cnncli.host.errors import CnnError
+from cnncli.host.errors import CnnError, StorageError, os_reason
+from cnncli.host.files import read_regular
 
 if TYPE_CHECKING:  # pragma: no cover
     from cnncli.nn.trace import Trace
@@ -58,6 +59,8 @@ def _save(fig: Any, path: Path) -> Path:
     try:
         with atomic_write(path) as f:
             fig.savefig(f, format="png", dpi=DPI)
+    except StorageError:  # names the path and the reason already (a device or FIFO refused, a full disk)
+        raise
     except OSError as e:
         raise CnnError(f"{path}: cannot write ({e.strerror or e})") from None
     return path
@@ -82,6 +85,7 @@ class Metrics:
         return bool(np.isfinite(self.val_acc).any())
 
 
+MAX_METRICS_BYTES = 16 * 1024**2  # one line of about 150 bytes per epoch: 100,000 epochs fit many times over
 REQUIRED_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
 
@@ -93,13 +97,24 @@ def read_metrics(run_dir: Path) -> Metrics:
     if not run_dir.is_dir():
         raise RunFolderError(f"{run_dir}: not a folder (give the run folder that cnn train wrote)")
     path = run_dir / "metrics.csv"
-    if not path.is_file():
-        raise RunFolderError(f"{path}: not found (cnn train writes it after every epoch)")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RunFolderError(f"{path}: cannot read ({e})") from None
+        text = read_regular(path, MAX_METRICS_BYTES, "metrics.csv").decode("utf-8")
+    except FileNotFoundError:
+        raise RunFolderError(f"{path}: not found (cnn train writes it after every epoch)") from None
+    except StorageError as e:  # a FIFO, device or folder (NotRegularFile); larger than MAX_METRICS_BYTES (TooLarge)
+        raise RunFolderError(str(e)) from None
+    except OSError as e:
+        raise RunFolderError(f"{path}: cannot read: {os_reason(e)}") from None
+    except UnicodeDecodeError as e:
+        raise RunFolderError(f"{path}: not UTF-8 text (byte {e.start}); not a metrics file") from None
     reader = csv.DictReader(text.splitlines())
+    try:
+        return _parse_metrics(reader, path)
+    except csv.Error as e:  # a field beyond csv's limit (128 KiB), a NUL byte: damage, said in one line
+        raise RunFolderError(f"{path}: line {reader.line_num + 1}: not a metrics file ({e})") from None
+
+
+def _parse_metrics(reader: csv.DictReader, path: Path) -> Metrics:
     missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
         raise RunFolderError(f"{path}: not a metrics file, missing column(s) {', '.join(missing)}")

@@ -2,7 +2,8 @@
 
 A `Classifier` is a checkpoint's network (evaluation mode) with what it needs to take raw images: its input
 shape, the normalisation it was trained with (``data.normalize`` of the stored config) and the class names
-(stored by `cnn train`; class indices "0", "1", … for a checkpoint without them). Image files are decoded by
+(stored by `cnn train`; for a checkpoint without them, a built-in data set's names when its config names
+one (cifar10, mnist, fashion-mnist), else class indices "0", "1", …). Image files are decoded by
 `cnncli.data.images.decode_image` (EXIF orientation, grey or RGB as the network takes, scaled to cover the input
 and centre-cropped), so a PNG of a data set image gives exactly the pixels the data loader gives.
 No output here: `classify_files` yields results, the CLI renders them.
@@ -10,6 +11,7 @@ No output here: `classify_files` yields results, the CLI renders them.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,7 +24,7 @@ import numpy as np
 from cnncli import engine
 from cnncli.config import NormalizeConfig
 from cnncli.data.preprocess import Normalizer
-from cnncli.host.errors import CheckpointError, CnnError, DataError
+from cnncli.host.errors import CheckpointError, CnnError, DataError, os_reason
 from cnncli.nn.layers import softmax
 from cnncli.nn.model import Sequential
 from cnncli.run.checkpoint import open_checkpoint
@@ -102,7 +104,13 @@ class Classifier:
                 f"{path}: data.normalize is {cfg.data.normalize!r}, not resolved to a mean and std; a checkpoint "
                 "written by cnn train stores them"
             )
-        return cls(model.eval(), cfg.data.normalize, ckpt.classes, cfg.train.eval_batch_size, str(path))
+        classes = ckpt.classes
+        if not classes:  # weights saved without names: a built-in data set's names are known
+            from cnncli.data.sets import builtin_classes
+
+            named = builtin_classes(cfg.data.dataset)
+            classes = named if named and len(named) == model.output_shape[0] else ()
+        return cls(model.eval(), cfg.data.normalize, classes, cfg.train.eval_batch_size, str(path))
 
     # ---- arrays -------------------------------------------------------------------------------------------
     def prepare(self, x: np.ndarray) -> np.ndarray:
@@ -207,10 +215,13 @@ class Classifier:
 def image_inputs(args: Sequence[str | Path]) -> list[Path | Failure]:
     """The image files the command-line arguments name, in order, each file once.
 
-    An existing file is taken as is (its content decides whether it is an image); a folder gives its PNG/JPEG
-    files (by suffix, sub-folders included, hidden ones skipped, sorted); an argument that does not exist but
-    holds a wildcard (``*``, ``?``, ``[``) is a glob pattern (``**`` spans folders), its matches taken the same
-    way. A path or pattern that names nothing, or a folder without images, is a `Failure`.
+    An existing file is taken as is (its content decides whether it is an image; a FIFO or device is a
+    `Failure` when it is decoded, never read); a folder gives its PNG/JPEG files (by suffix, sub-folders
+    included, symlinked sub-folders and hidden ones skipped, sorted); an argument that does not exist but holds
+    a wildcard (``*``, ``?``, ``[``) is a glob pattern (``**`` spans folders without following symlinked ones, so
+    a symlink loop is never walked round), its matches taken the same way. A path or pattern that names
+    nothing, a folder without images or one that cannot be listed is a `Failure`, and the other arguments
+    are still taken.
     """
     from cnncli.data.images import _image_files
 
@@ -218,7 +229,7 @@ def image_inputs(args: Sequence[str | Path]) -> list[Path | Failure]:
     seen: set[str] = set()
 
     def add(path: Path) -> None:
-        key = os.path.normpath(str(path))
+        key = os.path.realpath(path)  # one file reached through two links (or a link loop) is classified once
         if key not in seen:
             seen.add(key)
             found.append(path)
@@ -235,13 +246,71 @@ def image_inputs(args: Sequence[str | Path]) -> list[Path | Failure]:
     for raw in args:
         arg = str(raw)
         path = Path(arg)
-        if path.exists() or path.is_symlink():
-            if not take(path):
-                found.append(Failure(arg, f"{arg}: no PNG or JPEG files in this folder"))
-        elif any(c in arg for c in "*?["):
-            took = [take(Path(m)) for m in sorted(glob.glob(arg, recursive=True))]
-            if not any(took):
-                found.append(Failure(arg, f"{arg}: no image file matches this pattern"))
-        else:
-            found.append(Failure(arg, f"{arg}: no such file or folder"))
+        try:
+            if path.exists() or path.is_symlink():
+                if not take(path):
+                    found.append(Failure(arg, f"{arg}: no PNG or JPEG files in this folder"))
+            elif any(c in arg for c in "*?["):
+                took = [take(Path(m)) for m in safe_glob(arg)]
+                if not any(took):
+                    found.append(Failure(arg, f"{arg}: no image file matches this pattern"))
+            else:
+                found.append(Failure(arg, f"{arg}: no such file or folder"))
+        except CnnError as e:  # a folder that cannot be listed: this argument fails, the others go on
+            found.append(Failure(arg, str(e)))
+        except OSError as e:
+            found.append(Failure(arg, f"{arg}: {os_reason(e)}"))
     return found
+
+
+def safe_glob(pattern: str) -> list[str]:
+    """The sorted paths `pattern` matches, as ``glob.glob(pattern, recursive=True)`` gives them, except that
+    ``**`` never descends into a symlinked folder (Python's glob does: through a symlink loop it finds
+    exponentially many paths) and skips hidden folders. Components without ``**`` match as glob matches them
+    (a name starting with '.' only by a pattern starting with '.')."""
+    parts = pattern.split(os.sep)
+    if "**" not in parts:
+        return sorted(glob.glob(pattern))
+    i = parts.index("**")
+    prefix, rest = os.sep.join(parts[:i]), tuple(parts[i:])
+    bases = [prefix] if prefix and not glob.has_magic(prefix) else sorted(glob.glob(prefix)) if prefix else [""]
+    if pattern.startswith(os.sep) and not prefix:
+        bases = [os.sep]
+    found: set[str] = set()
+    dotted = any(p.startswith(".") for p in rest)  # only a component naming a hidden entry looks into them
+    for base in bases:
+        top = base or os.curdir
+        if not os.path.isdir(top):
+            continue
+        if base and _glob_match(rest, ()):  # 'dir/**' names dir/ itself too, as glob says
+            found.add(os.path.join(base, ""))
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if dotted or not d.startswith("."))
+            rel = os.path.relpath(dirpath, top)
+            rel_parts = () if rel == os.curdir else tuple(rel.split(os.sep))
+            for name in [*dirnames, *filenames]:
+                if _glob_match(rest, (*rel_parts, name)):
+                    found.add(os.path.join(base, *rel_parts, name) if base else os.path.join(*rel_parts, name))
+    return sorted(found)
+
+
+def _glob_match(pat: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Whether path components `parts` match pattern components `pat` (``**``: any number of components)."""
+    memo: dict[tuple[int, int], bool] = {}
+
+    def match(i: int, j: int) -> bool:
+        if (i, j) not in memo:
+            if i == len(pat):
+                memo[i, j] = j == len(parts)
+            elif pat[i] == "**":  # zero or more components, none of them hidden
+                ends = [j]
+                while ends[-1] < len(parts) and not parts[ends[-1]].startswith("."):
+                    ends.append(ends[-1] + 1)
+                memo[i, j] = any(match(i + 1, k) for k in ends)
+            else:
+                name = parts[j] if j < len(parts) else None
+                memo[i, j] = (name is not None and (not name.startswith(".") or pat[i].startswith("."))
+                              and fnmatch.fnmatchcase(name, pat[i]) and match(i + 1, j + 1))
+        return memo[i, j]
+
+    return match(0, 0)

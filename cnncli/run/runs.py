@@ -4,9 +4,10 @@
 `state` is one of running / finished / interrupted / failed / pruned; beside it the config name, the
 `--set` overrides, planned and completed epochs, the best validation accuracy and its epoch, the test
 accuracy and loss of best.npz, the summed epoch times (`seconds`), `stopped_early` (the epoch early
-stopping ended the run after, or null), `error` (the one-line reason of a failure), and `host` / `pid`
-of the process writing it. A folder still marked `running` whose process is gone (same host, no such
-pid) is reported as interrupted: it was killed before it could say so.
+stopping ended the run after, or null), `error` (the one-line reason of a failure), `host` / `pid`
+of the process writing it, and `data_dir`, the data folder the run read (`cnn plot` and `cnn eval` of its
+checkpoints use it when no --data-dir is given). A folder still marked `running` whose process is gone
+(same host, no such pid) is reported as interrupted: it was killed before it could say so.
 
 A run folder is any folder with a `config.yaml` and a `metrics.csv`, `run.json` or `last.npz`; folders are
 searched recursively, so a sweep folder lists each of its trials. Nothing here prints.
@@ -28,6 +29,7 @@ import yaml
 
 from cnncli.host.atomic import atomic_write
 from cnncli.host.errors import CnnError
+from cnncli.host.files import read_regular
 from cnncli.host.safeload import load_json, load_yaml
 
 MAX_RECORD_BYTES = 16 * 1024**2  # run.json, overrides.json, sweep.json, config.yaml: kilobytes; larger is damage
@@ -55,12 +57,18 @@ def write_run_file(run_dir: Path, record: dict[str, Any]) -> Path:
 def _read_small_text(path: Path) -> str | None:
     """The UTF-8 text of a regular file of at most MAX_RECORD_BYTES, else None (never blocks on a pipe)."""
     try:
-        p = Path(path)
-        if not p.is_file() or p.stat().st_size > MAX_RECORD_BYTES:
-            return None
-        return p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        return read_regular(path, MAX_RECORD_BYTES, "run record").decode("utf-8")
+    except (OSError, UnicodeDecodeError):  # NotRegularFile and TooLarge are OSErrors too
         return None
+
+
+def recorded_data_dir(run_dir: Path) -> Path | None:
+    """The data folder the run in `run_dir` read (`data_dir` of its run.json), when it still is a folder."""
+    record = read_json_file(Path(run_dir) / RUN_FILE) or {}
+    folder = record.get("data_dir")
+    if isinstance(folder, str) and folder and "\0" not in folder and Path(folder).is_dir():
+        return Path(folder)
+    return None
 
 
 def read_json_file(path: Path) -> dict[str, Any] | None:

@@ -55,6 +55,7 @@ import yaml
 from cnncli.config import MONITORED, Config, config_to_dict, load_config, parse_yaml, resolve_config
 from cnncli.host.atomic import atomic_write
 from cnncli.host.errors import CnnError, ConfigError
+from cnncli.host.files import NotRegularFile, check_writable
 from cnncli.host.safeload import describe, show
 from cnncli.run.runs import OVERRIDES_FILE, process_alive, read_json_file
 
@@ -424,8 +425,12 @@ def open_storage(url: str | None, sweep_dir: Path) -> Any:
     if url is None or "://" not in url:
         path = Path(url) if url else Path(sweep_dir) / JOURNAL_FILE
         try:
+            check_writable(path)  # a FIFO would block Optuna's reader, /dev/zero would be read without end
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))
+        except NotRegularFile as e:
+            raise ConfigError(f"--storage {path}: is {e.kind}, not a journal file (a regular file or a new "
+                              "path)") from None
         except OSError as e:
             raise ConfigError(f"--storage {path}: cannot open the journal file ({e.strerror or e})") from None
     last: Exception | None = None

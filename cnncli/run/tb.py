@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cnncli.host.errors import CnnError
+from cnncli.host.errors import CnnError, StorageError, os_reason
 
 if TYPE_CHECKING:  # pragma: no cover
     from cnncli.nn.model import Sequential
@@ -44,6 +44,17 @@ def require_writer() -> Any:
     return SummaryWriter
 
 
+def _open_writer(writer_cls: Any, run_dir: Path, **options: Any) -> Any:
+    """A SummaryWriter on `run_dir`; an OSError creating its event file (the name taken by a folder, a full
+    disk, no permission) is a `StorageError` naming the file, not a traceback from inside tensorboardX."""
+    try:
+        return writer_cls(logdir=str(run_dir), **options)
+    except OSError as e:
+        where = e.filename or run_dir
+        raise StorageError(f"{where}: cannot write the TensorBoard event file: {os_reason(e)}", e.errno,
+                           e.strerror) from None
+
+
 class TensorBoardLog:
     """The training loop's TensorBoard writer: `snapshot()` before an epoch's last update, `step()` after
     every update, `epoch()` after every epoch, `close()` at the end."""
@@ -51,7 +62,7 @@ class TensorBoardLog:
     def __init__(self, run_dir: Path, model: Sequential, purge_step: int | None = None) -> None:
         writer_cls = require_writer()
         self.model = model
-        self.writer = writer_cls(logdir=str(run_dir), purge_step=purge_step, flush_secs=30)
+        self.writer = _open_writer(writer_cls, run_dir, purge_step=purge_step, flush_secs=30)
         self._before: dict[str, np.ndarray] | None = None
 
     def snapshot(self) -> None:
@@ -104,7 +115,7 @@ def write_hparams(run_dir: Path, hparams: dict[str, Any], metrics: dict[str, flo
     plain = {k: (v if isinstance(v, bool | int | float | str) else str(v)) for k, v in hparams.items()}
     tagged = {f"hparams/{k}": float(v) for k, v in metrics.items()}
     exp, ssi, sei = hparams_summary(plain, tagged)
-    with writer_cls(logdir=str(run_dir)) as w:
+    with _open_writer(writer_cls, run_dir) as w:
         w.file_writer.add_summary(exp)
         w.file_writer.add_summary(ssi)
         w.file_writer.add_summary(sei)

@@ -24,7 +24,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ from cnncli.run.checkpoint import (
 from cnncli.run.evaluate import EvalResult, evaluate
 from cnncli.run.memory import check_training
 from cnncli.run.optim import improves, learning_rate, make_optimizer, mode_of
-from cnncli.run.runs import RUN_FILE, write_run_file
+from cnncli.run.runs import RUN_FILE, read_json_file, write_run_file
 
 METRIC_FIELDS = (
     "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s",
@@ -189,6 +189,26 @@ class TrainingInterrupted(CnnError):
         super().__init__(f"{what} at epoch {epoch}, batch {batch}; resumable checkpoint saved to {path}")
         self.path, self.epoch, self.batch = path, epoch, batch
         self.signum = signum if signum is not None else signal.SIGINT
+
+
+class TestInterrupted(TrainingInterrupted):
+    """Ctrl-C or SIGTERM during the final test evaluation: training is complete and saved (last.npz holds the
+    last epoch, best.npz the best); run.json says `interrupted` with `test_pending`, and `--resume` of
+    last.npz runs the test evaluation and finishes the run."""
+
+    def __init__(self, path: Path, best: Path, epochs: int, signum: int | None = None) -> None:
+        what = "interrupted" if signum in (None, signal.SIGINT) else f"stopped by {signal_name(signum)}"
+        CnnError.__init__(self, f"{what} during the test evaluation; training is complete and saved ({epochs} "
+                          f"epoch(s): last epoch in {path}, best in {best}); the test accuracy is not measured yet: "
+                          "resuming runs the evaluation and finishes the run")
+        self.path, self.epoch, self.batch = path, epochs, 0
+        self.signum = signum if signum is not None else signal.SIGINT
+
+
+def evaluation_pending(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` was stopped during its final test evaluation (its run.json says so)."""
+    record = read_json_file(Path(run_dir) / RUN_FILE) or {}
+    return record.get("state") == "interrupted" and record.get("test_pending") is True
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -443,7 +463,7 @@ def train(
             "state": run_state, "config": cfg.name, "overrides": list(overrides or []), "epochs": tc.epochs,
             "epochs_done": len(history), "best_epoch": state.best_epoch, "best_val_acc": state.best_val_acc,
             "test_acc": None, "test_loss": None, "seconds": sum(m.seconds for m in history),
-            "stopped_early": stopped_early, "error": None, **extra,
+            "stopped_early": stopped_early, "error": None, "data_dir": str(Path(data_folder).resolve()), **extra,
         })  # fmt: skip
 
     tb = None
@@ -543,14 +563,16 @@ def train(
 
     test = None
     if len(dataset.test_x) and best_path.exists():
-        cb.on_test()
-        best = load_checkpoint(best_path)
-        apply_params(best, model, best_path)
         try:
+            cb.on_test()
+            best = load_checkpoint(best_path)
+            apply_params(best, model, best_path)
             test = evaluate(model, dataset.test_x, dataset.test_y, normalizer, tc.eval_batch_size, dataset.classes)
-        except KeyboardInterrupt:  # every epoch is saved; a --resume runs the test evaluation
-            record("interrupted")
-            raise
+        except KeyboardInterrupt:  # every epoch is saved; a --resume runs the test evaluation and finishes
+            signum = stop.signum
+            with suppress(StorageError):
+                record("interrupted", test_pending=True)
+            raise TestInterrupted(last_path, best_path, len(history), signum) from None
     record("finished", test_acc=test.accuracy if test else None, test_loss=test.loss if test else None)
     return TrainResult(
         run_dir=run_dir,
