@@ -63,3 +63,20 @@ def test_the_wheel_carries_every_config_and_the_installed_package_finds_them_by_
     summary = json.loads(proc.stdout)
     # the diagram network: conv1 16×3×3×3 + 16, conv2 32×16×3×3 + 32, fc1 10×8192 + 10
     assert summary["params"] == (16 * 27 + 16) + (32 * 16 * 9 + 32) + (10 * 8192 + 10)
+
+
+def test_the_readme_starts_with_one_install_line_for_users_and_links_only_inside_the_project() -> None:
+    import re
+
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    first_block = readme.split("```sh\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert len(first_block) == 1 and first_block[0].startswith("pip install '.[")  # one line, no make
+    named = set(re.search(r"\[([^\]]*)\]", first_block[0]).group(1).split(","))
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    assert named == set(extras) - {"dev"}  # every user extra, not the development tools
+    assert "../shared/seed" not in readme and "shared/seed" not in readme
+    for link in re.findall(r"\]\(([^)#:]+)\)", readme):  # relative links point at files of the checkout
+        assert (ROOT / link).exists(), link
+    assert "(docs/derivations.md)" in readme

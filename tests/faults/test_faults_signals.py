@@ -109,3 +109,55 @@ def test_outside_the_loop_the_first_signal_aborts_and_later_ones_are_ignored() -
             signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGTERM)  # would kill the process with the default handler
         assert stop.count == 2 and stop.leaving
+
+
+def test_ctrl_c_during_the_final_test_evaluation_then_resume_finishes_the_run(
+        real_cifar_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real SIGINT sent while the test set is being evaluated (training done, every epoch saved): the message
+    says what was saved, run.json keeps the evaluation pending, and the printed --resume runs the evaluation and
+    finishes the run, with the accuracy `cnn eval` gives for best.npz."""
+    import os
+
+    from clihelp import stderr_of
+    from faultkit import within
+
+    import cnncli.run.train as train_mod
+
+    real_evaluate = train_mod.evaluate
+    n_test = 10_000  # the CIFAR-10 test set; the validation split is 200 images
+
+    def interrupted_evaluate(model, x, *args, **kwargs):  # noqa: ANN001, ANN202
+        if len(x) == n_test:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered to this process's handler right here
+        return real_evaluate(model, x, *args, **kwargs)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(train_mod, "evaluate", interrupted_evaluate)
+    with within(300, "training one epoch"):
+        result = runner.invoke(app, ["train", "--config", str(SEED), "--data-dir", str(real_cifar_dir), "--out",
+                                     str(run), "--epochs", "1", "--quiet", *SETS])
+    err = " ".join(stderr_of(result).split())
+    assert result.exit_code == 130, err
+    assert "before a resumable checkpoint was saved" not in err and "Traceback" not in err
+    assert (f"interrupted during the test evaluation; training is complete and saved (1 epoch(s): last epoch in "
+            f"{run / 'last.npz'}, best in {run / 'best.npz'}); the test accuracy is not measured yet") in err
+    resume = re.search(r"resume with: (cnn train --resume \S+ --data-dir \S+)", err)
+    assert resume, err
+    record = json.loads((run / "run.json").read_text())
+    assert (record["state"], record["test_pending"], record["test_acc"], record["epochs_done"]) == \
+        ("interrupted", True, None, 1)
+
+    monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+    with within(300, "the resumed evaluation"):
+        ok(runner.invoke(app, shlex.split(resume.group(1))[1:] + ["--quiet"]))
+    record = json.loads((run / "run.json").read_text())
+    assert record["state"] == "finished" and record["epochs_done"] == 1 and record.get("test_pending") is None
+    assert len((run / "metrics.csv").read_text().splitlines()) == 2  # no epoch trained again
+    evaluated = json.loads(ok(runner.invoke(app, ["eval", str(run / "best.npz"), "--data-dir", str(real_cifar_dir),
+                                                  "--json"])))
+    # the same images and weights: the same accuracy; the loss up to float32 summation order (micro-batches)
+    assert record["test_acc"] == evaluated["accuracy"]
+    assert record["test_loss"] == pytest.approx(evaluated["loss"], rel=1e-6)
+    # finished now: a further --resume has nothing to do again
+    again = runner.invoke(app, shlex.split(resume.group(1))[1:])
+    assert again.exit_code == 1 and "nothing to train" in stderr_of(again)

@@ -138,3 +138,30 @@ def test_cli_plot_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert err == f"error: {INSTALL_HINT}"
     assert "pip install 'cnncli[viz]'" in err
     assert not list(folder.glob("*.png"))
+
+
+def test_plot_and_eval_of_a_run_read_the_data_folder_it_recorded(
+        run_dir: Path, real_cifar_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --data-dir, no $CNNCLI_DATA, an empty cache and a mirror that refuses connections: the run's run.json
+    names the folder it read, and plot and eval use it (and say so) instead of downloading CIFAR-10."""
+    import json
+
+    from clihelp import stderr_of
+
+    pytest.importorskip("matplotlib")
+    record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    assert Path(record["data_dir"]) == real_cifar_dir.resolve()
+    monkeypatch.delenv("CNNCLI_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("CNNCLI_CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # a download fails
+    note = f"note: reading the data the run used, {real_cifar_dir.resolve()} (from its run.json; --data-dir to change)"
+    result = runner.invoke(app, ["plot", str(run_dir), "--out", str(tmp_path / "pics")])
+    assert result.exit_code == 0, result.output
+    assert note in " ".join(stderr_of(result).split())
+    assert (tmp_path / "pics" / "confusion.png").is_file()
+    result = runner.invoke(app, ["eval", str(run_dir / "best.npz"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert note in " ".join(stderr_of(result).split())
+    monkeypatch.setenv("CNNCLI_DATA", str(real_cifar_dir))
+    given = runner.invoke(app, ["eval", str(run_dir / "best.npz"), "--json", "--data-dir", str(real_cifar_dir)])
+    assert json.loads(result.stdout) == json.loads(given.stdout) and "note:" not in stderr_of(given)

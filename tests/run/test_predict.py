@@ -146,10 +146,21 @@ def test_text_output_default_top_k_and_classes_from_the_checkpoint(checkpoint: P
     assert len(many["top"]) == 10  # at most every class
 
 
-def test_checkpoint_without_class_names_uses_indices(checkpoint: Path, tmp_path: Path,
+def test_checkpoint_without_class_names_uses_indices(checkpoint: Path, tmp_path: Path, pngs: Path,
+                                                     real_cifar_dir: Path,
                                                      test_images: tuple[np.ndarray, np.ndarray]) -> None:
+    from dataclasses import replace
+
     ckpt, model = open_checkpoint(checkpoint)
-    bare = save_checkpoint(tmp_path / "bare.npz", model, ckpt.config)  # no classes entry
+    # no classes entry, a config naming CIFAR-10: the names CIFAR-10's own batches.meta holds
+    bare = save_checkpoint(tmp_path / "bare.npz", model, ckpt.config)
+    clf = Classifier.from_checkpoint(bare)
+    assert clf.classes == data.load_classes(real_cifar_dir / "batches.meta")
+    line = ok(runner.invoke(app, ["predict", str(bare), str(pngs / "0003.png"), "--top-k", "10"])).strip()
+    assert {s.rsplit(" ", 1)[0] for s in line.split(": ", 1)[1].split("  ")} == set(clf.classes)
+    # a data set without fixed names (cifar100's come with its files): the class indices
+    other = replace(ckpt.config, data=replace(ckpt.config.data, dataset="cifar100"))
+    bare = save_checkpoint(tmp_path / "bare100.npz", model, other)
     clf = Classifier.from_checkpoint(bare)
     assert clf.classes == tuple(str(i) for i in range(10))
     x = test_images[0][:5]
