@@ -1,6 +1,6 @@
 """Nothing from a file or a name reaches the terminal raw: class names (a checkpoint's `classes`, an image
 folder's sub-folder names), file names and per-file errors go through one escaping function
-(`cnncli.cli.kit.one_line`, with `safe` for Rich markup and `json_text` for --json).
+(`cnncli.cli.text.one_line`, with `safe` for Rich markup and `json_text` for --json).
 
 Hostile text: ESC[2J (clear screen), a colour code, a bell, a newline, a carriage return, a C1 CSI (U+009B),
 a right-to-left override (U+202E) and Rich markup ('[red]'). Before the fix `cnn predict` and `cnn eval`
@@ -99,7 +99,7 @@ def test_eval_escapes_class_names_from_an_image_folder(tmp_path: Path) -> None:
 
 
 def test_the_escaping_function_itself() -> None:
-    from cnncli.cli.kit import json_text, one_line, safe
+    from cnncli.cli.text import json_text, one_line, safe
 
     assert one_line("a\x1b[2Jb\nc\x07\x9b\u202e\u2028é漢") == "a\\x1b[2Jb\\nc\\x07\\x9b\\u202e\\u2028é漢"
     assert safe("[red]x\x1b") == "\\[red]x\\x1b"

@@ -14,12 +14,11 @@ from cnncli.cli.kit import (
     LayersOpt,
     SetOpt,
     load_layers,
-    one_line,
     out,
     print_json,
-    safe,
     user_errors,
 )
+from cnncli.cli.text import one_line, safe
 
 config_app = typer.Typer(
     cls=CnnGroup,

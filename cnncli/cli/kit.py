@@ -7,7 +7,6 @@ The import graph runs one way: `cnncli/cli/app.py` (the Typer app) imports the c
 from __future__ import annotations
 
 import functools
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -16,9 +15,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
+from cnncli.cli.text import json_text, safe
 from cnncli.host.errors import CnnError
 
 
@@ -32,34 +31,6 @@ out = _console()
 err = _console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def one_line(text: str) -> str:
-    """THE escaping of anything that came from a file or a name (class names, file names, per-file errors, run
-    and study names) on its way to the terminal: every character that is not printable is written as its
-    Python escape (a newline → \\n, ESC → \\x1b, a bell → \\x07, C1 controls, bidirectional overrides →
-    \\u202e), so that no such text can move the cursor, clear the screen, colour the output or break a line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def safe(text: object) -> str:
-    """`one_line(str(text))`, also escaped for Rich markup ('[red]' in a name stays text): for `out.print`."""
-    return escape(one_line(str(text)))
-
-
-def json_text(obj: object) -> str:
-    """`obj` as one line of JSON for the terminal: non-ASCII text kept, but every character `one_line` would
-    escape written as a JSON \\u escape (json.dumps leaves C1 controls and U+2028 raw)."""
-    text = json.dumps(obj, ensure_ascii=False)
-    return "".join(c if c.isprintable() or c == " " else _json_escape(c) for c in text)
-
-
-def _json_escape(c: str) -> str:
-    n = ord(c)
-    if n <= 0xFFFF:
-        return f"\\u{n:04x}"
-    n -= 0x10000
-    return f"\\u{0xD800 + (n >> 10):04x}\\u{0xDC00 + (n & 0x3FF):04x}"
 
 
 def user_errors(fn: F) -> F:

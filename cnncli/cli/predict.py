@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-from cnncli.cli.kit import LayersOpt, check_output, err, json_text, load_layers, out, safe, shape_text, user_errors
+from cnncli.cli.kit import (
+    LayersOpt,
+    check_output,
+    err,
+    load_layers,
+    out,
+    shape_text,
+    user_errors,
+)
+from cnncli.cli.text import json_text, safe
 
 CheckpointArg = Annotated[
     Path, typer.Argument(metavar="CHECKPOINT", help="A .npz checkpoint (best.npz, last.npz, or exported weights).")

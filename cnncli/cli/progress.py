@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from cnncli.cli.kit import one_line
+from cnncli.cli.text import one_line
 
 PLAIN_INTERVAL_S = 5.0
 

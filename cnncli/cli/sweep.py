@@ -20,9 +20,9 @@ from cnncli.cli.kit import (
     out,
     prepare_data,
     print_json,
-    safe,
     user_errors,
 )
+from cnncli.cli.text import safe
 
 
 class _RunByDefault(CnnGroup):

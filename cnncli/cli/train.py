@@ -30,10 +30,10 @@ from cnncli.cli.kit import (
     print_json,
     renamed,
     run_data_dir,
-    safe,
     shape_text,
     user_errors,
 )
+from cnncli.cli.text import safe
 
 
 @user_errors

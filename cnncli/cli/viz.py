@@ -26,11 +26,11 @@ from cnncli.cli.kit import (
     prepare_data,
     print_json,
     run_data_dir,
-    safe,
     shape_text,
     split_images,
     user_errors,
 )
+from cnncli.cli.text import safe
 
 TRACE_HELP = "\n\n".join([
     "Walk one CIFAR-10 image through the forward pass and backpropagation in the notation of docs/derivations.md "
