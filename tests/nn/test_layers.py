@@ -2,8 +2,8 @@
 
 References used here, never the code under test itself:
 
-* naive Python loops written straight from the sums of the design article
-  (`shared/seed/cnn-forward-backprop-article.md`), generalised to stride s and padding pad:
+* naive Python loops written straight from the sums of docs/derivations.md (the design article's
+  notation), generalised to stride s and padding pad:
   S[c,i,j] = Σ_{c',u,v} W[c,c',u,v] · X[c', s·i+u−pad, s·j+v−pad] + b[c];  δb[c] = Σ δS[c,i,j];
   δW[c,c',u,v] = Σ_{i,j} δS[c,i,j] · X[c', s·i+u−pad, s·j+v−pad];
   δX[c',x,y] = Σ_{c,u,v} W[c,c',u,v] · δS[c,i,j]
