@@ -16,6 +16,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from cnncli.host.blas import blas_threads, worker_threads
+from cnncli.nn import contracts
 from cnncli.nn.layer import Layer, Shape
 from cnncli.nn.layers import BatchNorm, Conv2D, Flatten, Linear, MaxPool2D, ReLU
 
@@ -1006,13 +1007,13 @@ class _LayerStage(_Stage):
         assert layer is not None and buf.out is not None
         layer.training = self.layer.training
         layer.needs_input_grad = self.need_dx
-        y = layer.forward(_to_examples(buf.inp))
+        y = contracts.forward(layer, _to_examples(buf.inp))  # checked on a user layer's first call
         np.copyto(_to_examples(buf.out), y, casting="unsafe")
 
     def backward(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
         layer = buf.layer
         assert layer is not None
-        d = layer.backward(_to_examples(dout))
+        d = contracts.backward(layer, _to_examples(dout))
         for k, g in grads.items():
             np.copyto(g, layer.grads[k], casting="unsafe")
         if not self.need_dx or d is None:

@@ -21,6 +21,7 @@ import numpy as np
 from cnncli.host.errors import ConfigError
 from cnncli.host.limits import Limit, human_bytes, memory_limit
 from cnncli.host.names import check_name
+from cnncli.nn import contracts
 from cnncli.nn.layer import Layer, Shape
 from cnncli.nn.options import LayerOptions
 from cnncli.nn.registry import LAYER_TYPES
@@ -115,6 +116,7 @@ def build_layers(
             raise NestedLayerError(str(e)) from None
         try:
             layer = cls.from_options(opts, shape, rng, dtype)
+            contracts.check_constructed(layer, where)  # a missing super().__init__() named before anything uses it
             out = layer.output_shape(shape)
         except NestedLayerError as e:  # from the layers inside a block: prefix the block's own index
             raise NestedLayerError(f"{where}.{e}") from None

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cnncli.host.errors import ConfigError
+from cnncli.nn import contracts
 from cnncli.nn.build import NestedLayerError, build_layers, param_budget
 from cnncli.nn.layer import Layer, Shape
 from cnncli.nn.layers import softmax_cross_entropy
@@ -115,7 +116,7 @@ class Sequential:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """X (N, *input_shape) -> logits z (N, classes)."""
         for layer in self.layers:
-            x = layer.forward(x)
+            x = contracts.forward(layer, x)  # the layer contract, checked on a user layer's first call
         return x
 
     def backward(self, dz: np.ndarray) -> np.ndarray | None:
@@ -123,7 +124,7 @@ class Sequential:
         d: np.ndarray | None = dz
         for layer in reversed(self.layers):
             assert d is not None
-            d = layer.backward(d)
+            d = contracts.backward(layer, d)
         return d
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
