@@ -264,7 +264,7 @@ def test_cli_prints_a_table_and_exits_0() -> None:
     out = _stdout(result)
     rows = {}
     for name in ("conv1.W", "conv1.b", "fc1.W", "fc1.b", "X"):
-        lines = [line for line in out.splitlines() if f" {name} " in line]
+        lines = [line for line in out.splitlines() if f" {name} " in line and line.startswith("│")]  # table rows
         assert len(lines) == 1, (name, out)
         rows[name] = lines[0]
         assert "pass" in lines[0].lower()
