@@ -18,7 +18,9 @@ the flatten output is h, the network's output z; a single linear layer's paramet
 (several: W_<name>, b_<name>, and the hidden ones' outputs zᵐ, aᵐ); the k-th batch-norm gives Yᵏ = γᵏ x̂ + βᵏ
 (parameters γᵏ, βᵏ, checked too) and an activation after it Aᵏ (aᵐ for vectors); leaky ReLU, tanh and sigmoid
 are named as ReLU; average pooling as max-pooling; global average pooling gives g; any other layer's output
-(dropout, a residual block) is '<type><index>'.
+(dropout, a residual block, a layer of your own) is its name ('swishb1', 'res1') or, unnamed, '<type><index>',
+and its parameters '<key>_<name>' (β of swishb1: 'beta_swishb1'), printed, checked and saved like the
+built-ins'. A layer whose class names no section of docs/derivations.md is cited by its docstring.
 
 Shapes drop the batch axis: every tensor is one image's (S¹ 16×32×32, h 4096). For a batch of one the
 mean loss is the image's loss, so δz = p − y.
@@ -47,6 +49,7 @@ import numpy as np
 
 from cnncli.host.blas import blas_threads
 from cnncli.host.errors import ConfigError
+from cnncli.nn import contracts
 from cnncli.nn.gradcheck import DEFAULT_EPS, DEFAULT_TOL, five_point, forward_on_pieces, pieces, rel_error
 from cnncli.nn.layer import Layer
 from cnncli.nn.layers import softmax_cross_entropy
@@ -111,7 +114,7 @@ def name_tensors(model: Sequential) -> list[LayerNames]:
     Max- or average pooling after Aᵏ, Sᵏ or Yᵏ: Pᵏ. Global average pooling: g. Flatten: h. The last layer's
     output: z. Linear: W_fc, b_fc when it is the only one, else W_<name>, b_<name>; a hidden linear layer
     (the m-th) gives zᵐ and an activation after it (or after a batch-norm of it) aᵐ. Anything else (dropout,
-    residual, …): '<kind><layer index>'.
+    residual, a user's layer): its name, else '<kind><layer index>'; its parameters '<key>_<name>'.
     """
     layers = model.layers
     n_linear = sum(layer.kind == "linear" for layer in layers)
@@ -156,8 +159,13 @@ def name_tensors(model: Sequential) -> list[LayerNames]:
             for k, p in params.items():
                 if p.key in used:  # two names that differ only in non-ASCII characters
                     params[k] = _sym(f"{k}_{tag}_{i}")
-        else:
-            base = (f"{layer.kind}{i}", -1)
+        else:  # any other layer (dropout, a block, a layer of the user's): one name, its own if it has one
+            tag = re.sub(r"[^0-9A-Za-z_]", "_", layer.name) if layer.name else ""
+            base = (tag or f"{layer.kind}{i}", -1)
+            params = {k: _sym(f"{re.sub(r'[^0-9A-Za-z]', '_', k)}_{tag or i}") for k in layer.params}
+            for k, p in params.items():
+                if p.key in used:
+                    params[k] = _sym(f"{p.key}_{i}")
         if i == len(layers) - 1:
             base = ("z", 0)
         if base[1] > 0:
@@ -238,7 +246,7 @@ class Step:
         anchor, _, what = self.section.removeprefix("§").partition(" ")
         detail = f"({self.phase}{', ' + what if what else ''})"
         if anchor.startswith("?"):  # no section of docs/derivations.md derives it: say so, cite no dead link
-            return f"layer type {anchor[1:]!r}: its class's own docstring (no `doc` section) {detail}"
+            return f"layer type {anchor[1:]!r}: its class's own docstring{_first_line(anchor[1:])} {detail}"
         if "/" in anchor or anchor.endswith(".md"):  # a user's layer citing its own document
             return f"{anchor} {detail}"
         return f"{DOCS}#{anchor} {detail}"
@@ -343,6 +351,15 @@ def loss_change(z0: np.ndarray, z1: np.ndarray, label: int) -> float:
 DOCS = "docs/derivations.md"
 
 
+def _first_line(type_name: str) -> str:
+    """' («y = x · σ(βx), …»)': the first line of a registered layer class's docstring, or ''."""
+    from cnncli.nn.registry import LAYER_TYPES
+
+    cls = LAYER_TYPES.get(type_name)
+    doc = (cls.__doc__ or "").strip().splitlines() if cls is not None else []
+    return f" («{doc[0].strip()}»)" if doc else " (no `doc` section)"
+
+
 def _section(layer: Layer, index: int, backward: bool = False) -> str:
     """Where docs/derivations.md derives a layer (its `doc` anchor) and which layer: '§convolution conv1',
     '§relu', …; the forward pass and backpropagation of a layer share one section."""
@@ -405,7 +422,7 @@ def _trace(
     # ---- forward: acts[i] is the input of layer i, acts[-1] the logits z; all (1, ...) float64 copies.
     acts = [np.array(x, dtype=np.float64).reshape(1, *model.input_shape)]
     for layer in layers:
-        acts.append(np.array(layer.forward(acts[-1]), dtype=np.float64, copy=True))
+        acts.append(np.array(contracts.forward(layer, acts[-1]), dtype=np.float64, copy=True))
     y = np.array([label])
     loss, dz, p = softmax_cross_entropy(acts[-1], y)
     piece = pieces(layers)  # the smooth piece of this pass: ReLU masks, pool arg-maxes (Layer.piece)
@@ -415,7 +432,7 @@ def _trace(
     deltas[-1] = dz.copy()
     grads: list[dict[str, np.ndarray]] = [{} for _ in layers]
     for i in reversed(range(len(layers))):
-        d = layers[i].backward(deltas[i + 1])
+        d = contracts.backward(layers[i], deltas[i + 1])
         if d is None:  # pragma: no cover - set_input_grad(True) asks every layer for its input gradient
             raise RuntimeError(f"layer {i} ({layers[i].kind}) gave no input gradient")
         deltas[i] = np.array(d, dtype=np.float64, copy=True)
