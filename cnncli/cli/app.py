@@ -8,6 +8,7 @@ import typer
 
 from cnncli.cli import bench as cli_bench
 from cnncli.cli import config as cli_config
+from cnncli.cli import lab as cli_lab
 from cnncli.cli import predict as cli_predict
 from cnncli.cli import sweep as cli_sweep
 from cnncli.cli import train as cli_train
@@ -24,7 +25,7 @@ app = typer.Typer(
 )
 
 app.command()(cli_train.download)
-app.command()(cli_train.gradcheck)
+app.command()(cli_lab.gradcheck)
 app.command()(cli_train.summary)
 app.command()(cli_train.train)
 app.command(name="eval")(cli_train.eval_)
@@ -36,6 +37,7 @@ app.command()(cli_sweep.runs)
 app.command()(cli_predict.predict)
 app.command()(cli_predict.export)
 app.add_typer(cli_config.config_app, name="config")
+app.add_typer(cli_lab.lab_app, name="lab")
 
 app.info.context_settings = {"help_option_names": ["-h", "--help"]}
 use_cnn_classes(app)  # after every registration: one look and the old option spellings for every command
@@ -52,8 +54,17 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    check_layers: bool = typer.Option(False, "--check-layers", help="Check the layer contract of every layer that "
+                                      "runs through its own methods, cnncli's too (your own layers are always "
+                                      "checked on their first call). The same as $CNNCLI_CHECK_LAYERS=all."),
 ) -> None:
     """Train convolutional networks on CIFAR-10 in pure NumPy, every pass written by hand."""
+    if check_layers:
+        import os
+
+        from cnncli.nn.contracts import ENV
+
+        os.environ[ENV] = "all"
 
 
 # Click's own usage errors (a bad option value, an unknown option) as one line, like every other error.
