@@ -249,3 +249,15 @@ def test_trace_prints_checks_and_saves_a_user_layers_parameter_gradient(tmp_path
     code, report = _trace(tmp_path, "sign", real_cifar_dir)
     steps = {s["key"]: s for s in report["steps"]}
     assert code == 1 and not steps["dbeta_swishb1"]["check"]["passed"]
+
+
+def test_a_user_layer_inside_a_residual_block_keeps_the_contract(tmp_path: Path) -> None:
+    layer_file = tmp_path / "swishb_none.py"
+    layer_file.write_text(source("none"))
+    cfg = tmp_path / "res.yaml"
+    cfg.write_text("model:\n  input_shape: [3, 6, 6]\n  layers:\n"
+                   "    - {type: residual, layers: [{type: conv, out_channels: 3, kernel_size: 3, padding: 1},"
+                   " {type: swishb}]}\n    - {type: flatten}\n    - {type: linear, out_features: 10}\n")
+    result = runner.invoke(app, ["gradcheck", "-c", str(cfg), "--layers", str(layer_file), "-q"])
+    line = one_line_error(result)
+    assert "layer swishb1 (SwishB from swishb_none.py): backward returned None" in line

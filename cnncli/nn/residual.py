@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from cnncli.nn import contracts
 from cnncli.nn.build import build_layers
 from cnncli.nn.layer import Layer, Shape, option_values
 from cnncli.nn.layers import Conv2D
@@ -257,7 +258,7 @@ class Residual(Layer):
         """x (N, *in) -> y = x + F(x) (or Proj(x) + F(x)), (N, *out)."""
         f = x
         for c in self._children:
-            f = c.forward(f)
+            f = contracts.forward(c, f)  # a user's layer inside a block keeps the contract too
         return (self._shortcut.forward(x) if self._shortcut is not None else x) + f
 
     def backward(self, dout: np.ndarray) -> np.ndarray | None:
@@ -265,7 +266,7 @@ class Residual(Layer):
         d: np.ndarray | None = dout
         for c in reversed(self._children):
             assert d is not None
-            d = c.backward(d)
+            d = contracts.backward(c, d)
         ds = self._shortcut.backward(dout) if self._shortcut is not None else dout
         if not self.needs_input_grad or d is None or ds is None:
             self.paths = None
