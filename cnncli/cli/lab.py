@@ -286,7 +286,7 @@ def lab_new(
 @lab_app.command("check")
 @user_errors
 def lab_check(
-    files: Annotated[list[Path], typer.Argument(metavar="FILE…", help="Layer files made from `cnn lab new` (one "
+    files: Annotated[list[Path], typer.Argument(metavar="FILE", help="Layer files made from `cnn lab new` (one "
                                                 "per student).")],
     seed: Annotated[int, typer.Option(min=0, metavar="N", help="Seed of the random inputs and parameters.")] = 0,
     tol: Annotated[float, typer.Option(min=0.0, metavar="T", help="Largest relative error that passes.")] = 1e-6,

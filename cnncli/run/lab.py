@@ -297,7 +297,10 @@ def grade(file: Path, seed: int = 0, tol: float = 1e-6) -> Grade:
     from cnncli.nn.model import build_model
 
     with isolated_registry():
-        names = registry.load_layer_file(file)
+        try:
+            names = registry.load_layer_file(file)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("--layers ", "lab check ", 1)) from None
         labs = [n for n in names if _reference_type(registry.LAYER_TYPES[n])]
         if not labs:
             raise ConfigError(f"lab check {file}: defines no subclass of a cnncli layer (made by cnn lab new)")
