@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from cnncli.cli.kit import (
     CONFIG_DEFAULT,
@@ -26,6 +25,7 @@ from cnncli.cli.kit import (
     shape_text,
     user_errors,
 )
+from cnncli.cli.text import safe
 
 LayerOpt = Annotated[
     str | None,
@@ -70,32 +70,32 @@ def render_diagnoses(results: list[Any], faults: list[Any], tol: float, prefix: 
         colour = "red" if r.status == "fail" else "yellow"
         status = "FAIL" if r.status == "fail" else r.status
         text = r.diagnosis.text.removeprefix("not checked: ")
-        out.print(f"[{colour}]{escape(prefix + r.name)} {status}[/{colour}]: {escape(text)}", soft_wrap=True)
+        out.print(f"[{colour}]{safe(prefix + r.name)} {status}[/{colour}]: {safe(text)}", soft_wrap=True)
         if r.status == "fail":
             for e in r.worst:
                 out.print(f"    at {e.index}: analytic {_e(e.analytic)}, numeric {_e(e.numeric)}, rel. error "
                           f"{_e(e.rel_error)}", soft_wrap=True, highlight=False)
         if r.inherited:
-            out.print(f"    (below the layer at fault, {escape(r.inherited)}: its error flows down into this tensor)",
+            out.print(f"    (below the layer at fault, {safe(r.inherited)}: its error flows down into this tensor)",
                       soft_wrap=True)
         if r.diagnosis.advice:
-            out.print(f"    what to do: {escape(r.diagnosis.advice)}", soft_wrap=True)
+            out.print(f"    what to do: {safe(r.diagnosis.advice)}", soft_wrap=True)
     if faults and not all(r.passed for r in results):
         top = faults[0]
         wrong = ", ".join(f"{k} rel. error {_e(v)}" for k, v in top.errors.items() if not v <= tol)
         right = [k for k, v in top.errors.items() if v <= tol]
         agree = f" ({', '.join(right)} {'agrees' if len(right) == 1 else 'agree'})" if right else ""
         out.print(
-            f"[red]layer at fault:[/red] {escape(top.name)} ({escape(top.cls)}, layer {top.index}) — walking backward "
+            f"[red]layer at fault:[/red] {safe(top.name)} ({safe(top.cls)}, layer {top.index}) — walking backward "
             f"from the output, the first layer whose own backward disagrees with finite differences of its own "
-            f"forward: {escape(wrong)}" + escape(agree)
-            + (f". Fix {escape(top.name)}.backward first; the failing tensors below it "
-               f"({escape(', '.join(r.name for r in results if r.inherited))}) follow from it."
+            f"forward: {safe(wrong)}" + safe(agree)
+            + (f". Fix {safe(top.name)}.backward first; the failing tensors below it "
+               f"({safe(', '.join(r.name for r in results if r.inherited))}) follow from it."
                if any(r.inherited for r in results) else "."),
             soft_wrap=True,
         )
         for other in faults[1:]:
-            out.print(f"    also disagrees with its own forward: {escape(other.name)} ({escape(other.cls)}, layer "
+            out.print(f"    also disagrees with its own forward: {safe(other.name)} ({safe(other.cls)}, layer "
                       f"{other.index})", soft_wrap=True)
 
 
@@ -114,7 +114,7 @@ def _results_table(title: str, results: list[Any]) -> Any:
         verdict = {"pass": "[green]pass[/green]", "fail": "[red]FAIL[/red]"}.get(r.status,
                                                                                 "[yellow]not checked[/yellow]")
         error = f"{r.max_rel_error:.2e}" if math.isfinite(r.max_rel_error) else "—"
-        table.add_row(escape(r.name), shape_text(r.shape), checked, str(r.kinks), error, verdict)
+        table.add_row(safe(r.name), shape_text(r.shape), checked, str(r.kinks), error, verdict)
     return table
 
 
@@ -182,7 +182,7 @@ def gradcheck(
             "tensors": [tensor_json(r) for r in results],
         })
     else:
-        out.print(_results_table(f"gradcheck {escape(str(config))} — float64, batch {batch}, ε={eps:g}, tol={tol:g}",
+        out.print(_results_table(f"gradcheck {safe(str(config))} — float64, batch {batch}, ε={eps:g}, tol={tol:g}",
                                  results))
         out.print(
             "Relative error |a−n| / max(1e-8, |a|+|n|), worst entry; n from a 5-point centred difference. "
@@ -193,10 +193,10 @@ def gradcheck(
         if report.moved:
             names = ", ".join(f"{n} (all {v:g})" for n, v in report.moved)
             out.print(f"Drawn at random around their value, since a special value can hide a bug "
-                      f"(--initial-params keeps them): {escape(names)}", soft_wrap=True)
+                      f"(--initial-params keeps them): {safe(names)}", soft_wrap=True)
         render_diagnoses(results, report.faults, tol)
         verdict = "[green]all gradients pass[/green]" if ok else "[red]some gradients FAIL[/red]"
-        extra = f"; {len(not_checked)} not checked: {escape(', '.join(not_checked))}" if not_checked else ""
+        extra = f"; {len(not_checked)} not checked: {safe(', '.join(not_checked))}" if not_checked else ""
         out.print(f"{verdict}{extra} ({seconds:.1f} s)", soft_wrap=True)
     if not ok:
         raise typer.Exit(code=1)
@@ -221,10 +221,10 @@ def render_layer_report(report: Any, title: str) -> None:
         table.add_column(col, justify="right" if col in ("entries", "max rel. error") else "left")
     for r in report.results:
         verdict = "[green]pass[/green]" if r.passed else "[red]FAIL[/red]"
-        table.add_row(r.case.text(), escape(r.name), str(r.checked), _e(r.max_rel_error), verdict)
+        table.add_row(r.case.text(), safe(r.name), str(r.checked), _e(r.max_rel_error), verdict)
     out.print(table)
     for r in report.first_failures():
-        out.print(f"[red]{escape(r.name)} FAIL[/red] (first at {r.case.text()}): {escape(r.diagnosis.text)}",
+        out.print(f"[red]{safe(r.name)} FAIL[/red] (first at {r.case.text()}): {safe(r.diagnosis.text)}",
                   soft_wrap=True)
         for e in r.worst:
             out.print(f"    at {e.index}: analytic {_e(e.analytic)}, numeric {_e(e.numeric)}, rel. error "
@@ -245,7 +245,7 @@ def _layer_check(config: Path, set_: list[str] | None, spec: str, seed: int, eps
         print_json({"layer": report.layer, "spec": spec, "seed": seed, "eps": eps, "tol": tol,
                     "passed": report.passed, "tensors": [layer_result_json(r) for r in report.results]})
     else:
-        render_layer_report(report, f"gradcheck --layer {escape(report.layer)}: {escape(what)} — alone, random "
+        render_layer_report(report, f"gradcheck --layer {safe(report.layer)}: {safe(what)} — alone, random "
                             f"input, upstream gradient and parameters (seed {seed}), float64, tol={tol:g}")
         verdict = "[green]the layer's backward agrees with its forward[/green]" if report.passed else \
             "[red]the layer's backward disagrees with its forward[/red]"
@@ -278,9 +278,9 @@ def lab_new(
     folder = out_dir if out_dir is not None else Path(f"lab-{kind}")
     files = new_lab(kind, folder)
     for f in files:
-        out.print(f"wrote {escape(str(f))}", soft_wrap=True, highlight=False)
-    out.print(f"Students write the backward in {escape(files[0].name)}; grade with: cnn lab check "
-              f"{escape(str(files[0]))}", soft_wrap=True, highlight=False)
+        out.print(f"wrote {safe(str(f))}", soft_wrap=True, highlight=False)
+    out.print(f"Students write the backward in {safe(files[0].name)}; grade with: cnn lab check "
+              f"{safe(str(files[0]))}", soft_wrap=True, highlight=False)
 
 
 @lab_app.command("check")
@@ -312,26 +312,26 @@ def lab_check(
                     "errors": [{"file": str(f), "error": e} for f, e in errors]})
     else:
         for g in grades:
-            table = Table(title=f"lab check {escape(g.file)} — {escape(g.layer)} against cnncli's "
-                          f"{escape(g.reference)}: {g.score:g} / {g.max_score:g}")
+            table = Table(title=f"lab check {safe(g.file)} — {safe(g.layer)} against cnncli's "
+                          f"{safe(g.reference)}: {g.score:g} / {g.max_score:g}")
             table.add_column("item")
             table.add_column("points", justify="right")
             table.add_column("result")
             table.add_column("what was found", overflow="fold")
             for i in g.items:
                 verdict = "[green]pass[/green]" if i.passed else "[red]FAIL[/red]"
-                table.add_row(escape(i.name), f"{i.points:g} / {i.max_points:g}", verdict, escape(i.detail))
+                table.add_row(safe(i.name), f"{i.points:g} / {i.max_points:g}", verdict, safe(i.detail))
             out.print(table)
         for f, e in errors:
-            out.print(f"[red]{escape(str(f))}[/red]: {escape(e)}", soft_wrap=True)
+            out.print(f"[red]{safe(str(f))}[/red]: {safe(e)}", soft_wrap=True)
         if len(files) > 1:
             summary = Table(title="scores")
             summary.add_column("file")
             summary.add_column("score", justify="right")
             for g in grades:
-                summary.add_row(escape(g.file), f"{g.score:g} / {g.max_score:g}")
+                summary.add_row(safe(g.file), f"{g.score:g} / {g.max_score:g}")
             for f, _ in errors:
-                summary.add_row(escape(str(f)), "not graded")
+                summary.add_row(safe(str(f)), "not graded")
             out.print(summary)
     if errors or any(g.score < g.max_score for g in grades):
         raise typer.Exit(code=1)
