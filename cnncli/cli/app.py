@@ -8,6 +8,7 @@ import typer
 
 from cnncli.cli import bench as cli_bench
 from cnncli.cli import config as cli_config
+from cnncli.cli import gradients as cli_gradients
 from cnncli.cli import lab as cli_lab
 from cnncli.cli import predict as cli_predict
 from cnncli.cli import sweep as cli_sweep
@@ -32,6 +33,8 @@ app.command(name="eval")(cli_train.eval_)
 app.command()(cli_bench.bench)
 app.command(help=cli_viz.TRACE_HELP)(cli_viz.trace)
 app.command()(cli_viz.plot)
+app.command()(cli_gradients.saliency)
+app.command()(cli_gradients.attack)
 app.add_typer(cli_sweep.sweep_app, name="sweep")
 app.command()(cli_sweep.runs)
 app.command()(cli_predict.predict)
