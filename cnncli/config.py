@@ -134,6 +134,7 @@ class TrainConfig:
     schedule: ScheduleConfig = ScheduleConfig()
     early_stopping: EarlyStoppingConfig | None = None  # off unless given
     tensorboard: bool = False  # event files in the run folder (needs the tensorboard extra)
+    gradflow: bool = True  # gradflow.json in the run folder: gradient norms, update ratios, dead ReLUs per epoch
 
 
 @dataclass(frozen=True)

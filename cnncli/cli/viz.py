@@ -270,7 +270,9 @@ def plot(
     layers: LayersOpt = None,
 ) -> None:
     r"""Pictures of runs (needs the viz extra: pip install 'cnncli\[viz]'). One run folder: its learning curves
-    (learning_curves.png) and the test-set confusion matrix of best.npz (confusion.png). Several, or a sweep
+    (learning_curves.png), gradient flow per parameter tensor, update / weight ratios, dead ReLU units and the
+    per-step loss (gradflow.png, from gradflow.json) and the test-set confusion matrix of best.npz
+    (confusion.png). Several, or a sweep
     folder: compare.png overlays their curves, runs that differ only in the seed drawn as mean ± spread."""
     from cnncli.run.plot import read_metrics, require_matplotlib
     from cnncli.run.runs import find_runs
@@ -325,6 +327,12 @@ def _plot_one(run_dir: Path, out_dir: Path | None, confusion: bool, data_dir: Pa
     target = out_dir or run_dir
     name = run_dir.resolve().name
     written = [learning_curves_png(metrics, target / "learning_curves.png", title=name)]
+    if (run_dir / "gradflow.json").exists():  # written by cnn train unless train.gradflow is false
+        from cnncli.gradflow import read_flow
+        from cnncli.plot_gradients import gradflow_png
+
+        written.append(gradflow_png(read_flow(run_dir), target / "gradflow.png",
+                                    title=f"{name}: gradient flow, update sizes and dead ReLUs (gradflow.json)"))
     result: dict[str, Any] = {}
     if confusion:
         best = run_dir / "best.npz"

@@ -1175,6 +1175,7 @@ class Engine:
         self._slots: list[dict[str, dict[str, np.ndarray]]] = []
         self.matmul_seconds: dict[str, tuple[float, float]] = {}  # filled by `profile`
         self.matmul_flops: dict[str, tuple[float, float]] = {}
+        self._fired: dict[tuple[int, int], np.ndarray] | None = None  # `watch_relus`: (worker, stage) -> max
 
     # ---- buffers ------------------------------------------------------------------------------------
     def _param_layers(self) -> list[Layer]:
@@ -1302,6 +1303,34 @@ class Engine:
                 self._workspace(train, chunks[j][1] - chunks[j][0], t)
         return mine
 
+    # ---- ReLU activity (read by cnncli/gradflow.py) -----------------------------------------------
+    def watch_relus(self, on: bool = True) -> None:
+        """From now on (on) or no longer, training passes keep, for every stage that ends in a ReLU, the largest
+        value each output unit took (a unit: a channel of an image tensor, a feature of a vector): one max
+        reduction of the ReLU's output per micro-batch, nothing the results depend on."""
+        self._fired = {} if on else None
+
+    def relu_activity(self) -> list[tuple[Layer, np.ndarray]]:
+        """[(the ReLU layer, max over the watched passes of each output unit (C,) or (D,))] for each stage with a
+        ReLU that ran since the last call (a unit never > 0 there is dead), in stage order; then starts afresh."""
+        if self._fired is None:
+            return []
+        found: list[tuple[Layer, np.ndarray]] = []
+        for i, stage in enumerate(self.stages):
+            parts = [m for (_, j), m in self._fired.items() if j == i]
+            if parts:
+                relu = next((layer for layer in reversed(stage.layers) if type(layer) is ReLU), stage.layers[-1])
+                found.append((relu, np.maximum.reduce(parts)))
+        self._fired = {}
+        return found
+
+    def _note_relu(self, t: int, i: int, out: np.ndarray) -> None:
+        """Worker t's stage i wrote its ReLU output `out` (*shape, N): keep each unit's running max."""
+        assert self._fired is not None
+        m = out.max(axis=tuple(range(1, out.ndim)))
+        prev = self._fired.get((t, i))
+        self._fired[(t, i)] = m if prev is None else np.maximum(prev, m, out=prev)
+
     # ---- passes -----------------------------------------------------------------------------------
     def predict(self, x: np.ndarray) -> np.ndarray:
         """X (N, *input_shape) -> logits z (N, classes), in micro-batches of `eval_micro_batch` images."""
@@ -1372,6 +1401,7 @@ class Engine:
         reducer = self._reducer(total, workers)
         clock = time.perf_counter
         n_stages = len(self.stages)
+        watch = self._fired is not None
 
         def job(t: int) -> None:
             for j in mine[t]:
@@ -1385,6 +1415,8 @@ class Engine:
                     t0 = clock() if timings is not None else 0.0
                     m0, f0 = (mm[0], mm[1]) if mm is not None else (0.0, 0.0)
                     stage.forward(buf, True)
+                    if watch and stage.relu and i + 1 < n_stages:
+                        self._note_relu(t, i, buf.out)
                     if timings is not None:
                         timings[i, 0] += clock() - t0
                         if mm is not None:

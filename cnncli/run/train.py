@@ -470,6 +470,12 @@ def train(
     if tc.tensorboard:
         tb = TensorBoardLog(run_dir, model, purge_step=state.step if resume is not None else None)
     tb_ctx = closing(tb) if tb is not None else nullcontext()
+    flow, flow_records = None, []
+    if tc.gradflow:  # gradient norms, update ratios, dead ReLUs, per-step losses: gradflow.json (cnncli/gradflow.py)
+        from cnncli.gradflow import FlowRecorder, earlier_records, write_flow
+
+        flow = FlowRecorder(model, steps)
+        flow_records = earlier_records(run_dir, state.epoch) if resume is not None else []
     # exits in reverse: once the loop leaves with an exception (deferring), later signals are ignored while
     # run.json records how it ended
     with closing(lock), stop_signals() as stop, _recorded(record), stop.deferring(), tb_ctx:
@@ -488,6 +494,8 @@ def train(
             if state.batch:
                 sums.update(state.partial)
             cb.on_epoch_start(epoch + 1, tc.epochs, steps, state.batch)
+            if flow is not None:
+                flow.start_epoch(epoch + 1)
             lr = learning_rate(tc.optimizer.lr, tc.schedule, state.step, steps, tc.epochs, monitored)
             t_train = time.perf_counter()
             for b in range(state.batch, steps):
@@ -506,8 +514,12 @@ def train(
                     )
                 if tb is not None and b == steps - 1:
                     tb.snapshot()  # to measure the epoch's last update
+                if flow is not None:
+                    flow.before_step(b)
                 optimizer.step(params, model.named_grads(), lr)
                 state.step += 1
+                if flow is not None:
+                    flow.after_step(b, state.step, loss)
                 state.batch = b + 1
                 correct = float(np.count_nonzero(z.argmax(axis=1) == yb))
                 sums["loss"] += loss * len(idx)
@@ -547,11 +559,15 @@ def train(
             if is_best:
                 state.best_val_acc = val.accuracy if val else None
                 state.best_epoch = epoch + 1
+            if flow is not None:
+                flow_records.append(flow.end_epoch())
             with stop.shielded():  # the epoch's files are written together, never cut by a signal
                 save(last_path)
                 if is_best:
                     save(best_path)
                 _write_text_atomic(run_dir / "metrics.csv", metrics_csv(history))
+                if flow is not None:
+                    write_flow(run_dir, flow_records)
             if tb is not None:
                 tb.epoch(metrics, state.step)
             cb.on_epoch_end(metrics, is_best)
@@ -629,7 +645,7 @@ def refuse_earlier_run(out_dir: Path) -> None:
 
 
 # Files of a run folder written through atomic_write; their temporary files (.<name>.<random>.tmp) left by a kill
-ATOMIC_FILES = ("last.npz", "best.npz", "metrics.csv", "config.yaml", RUN_FILE)
+ATOMIC_FILES = ("last.npz", "best.npz", "metrics.csv", "config.yaml", RUN_FILE, "gradflow.json")
 
 _KINDS = {stat.S_IFREG: "a file", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
           stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}

@@ -103,7 +103,7 @@ def test_cli_plot_writes_pngs(run_dir: Path, real_cifar_dir: Path, tmp_path: Pat
     out = tmp_path / "plots"
     result = runner.invoke(app, ["plot", str(run_dir), "--out", str(out), "--data-dir", str(real_cifar_dir)])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "learning_curves.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "gradflow.png", "learning_curves.png"]
     w, h = _png_size(out / "learning_curves.png")
     assert w > 1000 and h > 300
     w, h = _png_size(out / "confusion.png")

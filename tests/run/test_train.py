@@ -89,7 +89,7 @@ def test_run_info_and_steps(run5k) -> None:
 def test_run_folder_contents(run5k) -> None:
     cfg, run, result, _ = run5k
     assert sorted(p.name for p in run.iterdir()) == [
-        ".cnn-train.lock", "best.npz", "config.yaml", "last.npz", "metrics.csv", "run.json"
+        ".cnn-train.lock", "best.npz", "config.yaml", "gradflow.json", "last.npz", "metrics.csv", "run.json"
     ]
     assert load_config(run / "config.yaml") == cfg  # re-loadable, equal to the resolved config
     with open(run / "metrics.csv", newline="", encoding="utf-8") as f:
