@@ -309,3 +309,85 @@ def _split_head(ckpt: Any, model: Any, split: str, count: int, data_dir: Path | 
     n = min(count, len(xs))
     return _Images(xs[:n].astype(np.float64) / 255.0, [f"{split}[{i}]" for i in range(n)],
                    [int(v) for v in ys[:n]])
+
+
+def _find_layer(model: Any, name: str) -> int:
+    """The index of the layer `name` names: its name (conv2, bn1, fc1), its tensor's key in the article's
+    notation (S2, A2, P1, Y1: cnn trace's names), or its 0-based index. ConfigError listing the choices."""
+    from cnncli.errors import ConfigError
+    from cnncli.trace import name_tensors
+
+    names = name_tensors(model)
+    for i, layer in enumerate(model.layers):
+        if layer.name == name or names[i].output.key == name or names[i].output.text == name:
+            return i
+    if name.isdigit() and int(name) < len(model.layers):
+        return int(name)
+    choices = ", ".join(f"{layer.name or i}/{names[i].output.key}" for i, layer in enumerate(model.layers))
+    raise ConfigError(f"--layer: no layer {name!r} in this network (layers, by name or index / tensor: {choices})")
+
+
+@user_errors
+def show(
+    checkpoint: CheckpointArg,
+    layer: Annotated[str, typer.Option("--layer", "-l", metavar="NAME",
+                                       help="conv2, bn1, … (cnn summary's names), the tensor's symbol as cnn trace "
+                                       "names it (S2, A2, P1), or the layer's 0-based index.")],
+    images: ImagesArg = None,
+    index: Annotated[int, typer.Option("--index", "-i", metavar="I", help="Image I of --split (0-based).")] = 0,
+    split: SplitOpt = "test",
+    png: Annotated[Path, typer.Option("--png", metavar="FILE", help="The picture to write.")] = Path("layer.png"),
+    data_dir: DataDirOpt = None,
+    layers: LayersOpt = None,
+) -> None:
+    r"""Draw a layer: a conv layer's filters W[c, c′, u, v] (the first layer on RGB as colour patches; a deeper
+    one per filter at its strongest input channel) and the feature maps one image gives at that layer's output
+    (needs the viz extra: pip install 'cnncli\[viz]')."""
+    import numpy as np
+
+    from cnncli.errors import ConfigError
+    from cnncli.plot import require_matplotlib
+    from cnncli.plot_gradients import layer_png
+    from cnncli.trace import name_tensors
+
+    require_matplotlib()
+    ckpt, model, scale, classes = _load(checkpoint, layers)
+    i = _find_layer(model, layer)
+    if images and len(images) != 1:
+        raise ConfigError(f"cnn show draws one image; got {len(images)} IMAGE arguments")
+    imgs = _images(ckpt, model, images, split, None if images else [index], data_dir, False)
+    if len(imgs.pixels) != 1:
+        raise ConfigError(f"{images[0] if images else '--index'}: gives {len(imgs.pixels)} images; cnn show draws one")
+    names = name_tensors(model)
+    a = scale.to_input(imgs.pixels, model.dtype)
+    for lay in model.layers[: i + 1]:
+        a = lay.forward(a)
+    maps = np.asarray(a[0], dtype=np.float64)
+    target = model.layers[i]
+    sym = names[i].output
+    if maps.ndim != 3:
+        image_layers = [f"{lay.name or j}/{names[j].output.key}" for j, lay in enumerate(model.layers)
+                        if len(lay.output_shape(_in_shape(model, j))) == 3]
+        raise ConfigError(f"--layer {layer}: {target.name or target.kind} gives a vector of {maps.size} values, "
+                          f"not feature maps; image layers: {', '.join(image_layers)}")
+    w = strongest = None
+    w_tex = ""
+    if target.kind == "conv":
+        w = np.asarray(target.params["W"], dtype=np.float64)
+        w_tex = names[i].params["W"].tex
+        if w.shape[1] != 3:  # not RGB: per filter, its strongest input channel
+            strongest = np.sqrt((w ** 2).sum(axis=(2, 3))).argmax(axis=1)
+    label = f", true {classes[imgs.labels[0]]}" if imgs.labels[0] is not None else ""
+    written = layer_png(w, w_tex, maps, sym.tex, imgs.pixels[0], target.name or f"layer {i} ({target.kind})", png,
+                        title=f"{checkpoint} · {imgs.names[0]}{label} · layer {i}: {target.describe()}",
+                        strongest=strongest)
+    what = f"{w.shape[0]} filters and " if w is not None else ""
+    out.print(f"wrote {escape(str(written))}: {what}{sym.text} {'×'.join(map(str, maps.shape))} of "
+              f"{escape(imgs.names[0])}", soft_wrap=True)
+
+
+def _in_shape(model: Any, j: int) -> tuple[int, ...]:
+    shape = tuple(model.input_shape)
+    for lay in model.layers[:j]:
+        shape = tuple(lay.output_shape(shape))
+    return shape

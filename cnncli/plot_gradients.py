@@ -183,9 +183,8 @@ def layer_png(weights: np.ndarray | None, w_tex: str, maps: np.ndarray, map_tex:
     blocks = 1 + (weights is not None)
     fm_rows = math.ceil(maps.shape[0] / cols)
     w_rows = math.ceil(weights.shape[0] / cols) if weights is not None else 0
-    fig = _new_figure((13, 1.8 + 1.2 * max(fm_rows, w_rows) + 2.6), layout="constrained")
-    gs = fig.add_gridspec(2, blocks + 1, height_ratios=[1, max(fm_rows, w_rows, 2) / 2],
-                          width_ratios=[0.5] + [1] * blocks)
+    fig = _new_figure((14, 1.6 + 0.8 * max(fm_rows, w_rows, 3)), layout="constrained")
+    gs = fig.add_gridspec(1, blocks + 1, width_ratios=[0.45] + [1] * blocks)
     ax = fig.add_subplot(gs[:, 0])
     _show_pixels(ax, image, "U (the image)")
     col = 1
@@ -206,7 +205,7 @@ def layer_png(weights: np.ndarray | None, w_tex: str, maps: np.ndarray, map_tex:
             k = weights[np.arange(weights.shape[0]), strongest]  # (C_out, K, K)
             lim = float(np.abs(k).max()) or 1.0
             im = ax.imshow(mosaic(k, cols=cols), cmap=cm, vmin=-lim, vmax=lim, interpolation="nearest")
-            fig.colorbar(im, ax=ax, shrink=0.7, label="weight")
+            fig.colorbar(im, ax=ax, shrink=0.6, label="weight")
             how = "per filter c its strongest input channel c′ = argmax ‖W[c, c′]‖"
         ax.set_axis_off()
         ax.set_title(f"${w_tex}$ of {layer}: {weights.shape[0]} filters {'×'.join(map(str, weights.shape[1:]))}\n"
@@ -216,7 +215,7 @@ def layer_png(weights: np.ndarray | None, w_tex: str, maps: np.ndarray, map_tex:
     lo, hi = float(maps.min()), float(maps.max())
     im = ax.imshow(mosaic(maps, cols=cols), cmap=vm, vmin=lo, vmax=hi if hi > lo else lo + 1,
                    interpolation="nearest")
-    fig.colorbar(im, ax=ax, shrink=0.7, label="activation")
+    fig.colorbar(im, ax=ax, shrink=0.6, label="activation")
     ax.set_axis_off()
     ax.set_title(f"${map_tex}$ of {layer}: {'×'.join(map(str, maps.shape))} (channel c at row c // 8, column c % 8)",
                  fontsize=9)

@@ -113,3 +113,43 @@ def test_cli_attack_table(ckpt: Path, real_cifar_dir: Path, tmp_path: Path) -> N
 def test_cli_attack_bad_input(ckpt: Path, args: list[str], needles: list[str]) -> None:
     err = _one_line_error(runner.invoke(app, ["attack", str(ckpt), "--no-png", *args]))
     assert all(n in err for n in needles), err
+
+
+# ------------------------------------------------------------------------------------- trace picture, cnn show
+
+
+def test_trace_picture_chooses_one_map_per_conv_block_for_a_deep_network(real_cifar_dir: Path) -> None:
+    from cnncli.plot import MAX_TRACE_CHANNELS, _strongest, trace_selection
+    from cnncli.preprocess import Normalizer
+    from cnncli.trace import trace
+
+    ds = data.load_cifar10(real_cifar_dir, train=False, test=True)
+    chosen = {}
+    for name in ("seed", "cifar-deep"):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        x = Normalizer(cfg.data.normalize, 3)(ds.test_x[:1])[0]
+        t = trace(build_model(cfg.model, seed=cfg.seed), x, int(ds.test_y[0]), ds.classes, checks=0)
+        chosen[name] = [s.symbol.text for s in trace_selection(t)[0]]
+        if name == "cifar-deep":
+            p4 = t["P4"].value
+            keep = _strongest(p4, MAX_TRACE_CHANNELS)
+            norms = np.linalg.norm(p4.reshape(len(p4), -1), axis=1)
+            assert len(keep) == 32 and norms[keep].min() >= np.delete(norms, keep).max()
+    assert chosen["seed"] == ["S¹", "A¹", "P¹"]  # a small network: every map
+    assert chosen["cifar-deep"] == ["P¹", "A²", "P³", "P⁴"]  # each conv block's output
+
+
+def test_cli_show_draws_a_layer(ckpt: Path, real_cifar_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "l.png"
+    out = ok(runner.invoke(app, ["show", str(ckpt), "--layer", "P1", "-i", "2", "--png", str(png), "--data-dir",
+                                 str(real_cifar_dir)]))
+    assert "P¹ 16×16×16" in out and png.read_bytes().startswith(PNG_SIGNATURE)
+    out = ok(runner.invoke(app, ["show", str(ckpt), "--layer", "conv1", "--png", str(png), "--data-dir",
+                                 str(real_cifar_dir)]))
+    assert "16 filters and S¹ 16×32×32" in out
+    err = _one_line_error(runner.invoke(app, ["show", str(ckpt), "--layer", "fc1", "--png", str(png), "--data-dir",
+                                              str(real_cifar_dir)]))
+    assert "vector of 10 values" in err and "conv1/S1" in err
+    err = _one_line_error(runner.invoke(app, ["show", str(ckpt), "--layer", "conv9", "--png", str(png)]))
+    assert "conv9" in err and "conv1/S1" in err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -227,17 +228,80 @@ def _channel_grid(ax: Any, maps: np.ndarray, title: str, diverging: bool, cols: 
     ax.figure.colorbar(im, ax=ax, shrink=0.8, pad=0.02)
 
 
-def trace_png(trace: Trace, path: Path, title: str = "") -> Path:
-    """The input image, the first conv layer's filters, and every feature map of the trace beside its gradient.
+MAX_TRACE_MAPS = 6  # feature-map tensors drawn in full; a network with more gets one per conv block
+MAX_TRACE_BLOCKS = 4  # conv blocks drawn for a deeper network (first, last, evenly spread between)
+MAX_TRACE_CHANNELS = 32  # channels drawn per tensor (the strongest on this image when there are more)
 
-    Feature maps are the 3-D tensors of the forward pass (S¹, A¹, P¹, and S², A², … for deeper configs), each
-    drawn as a mosaic of its channels (8 per row, viridis, one scale per tensor) beside δ of it (red/blue, 0 white).
-    """
+
+def trace_selection(trace: Trace) -> tuple[list[Any], str]:
+    """The feature-map steps `trace_png` draws, and a sentence saying how they were chosen.
+
+    Up to MAX_TRACE_MAPS 3-D forward tensors: all of them (the seed network: S¹, A¹, P¹). More (cifar-deep
+    has 15): one per conv block — the last image tensor before the next conv or the flatten (P¹, A², P³, P⁴),
+    the block's output — and of those at most MAX_TRACE_BLOCKS, the first and the last always."""
     maps = [s for s in trace.forward if s.value.ndim == 3 and s.key != "X"]
+    if len(maps) <= MAX_TRACE_MAPS:
+        return maps, "every feature map of the network"
+    blocks: list[list[Any]] = []
+    for s in maps:
+        if s.key.startswith("S") and s.key[1:].isdigit() or not blocks:
+            blocks.append([])
+        blocks[-1].append(s)
+    outs = [b[-1] for b in blocks]
+    if len(outs) > MAX_TRACE_BLOCKS:
+        idx = sorted({round(i * (len(outs) - 1) / (MAX_TRACE_BLOCKS - 1)) for i in range(MAX_TRACE_BLOCKS)})
+        outs = [outs[i] for i in idx]
+    names = ", ".join(s.symbol.text for s in outs)
+    return outs, (f"{len(maps)} feature maps: drawn is each conv block's output ({names}), "
+                  f"≤ {MAX_TRACE_CHANNELS} channels each, the largest ‖·‖ on this image")
+
+
+def _strongest(value: np.ndarray, k: int) -> np.ndarray:
+    """Indices (sorted) of the k channels of value (C, H, W) with the largest L2 norm; all when C ≤ k."""
+    c = value.shape[0]
+    if c <= k:
+        return np.arange(c)
+    norms = np.sqrt((value.reshape(c, -1) ** 2).sum(axis=1))
+    return np.sort(np.argsort(-norms, kind="stable")[:k])
+
+
+def _filters(ax: Any, w: np.ndarray, tex: str, gradient: bool) -> None:
+    """Conv filters W (C_out, C_in, K, K): RGB patches for 3 input channels, else the mean over input channels.
+    A gradient is drawn on one symmetric scale for all filters (grey = 0), weights each on their own range."""
+    ax.set_axis_off()
+    if w.shape[1] == 3:
+        if gradient:
+            lim = float(np.abs(w).max()) or 1.0
+            rgb = np.moveaxis(0.5 + w / (2 * lim), 1, -1)
+            how = f"as RGB, grey = 0, full colour = ±{lim:.2g}"
+        else:
+            lo = w.min(axis=(1, 2, 3), keepdims=True)
+            span = w.max(axis=(1, 2, 3), keepdims=True) - lo
+            rgb = np.moveaxis((w - lo) / np.where(span > 0, span, 1), 1, -1)  # (C_out, K, K, 3)
+            how = "each rescaled to its own range, as RGB"
+        ax.imshow(mosaic(rgb, cols=8, fill=1.0), interpolation="nearest")
+    else:
+        lim = float(np.abs(w).max()) or 1.0
+        ax.imshow(mosaic(w.mean(axis=1), cols=8), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        how = "mean over input channels"
+    ax.set_title(f"${tex}$: {w.shape[0]} filters {'×'.join(map(str, w.shape[1:]))} ({how})", fontsize=10)
+
+
+def trace_png(trace: Trace, path: Path, title: str = "") -> Path:
+    """The input image X, the first conv layer's filters W¹ and their gradient δW¹, the input gradient δX as a
+    saliency map, the probabilities p (true class marked), then feature maps beside their gradients.
+
+    Feature maps are 3-D tensors of the forward pass, chosen by `trace_selection`, each drawn as a mosaic of its
+    channels (8 per row, viridis, one scale per tensor) beside δ of it (red/blue, 0 white).
+    """
+    maps, how_chosen = trace_selection(trace)
+    picks = [_strongest(s.value, MAX_TRACE_CHANNELS) for s in maps]
     grads = {s.key: s for s in trace.backward}
     filters = next((s for s in trace.parameters if s.value.ndim == 4), None)
-    # inches: the top row, then each mosaic (8 channels per row, ~6 in wide) plus its title
-    heights = [2.4] + [0.5 + 6.0 * math.ceil(s.shape[0] / 8) * s.shape[1] / (8 * s.shape[2]) for s in maps]
+    d_filters = grads.get("d" + filters.key) if filters is not None else None
+    # inches: three top rows, then each mosaic (8 channels per row, ~6 in wide) plus its title
+    heights = [2.4, 2.4, 2.2] + [0.6 + 6.0 * math.ceil(len(c) / 8) * s.shape[1] / (8 * s.shape[2])
+                                 for s, c in zip(maps, picks, strict=True)]
     fig = _new_figure((14, 0.5 + sum(heights)), layout="constrained")
     axes = fig.subplots(len(heights), 2, height_ratios=heights, squeeze=False,
                         gridspec_kw={"width_ratios": [1, 1]})
@@ -245,7 +309,8 @@ def trace_png(trace: Trace, path: Path, title: str = "") -> Path:
     ax = axes[0, 0]
     x = trace["X"].value
     if trace.image is not None and trace.image.ndim == 3 and trace.image.shape[0] in (1, 3):
-        ax.imshow(np.moveaxis(trace.image, 0, -1).squeeze(), interpolation="nearest")
+        ax.imshow(np.moveaxis(trace.image, 0, -1).squeeze(), interpolation="nearest",
+                  cmap="gray" if trace.image.shape[0] == 1 else None)
         what = "raw pixels"
     else:
         lo, hi = float(x.min()), float(x.max())
@@ -254,29 +319,50 @@ def trace_png(trace: Trace, path: Path, title: str = "") -> Path:
     ax.set_axis_off()
     pred = trace.top[0][1]
     ax.set_title(f"X ({what}) · true: {trace.classes[trace.label]}, predicted: {pred}", fontsize=10)
-    ax = axes[0, 1]
-    ax.set_axis_off()
     if filters is not None:
-        w = filters.value  # (C_out, C_in, K, K)
-        if w.shape[1] == 3:  # RGB: each filter rescaled to [0, 1] on its own
-            lo = w.min(axis=(1, 2, 3), keepdims=True)
-            span = w.max(axis=(1, 2, 3), keepdims=True) - lo
-            rgb = np.moveaxis((w - lo) / np.where(span > 0, span, 1), 1, -1)  # (C_out, K, K, 3)
-            ax.imshow(mosaic(rgb, cols=8, fill=1.0), interpolation="nearest")
-            how = "each rescaled to its own range, as RGB"
-        else:
-            lim = float(np.abs(w).max()) or 1.0
-            ax.imshow(mosaic(w.mean(axis=1), cols=8), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-            how = "mean over input channels"
-        ax.set_title(f"${filters.symbol.tex}$: {w.shape[0]} filters {'×'.join(map(str, w.shape[1:]))} ({how})",
-                     fontsize=10)
+        _filters(axes[0, 1], filters.value, filters.symbol.tex, gradient=False)
+    else:
+        axes[0, 1].set_axis_off()
 
-    for row, s in enumerate(maps, start=1):
+    ax = axes[1, 0]
+    if "dX" in trace:
+        dx = trace["dX"].value
+        sal = np.abs(dx).max(axis=0) if dx.ndim == 3 else np.abs(dx)
+        im = ax.imshow(sal, cmap="inferno", vmin=0, vmax=float(sal.max()) or 1.0, interpolation="nearest")
+        fig.colorbar(im, ax=ax, shrink=0.85, pad=0.02, label="|∂L/∂X| (nats per unit of X)")
+        ax.set_title(r"saliency $\max_c |\delta X[c]|$ (δX: the input's gradient)", fontsize=10)
+    ax.set_axis_off()
+    if d_filters is not None:
+        _filters(axes[1, 1], d_filters.value, d_filters.symbol.tex, gradient=True)
+    else:
+        axes[1, 1].set_axis_off()
+
+    ax = axes[2, 0]
+    p = trace["p"].value
+    k = len(p)
+    colours = ["tab:green" if c == trace.label else "tab:grey" for c in range(k)]
+    ax.bar(range(k), p, color=colours)
+    ax.set_xticks(range(k), trace.classes, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("probability")
+    best = int(np.argmax(p))
+    ax.annotate(f"{p[best]:.2f}", (best, p[best]), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=8)
+    ax.set_title(f"p = softmax(z) (green: the true class, {trace.classes[trace.label]}, "
+                 f"p = {p[trace.label]:.3f}); L = −log p_true = {trace.loss:.3g}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax = axes[2, 1]
+    ax.set_axis_off()
+    ax.text(0, 0.5, "\n".join(textwrap.wrap(f"Feature maps below: {how_chosen}.", 70)), fontsize=9, va="center",
+            transform=ax.transAxes)
+
+    for row, (s, chans) in enumerate(zip(maps, picks, strict=True), start=3):
         shape = "×".join(map(str, s.shape))
-        _channel_grid(axes[row, 0], s.value, f"${s.symbol.tex}$  {shape}  ({s.citation})", diverging=False)
+        sub = "" if len(chans) == s.shape[0] else f", channels shown: {len(chans)} strongest"
+        _channel_grid(axes[row, 0], s.value[chans], f"${s.symbol.tex}$  {shape}{sub}  ({s.citation})",
+                      diverging=False)
         g = grads.get("d" + s.key)
         if g is not None:
-            _channel_grid(axes[row, 1], g.value, f"${g.symbol.tex}$  {shape}  ({g.citation})", diverging=True)
+            _channel_grid(axes[row, 1], g.value[chans], f"${g.symbol.tex}$  {shape}  ({g.citation})", diverging=True)
         else:
             axes[row, 1].set_axis_off()
     if title:
