@@ -40,13 +40,13 @@ def saliency_png(s: Saliency, names: Sequence[str], classes: Sequence[str], labe
     gradient × input Σ_c U(−δU) (red: supports the class, blue: against it). Each map has its own colour scale."""
     n = len(s.pixels)
     cols = 4 + (s.smooth is not None)
-    fig = _new_figure((2.55 * cols + 0.6, 2.45 * n + 0.9), layout="constrained")
+    fig = _new_figure((2.55 * cols + 0.6, 2.6 * n + 0.9), layout="constrained")
     axes = fig.subplots(n, cols, squeeze=False)
     heat, smooth, gxi = s.heat, s.smooth_heat, s.grad_x_input
     for i in range(n):
         t = int(s.target[i])
         pred = int(np.argmax(s.p[i]))
-        truth = f"true {classes[labels[i]]}, " if labels[i] is not None else ""
+        truth = f"true {classes[labels[i]]}\n" if labels[i] is not None else ""
         _show_pixels(axes[i, 0], s.pixels[i], f"U: {_short(names[i])}\n{truth}pred. {classes[pred]} "
                      f"(p = {s.p[i, pred]:.2f})")
         row = [("inferno", heat[i], f"max_c |δU|, t = {classes[t]}\nL = −log p_t = {s.loss[i]:.3g}", False)]
