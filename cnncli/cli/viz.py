@@ -328,8 +328,8 @@ def _plot_one(run_dir: Path, out_dir: Path | None, confusion: bool, data_dir: Pa
     name = run_dir.resolve().name
     written = [learning_curves_png(metrics, target / "learning_curves.png", title=name)]
     if (run_dir / "gradflow.json").exists():  # written by cnn train unless train.gradflow is false
-        from cnncli.gradflow import read_flow
-        from cnncli.plot_gradients import gradflow_png
+        from cnncli.run.gradflow import read_flow
+        from cnncli.run.plot_gradients import gradflow_png
 
         written.append(gradflow_png(read_flow(run_dir), target / "gradflow.png",
                                     title=f"{name}: gradient flow, update sizes and dead ReLUs (gradflow.json)"))

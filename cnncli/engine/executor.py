@@ -1303,7 +1303,7 @@ class Engine:
                 self._workspace(train, chunks[j][1] - chunks[j][0], t)
         return mine
 
-    # ---- ReLU activity (read by cnncli/gradflow.py) -----------------------------------------------
+    # ---- ReLU activity (read by cnncli/run/gradflow.py) -----------------------------------------------
     def watch_relus(self, on: bool = True) -> None:
         """From now on (on) or no longer, training passes keep, for every stage that ends in a ReLU, the largest
         value each output unit took (a unit: a channel of an image tensor, a feature of a vector): one max

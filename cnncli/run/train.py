@@ -471,8 +471,8 @@ def train(
         tb = TensorBoardLog(run_dir, model, purge_step=state.step if resume is not None else None)
     tb_ctx = closing(tb) if tb is not None else nullcontext()
     flow, flow_records = None, []
-    if tc.gradflow:  # gradient norms, update ratios, dead ReLUs, per-step losses: gradflow.json (cnncli/gradflow.py)
-        from cnncli.gradflow import FlowRecorder, earlier_records, write_flow
+    if tc.gradflow:  # gradient norms, update ratios, dead ReLUs, step losses: gradflow.json (cnncli/run/gradflow.py)
+        from cnncli.run.gradflow import FlowRecorder, earlier_records, write_flow
 
         flow = FlowRecorder(model, steps)
         flow_records = earlier_records(run_dir, state.epoch) if resume is not None else []

@@ -1,4 +1,4 @@
-"""δU = ∂L/∂U on pixels (cnncli/saliency.py) and the attacks built on it (cnncli/attack.py).
+"""δU = ∂L/∂U on pixels (cnncli/run/saliency.py) and the attacks built on it (cnncli/run/attack.py).
 
 Checked against numbers computed here, independently of the code under test:
 - δU against a five-point finite difference of L = −log p_t on the pixels, with the normalisation written
@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnncli.attack import attack, fgsm, parse_eps, pgd, project
 from cnncli.config import NormalizeConfig, build_config
-from cnncli.errors import ConfigError
-from cnncli.model import build_model
-from cnncli.saliency import PixelScale, input_gradient, saliency
+from cnncli.host.errors import ConfigError
+from cnncli.nn.model import build_model
+from cnncli.run.attack import attack, fgsm, parse_eps, pgd, project
+from cnncli.run.saliency import PixelScale, input_gradient, saliency
 
 MEAN = np.array([0.3, 0.6, 0.45])
 STD = np.array([0.2, 0.5, 0.13])

@@ -1,7 +1,7 @@
 """Pictures of what the gradients do (the optional `viz` extra): saliency grids, adversarial examples,
 gradient flow over a run's epochs, a layer's filters and feature maps.
 
-Same rules as cnncli/plot.py: matplotlib imported lazily through `cnncli.plot.require_matplotlib`, the Agg
+Same rules as cnncli/run/plot.py: matplotlib imported lazily through `cnncli.run.plot.require_matplotlib`, the Agg
 canvas, every PNG written atomically; each picture titled in the notation of docs/derivations.md, with units.
 """
 
@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cnncli.plot import _new_figure, _save, mosaic
+from cnncli.run.plot import _new_figure, _save, mosaic
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cnncli.attack import AttackResult
-    from cnncli.gradflow import FlowRecord
-    from cnncli.saliency import Saliency
+    from cnncli.run.attack import AttackResult
+    from cnncli.run.gradflow import FlowRecord
+    from cnncli.run.saliency import Saliency
 
 
 def _rgb(u: np.ndarray) -> np.ndarray:

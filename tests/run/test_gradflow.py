@@ -1,7 +1,7 @@
-"""Gradient flow without TensorBoard (cnncli/gradflow.py, the engine's ReLU watch, `cnn train`, `cnn plot`).
+"""Gradient flow without TensorBoard (cnncli/run/gradflow.py, the engine's ReLU watch, `cnn train`, `cnn plot`).
 
 Checked against numbers computed here: dead units against each ReLU's output on the per-layer path (the
-classes of cnncli/layers.py, not the engine), with channels and features killed on purpose; gradient norms,
+classes of cnncli/nn/layers.py, not the engine), with channels and features killed on purpose; gradient norms,
 update ratios and losses against norms of the gradients and parameter copies taken here; training with the
 recording on gives bit-identical checkpoints to training with it off; a resumed run keeps every epoch.
 """
@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from helpers import assert_same_training_state
 
+from cnncli import engine
 from cnncli.config import build_config, load_config
-from cnncli.gradflow import FILE, FlowFileError, FlowRecorder, read_flow, sample_steps
-from cnncli.model import build_model
-from cnncli.train import Callbacks, TrainingInterrupted, train
+from cnncli.nn.model import build_model
+from cnncli.run.gradflow import FILE, FlowFileError, FlowRecorder, read_flow, sample_steps
+from cnncli.run.train import Callbacks, TrainingInterrupted, train
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 
 
@@ -70,7 +71,7 @@ def test_recorder_against_numbers_taken_here() -> None:
     ratios: dict[str, list[float]] = {}
     losses = []
     for b, (x, y) in enumerate(zip(xs, ys, strict=True)):
-        loss, _ = model.loss_and_grads(x, y)
+        loss, _ = engine.loss_and_grads(model, x, y)
         rec.before_step(b)
         before = {k: v.copy() for k, v in model.named_params().items()}
         for k, g in model.named_grads().items():
@@ -98,7 +99,7 @@ def test_recorder_against_numbers_taken_here() -> None:
     rec2.start_epoch(1)
     for b, (x, y) in enumerate(zip(xs, ys, strict=True)):
         peaks.append(_relu_peaks(fresh, [x]))
-        fresh.loss_and_grads(x, y)
+        engine.loss_and_grads(fresh, x, y)
         rec2.before_step(b)
         for k, g in fresh.named_grads().items():
             fresh.named_params()[k][...] -= 0.1 * g
@@ -145,7 +146,7 @@ def test_recording_changes_no_bit_and_survives_a_resume(real_cifar_dir: Path, tm
 
     with pytest.raises(TrainingInterrupted):
         train(cfg, split, real_cifar_dir, callbacks=_StopAt((2, 4)))
-    from cnncli.checkpoint import load_checkpoint
+    from cnncli.run.checkpoint import load_checkpoint
 
     ck = load_checkpoint(split / "last.npz")
     train(ck.config, split, real_cifar_dir, resume=ck, resume_path=split / "last.npz")
@@ -174,7 +175,7 @@ def test_cli_plot_draws_gradient_flow(real_cifar_dir: Path, tmp_path: Path) -> N
     from clihelp import ok
     from typer.testing import CliRunner
 
-    from cnncli.cli import app
+    from cnncli.cli.app import app
 
     run = tmp_path / "run"
     train(load_config(SEED, ["data.limit=1500", "data.val_size=200", "train.epochs=2"]), run, real_cifar_dir)

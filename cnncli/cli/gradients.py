@@ -1,6 +1,6 @@
 """`cnn saliency`, `cnn attack` and `cnn show` (registered on the app in cnncli/cli.py): what δX says about an
 image, adversarial images made from it, and a layer's filters and feature maps. Parse, call the library
-(cnncli/saliency.py, cnncli/attack.py), render; pictures need the viz extra (matplotlib)."""
+(cnncli/run/saliency.py, cnncli/run/attack.py), render; pictures need the viz extra (matplotlib)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from cnncli.clikit import (
+from cnncli.cli.kit import (
     DataDirOpt,
     JsonOpt,
     LayersOpt,
@@ -47,18 +47,17 @@ def _load(checkpoint: Path, layers: list[Path] | None, dtype: Any = None) -> tup
     """(checkpoint, model in evaluation mode as `dtype` (default float64), PixelScale, class names)."""
     import numpy as np
 
-    from cnncli.checkpoint import load_checkpoint
     from cnncli.config import NormalizeConfig
-    from cnncli.errors import CheckpointError
-    from cnncli.saliency import PixelScale
-    from cnncli.train import model_from_checkpoint
+    from cnncli.host.errors import CheckpointError
+    from cnncli.run.checkpoint import open_checkpoint
+    from cnncli.run.saliency import PixelScale
 
     load_layers(layers)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt, model = open_checkpoint(checkpoint)
     norm = ckpt.config.data.normalize
     if not isinstance(norm, NormalizeConfig):
         raise CheckpointError(f"{checkpoint}: data.normalize is {norm!r}, not resolved to a mean and std")
-    model = model_from_checkpoint(ckpt, checkpoint).astype(dtype or np.float64).eval()
+    model = model.astype(dtype or np.float64).eval()
     k = int(model.output_shape[0])
     classes = tuple(ckpt.classes) if ckpt.classes else tuple(str(i) for i in range(k))
     return ckpt, model, PixelScale.of(norm, model.input_shape[0]), classes
@@ -69,13 +68,13 @@ def _images(ckpt: Any, model: Any, images: list[str] | None, split: str, index: 
     """Files when IMAGE… is given (labels unknown), else the --split images at --index (default 0…count−1)."""
     import numpy as np
 
-    from cnncli.errors import CnnError, ConfigError
+    from cnncli.host.errors import CnnError, ConfigError
 
     if images:
         if index:
             raise ConfigError("give IMAGE… or --index, not both (--index picks images of --split)")
-        from cnncli.images import decode_image, require_pillow
-        from cnncli.predict import Failure, image_inputs
+        from cnncli.data.images import decode_image, require_pillow
+        from cnncli.run.predict import Failure, image_inputs
 
         require_pillow()
         c, h, w = model.input_shape
@@ -104,7 +103,7 @@ def _images(ckpt: Any, model: Any, images: list[str] | None, split: str, index: 
 
 
 def _class_index(value: str | None, classes: tuple[str, ...]) -> int | None:
-    from cnncli.errors import ConfigError
+    from cnncli.host.errors import ConfigError
 
     if value is None:
         return None
@@ -147,10 +146,10 @@ def saliency(
     Writes a grid PNG (needs the viz extra: pip install 'cnncli\[viz]'); --json prints the numbers."""
     import numpy as np
 
-    from cnncli.saliency import saliency as run_saliency
+    from cnncli.run.saliency import saliency as run_saliency
 
     if not no_png:
-        from cnncli.plot import require_matplotlib
+        from cnncli.run.plot import require_matplotlib
 
         require_matplotlib()
     ckpt, model, scale, classes = _load(checkpoint, layers)
@@ -160,7 +159,7 @@ def saliency(
     s = run_saliency(model, scale, imgs.pixels, target, samples=samples, noise=noise)
     written = None
     if not no_png:
-        from cnncli.plot_gradients import saliency_png
+        from cnncli.run.plot_gradients import saliency_png
 
         written = saliency_png(s, imgs.names, classes, imgs.labels, png,
                                title=f"{checkpoint}: saliency δU = ∂L/∂U = δX/σ, L = −log p_t "
@@ -234,10 +233,10 @@ def attack(
     Image files have no label: each is attacked against the network's own prediction on it."""
     import numpy as np
 
-    from cnncli.attack import attack as run_attack
-    from cnncli.attack import parse_eps
-    from cnncli.errors import ConfigError
-    from cnncli.saliency import predict_proba
+    from cnncli.host.errors import ConfigError
+    from cnncli.run.attack import attack as run_attack
+    from cnncli.run.attack import parse_eps
+    from cnncli.run.saliency import predict_proba
 
     eps_list = parse_eps(eps)
     try:
@@ -248,7 +247,7 @@ def attack(
         raise ConfigError(f"--steps: every K must be at least 1, got {steps}")
     a = parse_eps(step_size, "--step-size")[0] if step_size is not None else None
     if not no_png and examples:
-        from cnncli.plot import require_matplotlib
+        from cnncli.run.plot import require_matplotlib
 
         require_matplotlib()
     ckpt, model, scale, classes = _load(checkpoint, layers, np.float32)  # float32: the sign of δU is all FGSM needs
@@ -272,7 +271,7 @@ def attack(
     written = None
     strongest = results[-1]
     if not no_png and examples:
-        from cnncli.plot_gradients import attack_png
+        from cnncli.run.plot_gradients import attack_png
 
         flipped = [i for i in range(len(labels)) if p_clean[i].argmax() == labels[i]
                    and strongest.p[i].argmax() != labels[i]]
@@ -298,7 +297,7 @@ def _split_head(ckpt: Any, model: Any, split: str, count: int, data_dir: Path | 
     """The first `count` images of --split (all of them when there are fewer)."""
     import numpy as np
 
-    from cnncli.errors import ConfigError
+    from cnncli.host.errors import ConfigError
 
     check_split(split)
     folder = prepare_data(data_dir, ckpt.config, quiet=quiet)
@@ -314,8 +313,8 @@ def _split_head(ckpt: Any, model: Any, split: str, count: int, data_dir: Path | 
 def _find_layer(model: Any, name: str) -> int:
     """The index of the layer `name` names: its name (conv2, bn1, fc1), its tensor's key in the article's
     notation (S2, A2, P1, Y1: cnn trace's names), or its 0-based index. ConfigError listing the choices."""
-    from cnncli.errors import ConfigError
-    from cnncli.trace import name_tensors
+    from cnncli.host.errors import ConfigError
+    from cnncli.nn.trace import name_tensors
 
     names = name_tensors(model)
     for i, layer in enumerate(model.layers):
@@ -345,10 +344,10 @@ def show(
     (needs the viz extra: pip install 'cnncli\[viz]')."""
     import numpy as np
 
-    from cnncli.errors import ConfigError
-    from cnncli.plot import require_matplotlib
-    from cnncli.plot_gradients import layer_png
-    from cnncli.trace import name_tensors
+    from cnncli.host.errors import ConfigError
+    from cnncli.nn.trace import name_tensors
+    from cnncli.run.plot import require_matplotlib
+    from cnncli.run.plot_gradients import layer_png
 
     require_matplotlib()
     ckpt, model, scale, classes = _load(checkpoint, layers)

@@ -1,6 +1,6 @@
 """δX, the gradient of the loss with respect to the input, taken back to the pixels: saliency maps (`cnn saliency`).
 
-The network is run on its per-layer reference path (each layer's own `forward` / `backward`, cnncli/layers.py)
+The network is run on its per-layer reference path (each layer's own `forward` / `backward`, cnncli/nn/layers.py)
 in evaluation mode (batch-norm's running statistics, no dropout), so δX is the article's last equation
 computed by the same code `cnn trace` and `cnn gradcheck` check. The network's input X is the normalised
 image; the pixels U ∈ [0, 1] reach it through X = (U − μ) / σ per channel, so by the chain rule
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnncli.config import NormalizeConfig
-from cnncli.errors import ConfigError
-from cnncli.layers import softmax
-from cnncli.model import Sequential
+from cnncli.host.errors import ConfigError
+from cnncli.nn.layers import softmax
+from cnncli.nn.model import Sequential
 
 BATCH = 100  # images per per-layer pass (bounds the memory the backward caches hold)
 

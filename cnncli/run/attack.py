@@ -1,7 +1,7 @@
 """Adversarial images from δX: FGSM and PGD in the L∞ ball around the pixels (`cnn attack`).
 
 Untargeted, against the true class y: the attack raises L = −log p_y. The pixels U ∈ [0, 1]; δU = ∂L/∂U comes
-from `cnncli.saliency.input_gradient` (the network's own backward in evaluation mode, through the
+from `cnncli.run.saliency.input_gradient` (the network's own backward in evaluation mode, through the
 normalisation). docs/derivations.md#adversarial-examples derives both:
 
 - FGSM (Goodfellow et al. 2015): the largest first-order increase of L over ‖Δ‖∞ ≤ ε is Δ = ε · sign(δU), so
@@ -22,9 +22,9 @@ from fractions import Fraction
 
 import numpy as np
 
-from cnncli.errors import ConfigError
-from cnncli.model import Sequential
-from cnncli.saliency import PixelScale, input_gradient, predict_proba
+from cnncli.host.errors import ConfigError
+from cnncli.nn.model import Sequential
+from cnncli.run.saliency import PixelScale, input_gradient, predict_proba
 
 
 def parse_eps(text: str, what: str = "--eps") -> list[float]:

@@ -1,5 +1,5 @@
 """`cnn saliency` and `cnn attack` on the command line: the numbers they print are the library's (whose math
-tests/test_saliency.py checks against finite differences), the pictures are PNGs, bad input is one line."""
+tests/run/test_saliency.py checks against finite differences), the pictures are PNGs, bad input is one line."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from clihelp import one_line_error as _one_line_error
 from typer.testing import CliRunner
 
 from cnncli import data
-from cnncli.checkpoint import save_checkpoint
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import load_config
-from cnncli.model import build_model
-from cnncli.saliency import PixelScale, saliency
+from cnncli.nn.model import build_model
+from cnncli.run.checkpoint import save_checkpoint
+from cnncli.run.saliency import PixelScale, saliency
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -119,9 +119,9 @@ def test_cli_attack_bad_input(ckpt: Path, args: list[str], needles: list[str]) -
 
 
 def test_trace_picture_chooses_one_map_per_conv_block_for_a_deep_network(real_cifar_dir: Path) -> None:
-    from cnncli.plot import MAX_TRACE_CHANNELS, _strongest, trace_selection
-    from cnncli.preprocess import Normalizer
-    from cnncli.trace import trace
+    from cnncli.data.preprocess import Normalizer
+    from cnncli.nn.trace import trace
+    from cnncli.run.plot import MAX_TRACE_CHANNELS, _strongest, trace_selection
 
     ds = data.load_cifar10(real_cifar_dir, train=False, test=True)
     chosen = {}

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from cnncli.atomic import atomic_write
-from cnncli.errors import CnnError
-from cnncli.model import Sequential
+from cnncli.host.atomic import atomic_write
+from cnncli.host.errors import CnnError
+from cnncli.nn.model import Sequential
 
 FILE = "gradflow.json"
 POINTS = 50  # sampled steps per epoch: per-step loss and update ratio
@@ -63,7 +63,7 @@ class FlowRecorder:
     `before_step(b)` and `after_step(b, step, loss)`, then `end_epoch()` -> FlowRecord."""
 
     def __init__(self, model: Sequential, steps_per_epoch: int, points: int = POINTS) -> None:
-        from cnncli.trace import name_tensors
+        from cnncli.nn.trace import name_tensors
 
         self.model = model
         self.steps_per_epoch = steps_per_epoch
@@ -71,9 +71,10 @@ class FlowRecorder:
         names = name_tensors(model)
         self._relu_name = {id(layer): names[i].output.text for i, layer in enumerate(model.layers)}
         self._index = {id(layer): i for i, layer in enumerate(model.layers)}
-        self._engine = model.engine() if model.fast else None
-        if self._engine is not None:
-            self._engine.watch_relus(True)
+        from cnncli import engine
+
+        self._engine = engine.engine_for(model)  # the engine that trains the model (cnncli/engine)
+        self._engine.watch_relus(True)
         self._epoch = 0
         self._reset()
 
