@@ -134,7 +134,8 @@ def gradflow_png(records: Sequence[FlowRecord], path: Path, title: str = "") -> 
     ax_g.set_ylabel("‖δθ‖₂ (L2 norm)")
     ax_u.set_yscale("log")
     ax_u.axhline(1e-3, color="grey", ls=":", lw=1)
-    ax_u.set_title("update / weight: ‖Δθ‖/‖θ‖ per step (epoch mean of sampled steps; ⋯ 1e-3)", fontsize=10)
+    ax_u.set_title("update / weight: ‖Δθ‖/‖θ‖ per step (epoch mean of sampled steps; colours as left; ⋯ 1e-3)",
+                   fontsize=10)
     ax_u.set_ylabel("ratio")
     relus = list(dict.fromkeys(k for r in records for k in r.dead))
     for j, name in enumerate(relus):
