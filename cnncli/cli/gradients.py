@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from cnncli.cli.kit import (
     DataDirOpt,
     JsonOpt,
     LayersOpt,
     SplitOpt,
+    check_output,
     check_split,
     load_layers,
     out,
@@ -23,6 +23,7 @@ from cnncli.cli.kit import (
     split_images,
     user_errors,
 )
+from cnncli.cli.text import safe
 
 CheckpointArg = Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A .npz checkpoint (best.npz, last.npz).")]
 ImagesArg = Annotated[
@@ -152,6 +153,7 @@ def saliency(
         from cnncli.run.plot import require_matplotlib
 
         require_matplotlib()
+        check_output(png, "--png")
     ckpt, model, scale, classes = _load(checkpoint, layers)
     imgs = _images(ckpt, model, images, split, index, data_dir, json_out)
     t = _class_index(class_, classes)
@@ -187,16 +189,16 @@ def saliency(
         print_json({"checkpoint": str(checkpoint), "samples": samples, "noise": noise,
                     "png": None if written is None else str(written), "images": rows})
         return
-    out.print(f"[bold]saliency[/bold] {escape(str(checkpoint))}: δU = ∂L/∂U = δX/σ, L = −log p_t, "
+    out.print(f"[bold]saliency[/bold] {safe(str(checkpoint))}: δU = ∂L/∂U = δX/σ, L = −log p_t, "
               f"{len(rows)} image{'s' if len(rows) > 1 else ''}" + (f", SmoothGrad {samples} × σ = {noise:g}"
                                                                      if samples else ""), soft_wrap=True)
     for r in rows:
-        truth = f"true {escape(r['class'])}, " if r["class"] is not None else ""
-        out.print(f"  {escape(r['image'])}: {truth}predicted {escape(r['predicted'])} (p = {r['p_predicted']:.3f}); "
-                  f"t = {escape(r['target'])}, L = {r['loss']:.4g}, max |δU| = {r['grad_abs_max']:.3g} at row "
+        truth = f"true {safe(r['class'])}, " if r["class"] is not None else ""
+        out.print(f"  {safe(r['image'])}: {truth}predicted {safe(r['predicted'])} (p = {r['p_predicted']:.3f}); "
+                  f"t = {safe(r['target'])}, L = {r['loss']:.4g}, max |δU| = {r['grad_abs_max']:.3g} at row "
                   f"{r['peak'][0]}, column {r['peak'][1]}, ‖δU‖ = {r['grad_l2']:.3g}", soft_wrap=True)
     if written is not None:
-        out.print(f"wrote {escape(str(written))}")
+        out.print(f"wrote {safe(str(written))}")
 
 
 @user_errors
@@ -250,6 +252,7 @@ def attack(
         from cnncli.run.plot import require_matplotlib
 
         require_matplotlib()
+        check_output(png, "--png")
     ckpt, model, scale, classes = _load(checkpoint, layers, np.float32)  # float32: the sign of δU is all FGSM needs
     imgs = _images(ckpt, model, images, split, None, data_dir, json_out) if images else \
         _split_head(ckpt, model, split, count, data_dir, json_out)
@@ -257,7 +260,7 @@ def attack(
     labels = np.array([lab if lab is not None else int(np.argmax(p_clean[i])) for i, lab in enumerate(imgs.labels)])
     clean_acc = float(np.mean(p_clean.argmax(axis=1) == labels))
     if not json_out:
-        out.print(f"[bold]attack[/bold] {escape(str(checkpoint))}: {len(labels):,} images of "
+        out.print(f"[bold]attack[/bold] {safe(str(checkpoint))}: {len(labels):,} images of "
                   f"{'the files (labels: the network’s own predictions)' if images else 'the ' + split + ' split'}, "
                   f"clean accuracy {100 * clean_acc:.2f}%", soft_wrap=True)
     results = []
@@ -290,7 +293,7 @@ def attack(
                     "png": None if written is None else str(written)})
         return
     if written is not None:
-        out.print(f"wrote {escape(str(written))}")
+        out.print(f"wrote {safe(str(written))}")
 
 
 def _split_head(ckpt: Any, model: Any, split: str, count: int, data_dir: Path | None, quiet: bool) -> _Images:
@@ -350,6 +353,7 @@ def show(
     from cnncli.run.plot_gradients import layer_png
 
     require_matplotlib()
+    check_output(png, "--png")
     ckpt, model, scale, classes = _load(checkpoint, layers)
     i = _find_layer(model, layer)
     if images and len(images) != 1:
@@ -381,8 +385,8 @@ def show(
                         title=f"{checkpoint} · {imgs.names[0]}{label} · layer {i}: {target.describe()}",
                         strongest=strongest)
     what = f"{w.shape[0]} filters and " if w is not None else ""
-    out.print(f"wrote {escape(str(written))}: {what}{sym.text} {'×'.join(map(str, maps.shape))} of "
-              f"{escape(imgs.names[0])}", soft_wrap=True)
+    out.print(f"wrote {safe(str(written))}: {what}{sym.text} {'×'.join(map(str, maps.shape))} of "
+              f"{safe(imgs.names[0])}", soft_wrap=True)
 
 
 def _in_shape(model: Any, j: int) -> tuple[int, ...]:

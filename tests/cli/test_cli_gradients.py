@@ -153,3 +153,15 @@ def test_cli_show_draws_a_layer(ckpt: Path, real_cifar_dir: Path, tmp_path: Path
     assert "vector of 10 values" in err and "conv1/S1" in err
     err = _one_line_error(runner.invoke(app, ["show", str(ckpt), "--layer", "conv9", "--png", str(png)]))
     assert "conv9" in err and "conv1/S1" in err
+
+
+@pytest.mark.parametrize("command", [["saliency"], ["attack"], ["show", "--layer", "conv1"]])
+def test_cli_png_to_a_fifo_is_refused_before_the_work(ckpt: Path, tmp_path: Path, command: list[str]) -> None:
+    import os
+
+    pytest.importorskip("matplotlib")
+    fifo = tmp_path / "p.png"
+    os.mkfifo(fifo)
+    err = _one_line_error(runner.invoke(app, [command[0], str(ckpt), *command[1:], "--png", str(fifo),
+                                              "--data-dir", str(tmp_path / "nodata")]))
+    assert "--png" in err and str(fifo) in err and "FIFO" in err  # before any data is looked for
