@@ -98,7 +98,13 @@ class FlowRecorder:
             self._before = {k: v.copy() for k, v in self.model.named_params().items()}
 
     def after_step(self, b: int, step: int, loss: float) -> None:
-        """After the optimizer's update of batch b (0-based in the epoch), global step `step` (1-based)."""
+        """After the optimizer's update of batch b (0-based in the epoch), global step `step` (1-based).
+        Norms of weights or gradients that overflowed come out as inf or NaN, quietly (the loop reports the
+        divergence itself)."""
+        with np.errstate(all="ignore"):
+            self._after_step(b, step, loss)
+
+    def _after_step(self, b: int, step: int, loss: float) -> None:
         self._steps += 1
         for k, g in self.model.named_grads().items():
             flat = g.reshape(-1)
@@ -114,6 +120,10 @@ class FlowRecorder:
             self._before = None
 
     def end_epoch(self) -> FlowRecord:
+        with np.errstate(all="ignore"):
+            return self._end_epoch()
+
+    def _end_epoch(self) -> FlowRecord:
         rec = FlowRecord(self._epoch, self._steps, self.steps_per_epoch)
         for k, theta in self.model.named_params().items():
             rec.params[k] = {

@@ -114,6 +114,30 @@ def test_recorder_against_numbers_taken_here() -> None:
     assert rec2.end_epoch().dead == {}  # read once: the next epoch starts afresh
 
 
+def test_overflowing_norms_are_recorded_quietly() -> None:
+    """A diverging run's weights overflow float32 norms: no RuntimeWarning may reach stderr (the CLI's one error
+    line is the only output), the record holds inf and is written as null."""
+    import warnings
+
+    from cnncli.run.gradflow import to_json
+
+    model = _model()
+    rec = FlowRecorder(model, steps_per_epoch=1)
+    rec.start_epoch(1)
+    x = np.ones((4, 3, 8, 8), np.float32)
+    engine.loss_and_grads(model, x, np.zeros(4, int))
+    rec.before_step(0)
+    for g in model.named_grads().values():
+        g[...] = 3e38  # the next dot product overflows
+    model.named_params()["fc2.W"][...] = 3e38
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec.after_step(0, 1, 1.0)
+        r = rec.end_epoch()
+    assert math.isinf(r.params["fc2.W"]["grad_norm"])
+    assert json.loads(to_json([r]))["epochs"][0]["params"]["fc2.W"]["grad_norm"] is None
+
+
 def test_sample_steps_are_bounded_and_spread() -> None:
     assert sample_steps(7, 50) == set(range(7))
     s = sample_steps(391, 50)
