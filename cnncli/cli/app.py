@@ -1,6 +1,7 @@
 """The `cnn` command line: the Typer app and its commands. Commands live beside it in `train`, `bench`, `viz`,
-`sweep`, `predict` and `config` of this package (parse, call the library, render); the import graph runs one way,
-from here to them to `cnncli/cli/kit.py`. The CLI modules are the only ones that talk to the terminal."""
+`sweep`, `predict`, `config`, `lab` and `gradients` of this package (parse, call the library, render); the
+import graph runs one way, from here to them to `cnncli/cli/kit.py`. The CLI modules are the only ones that
+talk to the terminal."""
 
 from __future__ import annotations
 

@@ -263,14 +263,25 @@ def attack(
         out.print(f"[bold]attack[/bold] {safe(str(checkpoint))}: {len(labels):,} images of "
                   f"{'the files (labels: the network’s own predictions)' if images else 'the ' + split + ' split'}, "
                   f"clean accuracy {100 * clean_acc:.2f}%", soft_wrap=True)
+    from cnncli.cli.progress import count_progress
+
     results = []
-    for k in steps_list:
-        for e in eps_list:
-            r = run_attack(model, scale, imgs.pixels, labels, e, k, a if k > 1 or a is not None else None)
-            results.append(r)
-            if not json_out:
-                out.print(f"  {r.method:7} ε = {e * 255:5.3g}/255  accuracy {100 * r.accuracy:6.2f}%  "
-                          f"(step {r.step_size * 255:.3g}/255)")
+    total = len(labels) * sum(k for k in steps_list for e in eps_list if e > 0)  # image gradients to take
+    done = 0
+    with count_progress("attack", "image gradients δX", quiet=json_out) as progress:
+        def step(k_images: int) -> None:
+            nonlocal done
+            done += k_images
+            progress(done, total)
+
+        for k in steps_list:
+            for e in eps_list:
+                r = run_attack(model, scale, imgs.pixels, labels, e, k, a if k > 1 or a is not None else None,
+                               on_batch=step)
+                results.append(r)
+                if not json_out:
+                    out.print(f"  {r.method:7} ε = {e * 255:5.3g}/255  accuracy {100 * r.accuracy:6.2f}%  "
+                              f"(step {r.step_size * 255:.3g}/255)")
     written = None
     strongest = results[-1]
     if not no_png and examples:

@@ -17,6 +17,7 @@ Images are attacked as floats (the adversarial image is not rounded to 8 bits). 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -48,17 +49,19 @@ def project(v: np.ndarray, u: np.ndarray, eps: float) -> np.ndarray:
     return np.clip(v, np.maximum(u - eps, 0.0), np.minimum(u + eps, 1.0))
 
 
-def fgsm(model: Sequential, scale: PixelScale, u: np.ndarray, y: np.ndarray, eps: float) -> np.ndarray:
-    """U_adv = clip(U + ε · sign(δU), 0, 1) for pixels u (N, C, H, W) in [0, 1] and true classes y (N,)."""
+def fgsm(model: Sequential, scale: PixelScale, u: np.ndarray, y: np.ndarray, eps: float,
+         on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """U_adv = clip(U + ε · sign(δU), 0, 1) for pixels u (N, C, H, W) in [0, 1] and true classes y (N,);
+    `on_batch(k)` after each batch of k image gradients (progress)."""
     u = np.asarray(u, dtype=np.float64)
     if eps == 0:
         return u.copy()
-    g = input_gradient(model, scale, u, y).grad
+    g = input_gradient(model, scale, u, y, on_batch=on_batch).grad
     return np.clip(u + eps * np.sign(g), 0.0, 1.0)
 
 
 def pgd(model: Sequential, scale: PixelScale, u: np.ndarray, y: np.ndarray, eps: float, steps: int,
-        step_size: float | None = None) -> np.ndarray:
+        step_size: float | None = None, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """K = `steps` projected signed-gradient steps of size a (default 2.5 ε / K) from U: U_adv (N, C, H, W),
     always within ε of U (L∞) and in [0, 1]."""
     if steps < 1:
@@ -69,7 +72,7 @@ def pgd(model: Sequential, scale: PixelScale, u: np.ndarray, y: np.ndarray, eps:
     if eps == 0:
         return v
     for _ in range(steps):
-        g = input_gradient(model, scale, v, y).grad
+        g = input_gradient(model, scale, v, y, on_batch=on_batch).grad
         v = project(v + a * np.sign(g), u, eps)
     return v
 
@@ -88,13 +91,14 @@ class AttackResult:
 
 
 def attack(model: Sequential, scale: PixelScale, u: np.ndarray, y: np.ndarray, eps: float, steps: int = 1,
-           step_size: float | None = None) -> AttackResult:
-    """FGSM when steps = 1 and no step size is given, else PGD with K = steps; accuracy of the result against y."""
+           step_size: float | None = None, on_batch: Callable[[int], None] | None = None) -> AttackResult:
+    """FGSM when steps = 1 and no step size is given, else PGD with K = steps; accuracy of the result against y.
+    `on_batch(k)` after each batch of k image gradients (ε > 0: N · K of them)."""
     if steps == 1 and step_size is None:
-        adv, method, a = fgsm(model, scale, u, y, eps), "FGSM", eps
+        adv, method, a = fgsm(model, scale, u, y, eps, on_batch), "FGSM", eps
     else:
         a = 2.5 * eps / steps if step_size is None else float(step_size)
-        adv, method = pgd(model, scale, u, y, eps, steps, a), f"PGD-{steps}"
+        adv, method = pgd(model, scale, u, y, eps, steps, a, on_batch), f"PGD-{steps}"
     p = predict_proba(model, scale, adv)
     acc = float(np.mean(p.argmax(axis=1) == np.asarray(y))) if len(y) else 0.0
     return AttackResult(method, float(eps), int(steps), float(a), adv, p, acc)

@@ -23,6 +23,7 @@ Library code: returns arrays, never prints.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,11 +73,12 @@ class InputGradient:
 
 
 def input_gradient(model: Sequential, scale: PixelScale, u: np.ndarray, target: np.ndarray,
-                   batch: int = BATCH) -> InputGradient:
+                   batch: int = BATCH, on_batch: Callable[[int], None] | None = None) -> InputGradient:
     """∂L/∂U of each image, L = −log softmax(z)[target], through the model's own backward in evaluation mode.
 
-    u (N, C, H, W) pixels (float, normally in [0, 1]); target (N,) class indices. The model's parameter
-    gradients are overwritten (a by-product of its backward); its mode and `needs_input_grad` are restored.
+    u (N, C, H, W) pixels (float, normally in [0, 1]); target (N,) class indices; `on_batch(k)` after each
+    batch of k images (progress). The model's parameter gradients are overwritten (a by-product of its
+    backward); its mode and `needs_input_grad` are restored.
     """
     u = np.asarray(u, dtype=np.float64)
     target = np.asarray(target, dtype=np.int64)
@@ -103,6 +105,8 @@ def input_gradient(model: Sequential, scale: PixelScale, u: np.ndarray, target: 
             assert dx is not None  # set_input_grad(True): the first layer computes δX
             grads[a:b] = scale.to_pixels_grad(dx)
             probs[a:b] = p
+            if on_batch is not None:
+                on_batch(b - a)
     finally:
         model.layers[0].needs_input_grad = first
         for layer, mode in zip(model.layers, modes, strict=True):
