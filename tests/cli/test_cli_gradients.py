@@ -165,3 +165,17 @@ def test_cli_png_to_a_fifo_is_refused_before_the_work(ckpt: Path, tmp_path: Path
     err = _one_line_error(runner.invoke(app, [command[0], str(ckpt), *command[1:], "--png", str(fifo),
                                               "--data-dir", str(tmp_path / "nodata")]))
     assert "--png" in err and str(fifo) in err and "FIFO" in err  # before any data is looked for
+
+
+def test_cli_attack_reports_progress_over_the_image_gradients(ckpt: Path, real_cifar_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """30 images, FGSM and PGD-2 at one ε > 0 (ε = 0 takes no gradient): 30 · (1 + 2) = 90 image gradients."""
+    from clihelp import stderr_of
+
+    monkeypatch.setenv("CNNCLI_PROGRESS_SECONDS", "0")
+    result = runner.invoke(app, ["attack", str(ckpt), "--eps", "0,2/255", "--steps", "1,2", "-n", "30", "--no-png",
+                                 "--data-dir", str(real_cifar_dir)])
+    ok(result)
+    lines = [ln for ln in stderr_of(result).splitlines() if ln.startswith("attack:")]
+    assert [ln.split(" of ")[0] for ln in lines] == ["attack: 30", "attack: 60"]  # the last (90) is the table
+    assert all("of 90 image gradients" in ln for ln in lines)
