@@ -82,6 +82,9 @@ class SGDConfig:
     momentum: float = field(default=0.9, metadata={"min": 0, "lt": 1})
     nesterov: bool = True
     weight_decay: float = field(default=5.0e-4, metadata={"min": 0})
+    # false: λ·θ joins the gradient (L2); true: the decay does not scale with the learning rate or a group's
+    # lr_scale: λ·s·θ per step, s the schedule's factor, still through the momentum (docs/derivations.md#optimisers)
+    decoupled_weight_decay: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class AdamConfig:
     betas: tuple[float, ...] = field(default=(0.9, 0.999), metadata={"min": 0, "lt": 1, "len": 2})
     eps: float = field(default=1.0e-8, metadata={"gt": 0})
     weight_decay: float = field(default=0.0, metadata={"min": 0})  # L2 added to the gradient
+    decoupled_weight_decay: bool = False  # as SGD's
 
 
 OptimizerConfig = Union[SGDConfig, AdamConfig]  # noqa: UP007
@@ -126,12 +130,28 @@ class EarlyStoppingConfig:
 
 
 @dataclass(frozen=True)
+class ParamGroupConfig:
+    """How the parameters whose names match `match` train (cnncli/paramgroups.py; the first matching group
+    of `train.param_groups` decides for a parameter, the others keep the defaults)."""
+
+    # shell-style pattern on the names of `cnn summary` and checkpoints: "bn*.beta", "conv1.*", "*.b"
+    match: str = ""
+    lr_scale: float = field(default=1.0, metadata={"gt": 0})  # the learning rate is multiplied by this
+    decay: bool | None = None  # weight decay on (true) or off (false); null: the layer's own rule (weights only)
+    frozen: bool = False  # never updated
+    trains_from: int = field(default=0, metadata={"min": 0})  # frozen in the epochs before this one (0-based)
+    trains_until: int | None = field(default=None, metadata={"min": 0})  # frozen from this epoch (0-based) on
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = field(default=15, metadata={"min": 1})
     batch_size: int = field(default=128, metadata={"min": 1})
     eval_batch_size: int = field(default=1000, metadata={"min": 1})
     optimizer: OptimizerConfig = SGDConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    label_smoothing: float = field(default=0.0, metadata={"min": 0, "lt": 1})  # ε: target (1−ε)·onehot + ε/K
+    param_groups: tuple[ParamGroupConfig, ...] = ()  # per-parameter learning-rate scale, decay, freezing
     early_stopping: EarlyStoppingConfig | None = None  # off unless given
     tensorboard: bool = False  # event files in the run folder (needs the tensorboard extra)
     gradflow: bool = True  # gradflow.json in the run folder: gradient norms, update ratios, dead ReLUs per epoch

@@ -35,10 +35,12 @@ def engine_for(model: Sequential) -> Engine:
     return eng
 
 
-def loss_and_grads(model: Sequential, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+def loss_and_grads(model: Sequential, x: np.ndarray, y: np.ndarray, smoothing: float = 0.0
+                   ) -> tuple[float, np.ndarray]:
     """One training pass of `model` through the engine: x (N, *input_shape), y (N,) -> (mean loss, logits z
-    (N, classes)); the gradients land in the model's layers' `grads`, as `model.loss_and_grads` puts them."""
-    return engine_for(model).loss_and_grads(x, y)
+    (N, classes)); the gradients land in the model's layers' `grads`, as `model.loss_and_grads` puts them.
+    `smoothing`: label smoothing ε of the cross-entropy's target (docs/derivations.md#label-smoothing)."""
+    return engine_for(model).loss_and_grads(x, y, smoothing)
 
 
 def predict(model: Sequential, x: np.ndarray) -> np.ndarray:

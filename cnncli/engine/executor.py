@@ -587,7 +587,7 @@ class _ConvStage(_Stage):
         plain conv → ReLU → pool (docs/derivations.md#convolution, "In the engine")."""
         bn = self.bn
         assert bn is not None
-        a = bn.params["gamma"].astype(np.float64) / np.sqrt(bn.buffers["running_var"].astype(np.float64) + bn.eps)
+        a = bn.gamma().astype(np.float64) / np.sqrt(bn.buffers["running_var"].astype(np.float64) + bn.eps)
         shift = bn.params["beta"] - bn.buffers["running_mean"] * a + (b * a if b is not None else 0.0)
         return (w2 * a[:, None]).astype(w2.dtype), shift.astype(w2.dtype)
 
@@ -881,7 +881,7 @@ class _BatchNormCore:
         buf.xc, with 1/√(σ² + ε) in buf.inv_std, when training), a = γ/√(σ² + ε); x̂ = (x − μ)·inv_std is never
         written out. Training mode: μ and σ² of the whole batch (shared between the workers)."""
         bn, dtype = self.bn, x.dtype
-        gamma, beta = bn.params["gamma"], bn.params["beta"]
+        gamma, beta = bn.gamma(), bn.params["beta"]
         if bn.training:
             assert buf.reduce is not None and buf.xc is not None
             m = self.values
@@ -924,12 +924,13 @@ class _BatchNormCore:
         assert xc is not None and inv_std is not None
         sum_dy = self._sums(dy)
         sum_dyx = self._dots(dy, xc) * inv_std  # Σ δy·x̂
-        np.copyto(grads["gamma"], sum_dyx, casting="unsafe")  # δγ = Σ δy·x̂ (this micro-batch's share)
+        if "gamma" in grads:  # a batch-norm with γ fixed at 1 (scale: false) has none
+            np.copyto(grads["gamma"], sum_dyx, casting="unsafe")  # δγ = Σ δy·x̂ (this micro-batch's share)
         np.copyto(grads["beta"], sum_dy, casting="unsafe")  # δβ = Σ δy
         if dx is None:
             return
         dtype, nd = dy.dtype, dy.ndim
-        scale = self._col((bn.params["gamma"] * inv_std).astype(dtype), nd)
+        scale = self._col((bn.gamma() * inv_std).astype(dtype), nd)
         if bn.training:
             assert buf.reduce is not None
             c, m = len(sum_dy), self.values
@@ -1113,15 +1114,21 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _softmax_xent(z: np.ndarray, y: np.ndarray, total: int) -> tuple[float, np.ndarray]:
-    """Σ_n −log p[n, y_n] over the micro-batch, and δz = (p − onehot(y)) / total, the whole batch's N
-    (docs/derivations.md#softmax-and-cross-entropy; the same operations as `softmax_cross_entropy`)."""
+def _softmax_xent(z: np.ndarray, y: np.ndarray, total: int, smoothing: float = 0.0) -> tuple[float, np.ndarray]:
+    """Σ_n −Σ_k q[n,k] log p[n,k] over the micro-batch, and δz = (p − q) / total, the whole batch's N, with
+    q = onehot(y), or (1 − ε)·onehot(y) + ε/K with label smoothing ε (docs/derivations.md#softmax-and-cross-entropy,
+    #label-smoothing; the same operations as `softmax_cross_entropy`)."""
     shifted = z - z.max(axis=1, keepdims=True)
     log_norm = np.log(np.exp(shifted).sum(axis=1))  # (N,)
     rows = np.arange(z.shape[0])
-    loss_sum = float(np.sum(log_norm - shifted[rows, y], dtype=np.float64))
+    nll = log_norm - shifted[rows, y]
+    if smoothing:
+        nll = (1.0 - smoothing) * nll + smoothing * (log_norm - shifted.mean(axis=1))
+    loss_sum = float(np.sum(nll, dtype=np.float64))
     dz = np.exp(shifted - log_norm[:, None])
-    dz[rows, y] -= 1.0
+    if smoothing:
+        dz -= smoothing / z.shape[1]
+    dz[rows, y] -= 1.0 - smoothing
     dz /= total
     return loss_sum, dz
 
@@ -1358,13 +1365,14 @@ class Engine:
         self._run([job] * workers, reducer)
         return logits
 
-    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray, smoothing: float = 0.0) -> tuple[float, np.ndarray]:
         """x (N, *input_shape), y (N,) -> (mean cross-entropy, logits (N, classes)); fills the layers' grads.
+        `smoothing`: label smoothing ε of the cross-entropy's target (0: the one-hot label).
 
         Micro-batch j's gradients (δz scaled by the whole batch's 1/N) land in slot j; the slots are summed
         in the order j = 0, 1, …, whichever worker computed them.
         """
-        return self._train(x, y, None)
+        return self._train(x, y, None, smoothing)
 
     def profile(self, x: np.ndarray, y: np.ndarray) -> list[tuple[str, float, float]]:
         """One training pass on the calling thread alone, timed: [(stage label, forward s, backward s), …,
@@ -1385,7 +1393,8 @@ class Engine:
         self.matmul_flops = {label: (float(t[4]), float(t[5])) for label, t in zip(labels, timings, strict=True)}
         return [(label, float(t[0]), float(t[1])) for label, t in zip(labels, timings, strict=True)]
 
-    def _train(self, x: np.ndarray, y: np.ndarray, timings: np.ndarray | None) -> tuple[float, np.ndarray]:
+    def _train(self, x: np.ndarray, y: np.ndarray, timings: np.ndarray | None, smoothing: float = 0.0
+               ) -> tuple[float, np.ndarray]:
         x, y = np.asarray(x), np.asarray(y)
         dtype = self._check_dtype()
         total = len(x)
@@ -1423,7 +1432,7 @@ class Engine:
                             timings[i, 2] += mm[0] - m0
                             timings[i, 4] += mm[1] - f0
                 t0 = clock() if timings is not None else 0.0
-                losses[j], dz = _softmax_xent(logits[a:b], y[a:b], total)
+                losses[j], dz = _softmax_xent(logits[a:b], y[a:b], total, smoothing)
                 if timings is not None:
                     timings[n_stages, 0] += clock() - t0
                 d: np.ndarray | None = dz

@@ -8,7 +8,7 @@ article's notation). Nothing here imports the engine, the data sets, the trainin
 engine (`cnncli/engine/`) takes a `Sequential` and runs it faster.
 """
 
-from cnncli.nn import layers, residual  # noqa: F401  (importing them registers the built-in layer types)
+from cnncli.nn import layers, layers_extra, residual  # noqa: F401  (importing them registers the built-in layer types)
 from cnncli.nn.layer import Layer, Shape
 from cnncli.nn.options import LayerOptions, option
 

@@ -44,6 +44,19 @@ def initial_weights(rng: np.random.Generator, shape: tuple[int, ...], fan_in: in
     raise ValueError(f"init must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
 
 
+def dirac_weights(w: np.ndarray) -> np.ndarray:
+    """W (C_out, C_in, K, K) with its first min(C_in, C_out) filters replaced by the identity (Dirac) kernel:
+    W[c, c', u, v] = 1(c' = c, u = v = K//2) for c < min(C_in, C_out); the other filters keep their values. With
+    'same' padding (K odd, pad K//2) and stride 1 those output channels start as copies of the input channels
+    (docs/derivations.md#dirac-initialisation)."""
+    w = w.copy()
+    k = w.shape[2] // 2
+    for c in range(min(w.shape[0], w.shape[1])):
+        w[c] = 0.0
+        w[c, c, k, k] = 1.0
+    return w
+
+
 @register_layer
 class Conv2D(Layer):
     """2-D convolution (cross-correlation, as the article writes it), docs/derivations.md#convolution.
@@ -69,6 +82,8 @@ class Conv2D(Layer):
         padding: int = option(0, min=0, help="zeros added on each side")
         bias: bool = option(True, help="learn a bias b (false before a batch-norm, which has its own shift)")
         init: str = option("he", choices=INIT_CHOICES, help=INIT_HELP)
+        dirac: bool = option(False, help="then make the first min(C_in, C_out) filters the identity (Dirac): "
+                             "W[c, c, K//2, K//2] = 1, zero elsewhere")
 
     @classmethod
     def param_count(cls, opts: LayerOptions, input_shape: Shape) -> int:
@@ -89,7 +104,7 @@ class Conv2D(Layer):
             raise ValueError(f"needs an image input (C, H, W), got {tuple(input_shape)}")
         o = cls.Options(**option_values(opts))
         return cls(input_shape[0], o.out_channels, o.kernel_size, o.stride, o.padding, rng=rng, dtype=dtype,
-                   bias=o.bias, init=o.init)
+                   bias=o.bias, init=o.init, dirac=o.dirac)
 
     def __init__(
         self,
@@ -103,6 +118,7 @@ class Conv2D(Layer):
         dtype: type = np.float32,
         bias: bool = True,
         init: str = "he",
+        dirac: bool = False,
     ) -> None:
         super().__init__()
         self.name = name
@@ -112,6 +128,8 @@ class Conv2D(Layer):
         rng = rng if rng is not None else np.random.default_rng(0)
         fan_in = in_channels * kernel_size * kernel_size
         w, b = initial_weights(rng, (out_channels, in_channels, kernel_size, kernel_size), fan_in, init)
+        if dirac:
+            w = dirac_weights(w)
         self.params = {"W": w.astype(dtype)}
         if bias:
             self.params["b"] = b.astype(dtype)
@@ -525,7 +543,7 @@ class BatchNorm(Layer):
     Training mode: μ = mean, σ² = biased variance of the batch; x̂ = (x − μ) / √(σ² + ε); y = γ·x̂ + β; the
     running statistics move by r ← (1 − momentum)·r + momentum·(batch value), the variance's with the
     unbiased M/(M − 1)·σ². Evaluation mode: the running mean and variance instead of the batch's.
-    Parameters γ (C,) ones, β (C,) zeros, not weight-decayed; buffers running_mean (C,) zeros, running_var
+    Parameters γ (C,) ones (none with `scale: false`: γ is then fixed at 1), β (C,) zeros, not weight-decayed; buffers running_mean (C,) zeros, running_var
     (C,) ones. Backward (training): δγ = Σ δy·x̂, δβ = Σ δy, δx = γ/(M·√(σ²+ε)) · (M·δy − Σδy − x̂·Σ(δy·x̂)),
     the three paths through x̂, μ and σ² summed; evaluation: δx = γ·δy/√(r_var + ε). Keeps x̂ and 1/√(σ²+ε).
     """
@@ -539,27 +557,35 @@ class BatchNorm(Layer):
     class Options(LayerOptions):
         momentum: float = option(0.1, gt=0, max=1, help="weight of the batch in the running statistics")
         eps: float = option(1e-5, gt=0, help="ε added to the variance")
+        scale: bool = option(True, help="learn the scale γ (false: γ fixed at 1, only β trains)")
 
     @classmethod
     def param_count(cls, opts: LayerOptions, input_shape: Shape) -> int:
-        """γ, β and the two running statistics: 4·C."""
-        return 4 * int(input_shape[0]) if len(input_shape) in (1, 3) else 0
+        """γ (unless `scale: false`), β and the two running statistics: 4·C (3·C)."""
+        return (4 if opts.scale else 3) * int(input_shape[0]) if len(input_shape) in (1, 3) else 0
 
     @classmethod
     def param_text(cls, opts: LayerOptions, input_shape: Shape, n: int) -> str:
         return f"{input_shape[0]:,} channels: {n:,} parameters and buffers"
 
-    def __init__(self, momentum: float = 0.1, eps: float = 1e-5) -> None:
+    def __init__(self, momentum: float = 0.1, eps: float = 1e-5, scale: bool = True) -> None:
         super().__init__()
-        self.momentum, self.eps = momentum, eps
+        self.momentum, self.eps, self.scale = momentum, eps, scale
         self._xhat: np.ndarray | None = None
         self._inv_std: np.ndarray | None = None
+        self._ones: np.ndarray = np.ones(0)
+
+    def gamma(self) -> np.ndarray:
+        """γ (C,): the parameter, or ones when the scale is fixed (`scale: false`)."""
+        return self.params["gamma"] if "gamma" in self.params else self._ones
 
     def build(self, input_shape: Shape, rng: np.random.Generator, dtype: type) -> None:
         if len(input_shape) not in (1, 3):
             raise ValueError(f"needs images (C, H, W) or vectors (D,), got shape {tuple(input_shape)}")
         c = input_shape[0]
-        self.params = {"gamma": np.ones(c, dtype=dtype), "beta": np.zeros(c, dtype=dtype)}
+        self._ones = np.ones(c, dtype=dtype)
+        self.params = {"gamma": np.ones(c, dtype=dtype)} if self.scale else {}
+        self.params["beta"] = np.zeros(c, dtype=dtype)
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self.buffers = {"running_mean": np.zeros(c, dtype=dtype), "running_var": np.ones(c, dtype=dtype)}
 
@@ -579,7 +605,7 @@ class BatchNorm(Layer):
             )
 
     def describe(self) -> str:
-        return f"batchnorm momentum {self.momentum:g}, ε {self.eps:g}"
+        return f"batchnorm momentum {self.momentum:g}, ε {self.eps:g}" + ("" if self.scale else ", γ fixed at 1")
 
     def macs(self, input_shape: Shape) -> int:
         return int(np.prod(input_shape))
@@ -610,20 +636,22 @@ class BatchNorm(Layer):
         inv_std = 1.0 / np.sqrt(var + self.eps)
         xhat = (x - self._per_channel(mu, x.ndim)) * self._per_channel(inv_std, x.ndim)
         self._xhat, self._inv_std, self._train_pass = xhat, inv_std.astype(x.dtype), self.training
-        return self._per_channel(self.params["gamma"], x.ndim) * xhat + self._per_channel(self.params["beta"], x.ndim)
+        return self._per_channel(self.gamma(), x.ndim) * xhat + self._per_channel(self.params["beta"], x.ndim)
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
         """δy -> δx (same shape); fills grads gamma (C,), beta (C,)."""
         assert self._xhat is not None and self._inv_std is not None, "backward before forward"
         xhat, axes, nd = self._xhat, self._axes(dout), dout.ndim
-        self.grads["gamma"] = (dout * xhat).sum(axis=axes)
+        sum_dyx = (dout * xhat).sum(axis=axes)  # δγ (kept only when γ is a parameter)
+        if "gamma" in self.params:
+            self.grads["gamma"] = sum_dyx
         self.grads["beta"] = dout.sum(axis=axes)
-        scale = self._per_channel(self.params["gamma"] * self._inv_std, nd)
+        scale = self._per_channel(self.gamma() * self._inv_std, nd)
         if not self._train_pass:
             return scale * dout
         m = dout.size // dout.shape[1]
         mean_d = self._per_channel(self.grads["beta"] / m, nd)
-        mean_dx = self._per_channel(self.grads["gamma"] / m, nd)
+        mean_dx = self._per_channel(sum_dyx / m, nd)
         return scale * (dout - mean_d - xhat * mean_dx)
 
 
@@ -634,22 +662,29 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def softmax_cross_entropy(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+def softmax_cross_entropy(z: np.ndarray, y: np.ndarray, smoothing: float = 0.0
+                          ) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean cross-entropy of softmax(z) against integer labels, and its gradient.
 
-    L = (1/N) Σ_n −log p[n, y_n] (averaged over the batch); δz = (p − onehot(y)) / N
-    (with the 1/N of the mean; docs/derivations.md#softmax-and-cross-entropy).
+    L = (1/N) Σ_n −Σ_k q[n, k] log p[n, k] (averaged over the batch) with the target q = onehot(y) or, with
+    label smoothing ε (`smoothing`), q = (1 − ε)·onehot(y) + ε/K; δz = (p − q) / N (with the 1/N of the
+    mean; docs/derivations.md#softmax-and-cross-entropy, #label-smoothing).
 
     z (N, K) logits, y (N,) integer labels in [0, K) -> (loss, δz (N, K), p (N, K)).
     """
-    n = z.shape[0]
+    n, k = z.shape
     shifted = z - z.max(axis=1, keepdims=True)
     log_norm = np.log(np.exp(shifted).sum(axis=1))  # (N,)
     rows = np.arange(n)
-    loss = float(np.mean(log_norm - shifted[rows, y]))
+    nll = log_norm - shifted[rows, y]  # −log p[n, y_n]
+    if smoothing:
+        nll = (1.0 - smoothing) * nll + smoothing * (log_norm - shifted.mean(axis=1))
+    loss = float(np.mean(nll))
     p = np.exp(shifted - log_norm[:, None])
     dz = p.copy()
-    dz[rows, y] -= 1.0
+    if smoothing:
+        dz -= smoothing / k
+    dz[rows, y] -= 1.0 - smoothing
     dz /= n
     return loss, dz, p
 

@@ -127,13 +127,14 @@ class Sequential:
             d = contracts.backward(layer, d)
         return d
 
-    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        """One training pass layer by layer: forward, mean softmax cross-entropy, backward; fills `named_grads()`.
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray, smoothing: float = 0.0) -> tuple[float, np.ndarray]:
+        """One training pass layer by layer: forward, mean softmax cross-entropy (label smoothing ε = `smoothing`),
+        backward; fills `named_grads()`.
 
         x (N, *input_shape), y (N,) integer labels -> (loss, logits z (N, classes)).
         """
         z = self.forward(x)
-        loss, dz, _ = softmax_cross_entropy(z, y)
+        loss, dz, _ = softmax_cross_entropy(z, y, smoothing)
         self.backward(dz)
         return loss, z
 

@@ -182,7 +182,7 @@ def _linear(g: _Graph, layer: Layer, x: str, prefix: str, where: str) -> str:
 
 def _batchnorm(g: _Graph, layer: Layer, x: str, prefix: str, where: str) -> str:
     assert isinstance(layer, BatchNorm)
-    inputs = [x, *(g.const(f"{prefix}{k}", v) for k, v in (("gamma", layer.params["gamma"]),
+    inputs = [x, *(g.const(f"{prefix}{k}", v) for k, v in (("gamma", layer.gamma()),
               ("beta", layer.params["beta"]), ("running_mean", layer.buffers["running_mean"]),
               ("running_var", layer.buffers["running_var"])))]
     return g.op("BatchNormalization", inputs, prefix.rstrip(".") or "bn", epsilon=float(layer.eps))

@@ -22,25 +22,51 @@ def _decayed(params: dict[str, np.ndarray], decay: Collection[str] | None) -> fr
     return frozenset(decay) if decay is not None else frozenset(k for k in params if k.endswith(".W"))
 
 
-class SGD:
+class _PerParam:
+    """What SGD and Adam share: per-parameter learning-rate scales (`lr_scale`, cnncli/paramgroups.py) and the
+    weight decay coefficient of each parameter."""
+
+    cfg: SGDConfig | AdamConfig
+    decay: frozenset[str]
+    lr_scale: dict[str, float]
+
+    def decay_coefficient(self, name: str) -> float:
+        """c with g = ∂L/∂θ + c·θ: λ for a decayed parameter (L2), or λ/(lr·scale) when the decay is decoupled
+        (so that the step's lr·s·scale·c = λ·s, s the schedule's factor); 0 for the others."""
+        wd = self.cfg.weight_decay
+        if not wd or name not in self.decay:
+            return 0.0
+        if self.cfg.decoupled_weight_decay:
+            return wd / (self.cfg.lr * self.lr_scale.get(name, 1.0))
+        return wd
+
+
+class SGD(_PerParam):
     """v ← μ·v + g;  θ ← θ − lr·(g + μ·v) with Nesterov, θ ← θ − lr·v without (PyTorch's convention).
 
-    g is the gradient plus weight decay λ·θ for weights.
+    g is the gradient plus weight decay c·θ for decayed parameters (`decay_coefficient`); lr is multiplied by
+    the parameter's `lr_scale`; parameters in `frozen` are left alone (no step, momentum kept).
     """
 
-    def __init__(self, params: dict[str, np.ndarray], cfg: SGDConfig, decay: Collection[str] | None = None) -> None:
+    def __init__(self, params: dict[str, np.ndarray], cfg: SGDConfig, decay: Collection[str] | None = None,
+                 lr_scale: dict[str, float] | None = None) -> None:
         self.cfg = cfg
         self.decay = _decayed(params, decay)
+        self.lr_scale = dict(lr_scale or {})
         self.state: dict[str, np.ndarray] = {}
         if cfg.momentum > 0:
             self.state = {f"{k}.momentum": np.zeros_like(v) for k, v in params.items()}
 
-    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float) -> None:
-        mu, wd = self.cfg.momentum, self.cfg.weight_decay
+    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float,
+             frozen: Collection[str] = frozenset()) -> None:
+        mu = self.cfg.momentum
         for name, theta in params.items():
+            if name in frozen:
+                continue
             g = grads[name]
-            if wd and name in self.decay:
-                g = g + wd * theta
+            c = self.decay_coefficient(name)
+            if c:
+                g = g + c * theta
             if mu > 0:
                 v = self.state[f"{name}.momentum"]
                 v *= mu
@@ -48,48 +74,57 @@ class SGD:
                 step = g + mu * v if self.cfg.nesterov else v
             else:
                 step = g
-            theta -= (lr * step).astype(theta.dtype, copy=False)
+            theta -= (lr * self.lr_scale.get(name, 1.0) * step).astype(theta.dtype, copy=False)
 
 
-class Adam:
+class Adam(_PerParam):
     """m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²; θ ← θ − lr·m̂ / (√v̂ + ε), with bias-corrected m̂, v̂."""
 
-    def __init__(self, params: dict[str, np.ndarray], cfg: AdamConfig, decay: Collection[str] | None = None) -> None:
+    def __init__(self, params: dict[str, np.ndarray], cfg: AdamConfig, decay: Collection[str] | None = None,
+                 lr_scale: dict[str, float] | None = None) -> None:
         self.cfg = cfg
         self.decay = _decayed(params, decay)
+        self.lr_scale = dict(lr_scale or {})
         self.state: dict[str, np.ndarray] = {"t": np.zeros((), dtype=np.int64)}
         for k, v in params.items():
             self.state[f"{k}.m"] = np.zeros_like(v)
             self.state[f"{k}.v"] = np.zeros_like(v)
 
-    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float) -> None:
+    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float,
+             frozen: Collection[str] = frozenset()) -> None:
         b1, b2 = self.cfg.betas
-        wd, eps = self.cfg.weight_decay, self.cfg.eps
+        eps = self.cfg.eps
         self.state["t"] += 1
         t = int(self.state["t"])
         c1, c2 = 1 - b1**t, 1 - b2**t
         for name, theta in params.items():
+            if name in frozen:
+                continue
             g = grads[name]
-            if wd and name in self.decay:
-                g = g + wd * theta
+            c = self.decay_coefficient(name)
+            if c:
+                g = g + c * theta
             m, v = self.state[f"{name}.m"], self.state[f"{name}.v"]
             m *= b1
             m += (1 - b1) * g
             v *= b2
             v += (1 - b2) * g * g
-            theta -= (lr * (m / c1) / (np.sqrt(v / c2) + eps)).astype(theta.dtype, copy=False)
+            theta -= (lr * self.lr_scale.get(name, 1.0) * (m / c1) / (np.sqrt(v / c2) + eps)).astype(
+                theta.dtype, copy=False)
 
 
 Optimizer = SGD | Adam
 
 
 def make_optimizer(
-    params: dict[str, np.ndarray], cfg: OptimizerConfig, decay: Collection[str] | None = None
+    params: dict[str, np.ndarray], cfg: OptimizerConfig, decay: Collection[str] | None = None,
+    lr_scale: dict[str, float] | None = None,
 ) -> Optimizer:
-    """The optimizer of `cfg` over `params`; weight decay on the names in `decay` (see `_decayed`)."""
+    """The optimizer of `cfg` over `params`; weight decay on the names in `decay` (see `_decayed`), learning
+    rates multiplied by `lr_scale[name]` (cnncli/paramgroups.py)."""
     if isinstance(cfg, SGDConfig):
-        return SGD(params, cfg, decay)
-    return Adam(params, cfg, decay)
+        return SGD(params, cfg, decay, lr_scale)
+    return Adam(params, cfg, decay, lr_scale)
 
 
 def mode_of(metric: str) -> str:

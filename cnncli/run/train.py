@@ -48,6 +48,7 @@ from cnncli.host.errors import CheckpointError, CnnError, ConfigError, StorageEr
 from cnncli.host.names import RUN_NAME, check_name
 from cnncli.host.signals import signal_name, stop_signals
 from cnncli.nn.model import Sequential, build_model
+from cnncli.run import paramgroups
 from cnncli.run.checkpoint import (
     Checkpoint,
     apply_optim,
@@ -418,7 +419,8 @@ def train(
 
     normalizer = Normalizer(cfg.data.normalize, model.input_shape[0])
     params = model.named_params()
-    optimizer = make_optimizer(params, tc.optimizer, model.decayed())
+    rules = paramgroups.resolve(list(params), model.decayed(), tc.param_groups)
+    optimizer = make_optimizer(params, tc.optimizer, rules.decay, rules.lr_scale)
     state = _State()
 
     if resume is not None:
@@ -497,6 +499,7 @@ def train(
             if flow is not None:
                 flow.start_epoch(epoch + 1)
             lr = learning_rate(tc.optimizer.lr, tc.schedule, state.step, steps, tc.epochs, monitored)
+            frozen = rules.frozen_at(epoch)  # train.param_groups: parameters not updated in this epoch
             t_train = time.perf_counter()
             for b in range(state.batch, steps):
                 idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]
@@ -505,7 +508,7 @@ def train(
                 xb = augment(xb, cfg.data.augment, np.random.default_rng([cfg.seed, epoch, b]))
                 lr = learning_rate(tc.optimizer.lr, tc.schedule, state.step, steps, tc.epochs, monitored)
                 model.set_step(cfg.seed, epoch, b)  # dropout's masks: a function of the step alone
-                loss, z = engine.loss_and_grads(model, normalizer(xb), yb)
+                loss, z = engine.loss_and_grads(model, normalizer(xb), yb, tc.label_smoothing)
                 if not math.isfinite(loss):
                     kept = f"last good checkpoint: {last_path}" if last_path.exists() else "no checkpoint was saved"
                     raise TrainingDiverged(
@@ -516,7 +519,7 @@ def train(
                     tb.snapshot()  # to measure the epoch's last update
                 if flow is not None:
                     flow.before_step(b)
-                optimizer.step(params, model.named_grads(), lr)
+                optimizer.step(params, model.named_grads(), lr, frozen)
                 state.step += 1
                 if flow is not None:
                     flow.after_step(b, state.step, loss)
