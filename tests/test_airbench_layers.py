@@ -137,7 +137,7 @@ AIRBENCH_SHAPED = [  # airbench's layer types, narrow: whitening-like 2×2 conv,
     {"type": "maxpool", "kernel_size": 3},
     {"type": "flatten"},
     {"type": "linear", "out_features": 5, "bias": False, "init": "uniform"},
-    {"type": "scale", "factor": 1 / 9},
+    {"type": "multiply", "factor": 1 / 9},
 ]
 
 
@@ -221,7 +221,8 @@ def test_label_smoothing_loss_and_gradient_against_the_naive_sum_and_finite_diff
         zm[n, k] -= h
         numeric = (softmax_cross_entropy(zp, y, eps)[0] - softmax_cross_entropy(zm, y, eps)[0]) / (2 * h)
         assert dz[n, k] == pytest.approx(numeric, rel=1e-7, abs=1e-10)
-    # docs example: z = (2, 1, 0), label 0, ε = 0.2 -> L = 0.8·0.4076 + 0.2·(log Σe^z − mean z) = 0.8·0.4076 + 0.2·(2.4076 − 1) = 0.6076
+    # docs example: z = (2, 1, 0), label 0, ε = 0.2 -> L = 0.8·0.4076 + 0.2·(log Σe^z − mean z)
+    #   = 0.8·0.4076 + 0.2·(2.4076 − 1) = 0.6076
     ex, dex, _ = softmax_cross_entropy(np.array([[2.0, 1.0, 0.0]]), np.array([0]), 0.2)
     assert ex == pytest.approx(0.607606, abs=1e-6)
     np.testing.assert_allclose(dex, [[0.6652 - 0.8 - 0.2 / 3, 0.2447 - 0.2 / 3, 0.0900 - 0.2 / 3]], atol=1e-4)

@@ -98,7 +98,7 @@ def test_frozen_and_late_frozen_parameters_in_a_real_run(real_cifar_dir: Path, t
     train(load_config(SEED, [*SMALL, "train.epochs=1", f"train.param_groups={groups}",
                              "train.label_smoothing=0.1"]), tmp_path / "one", real_cifar_dir)
     train(cfg, tmp_path / "two", real_cifar_dir)
-    init = {k: v for k, v in _init_params(cfg).items()}
+    init = _init_params(cfg)
     one, two = _arrays(tmp_path / "one" / "last.npz"), _arrays(tmp_path / "two" / "last.npz")
     assert np.array_equal(two["conv1.W"], init["conv1.W"])  # frozen for the run
     assert not np.array_equal(one["conv1.b"], init["conv1.b"])  # trained in epoch 0 …

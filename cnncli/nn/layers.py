@@ -543,9 +543,10 @@ class BatchNorm(Layer):
     Training mode: μ = mean, σ² = biased variance of the batch; x̂ = (x − μ) / √(σ² + ε); y = γ·x̂ + β; the
     running statistics move by r ← (1 − momentum)·r + momentum·(batch value), the variance's with the
     unbiased M/(M − 1)·σ². Evaluation mode: the running mean and variance instead of the batch's.
-    Parameters γ (C,) ones (none with `scale: false`: γ is then fixed at 1), β (C,) zeros, not weight-decayed; buffers running_mean (C,) zeros, running_var
-    (C,) ones. Backward (training): δγ = Σ δy·x̂, δβ = Σ δy, δx = γ/(M·√(σ²+ε)) · (M·δy − Σδy − x̂·Σ(δy·x̂)),
-    the three paths through x̂, μ and σ² summed; evaluation: δx = γ·δy/√(r_var + ε). Keeps x̂ and 1/√(σ²+ε).
+    Parameters γ (C,) ones (none with `scale: false`: γ is then fixed at 1), β (C,) zeros, not
+    weight-decayed; buffers running_mean (C,) zeros, running_var (C,) ones. Backward (training): δγ = Σ δy·x̂,
+    δβ = Σ δy, δx = γ/(M·√(σ²+ε)) · (M·δy − Σδy − x̂·Σ(δy·x̂)), the three paths through x̂, μ and σ² summed;
+    evaluation: δx = γ·δy/√(r_var + ε). Keeps x̂ and 1/√(σ²+ε).
     """
 
     type_name = "batchnorm"

@@ -1,8 +1,8 @@
-"""Layers of the airbench recipe (issue 26) beside the built-ins: GELU and a fixed scale.
+"""Layers of the airbench recipe (issue 26) beside the built-ins: GELU and a fixed scale (`multiply`).
 
 Registered like the built-ins (importing `cnncli` loads this module); forward and backward side by side,
-derived in docs/derivations.md (#gelu, #scale). The engine has no fused stage for them: they run through
-their own `forward` / `backward` in its per-layer stage (`_LayerStage`).
+derived in docs/derivations.md (#gelu, #multiply). The engine has no fused stage for them: they run through their
+own `forward` / `backward` in its per-layer stage (`_LayerStage`).
 """
 
 from __future__ import annotations
@@ -57,14 +57,14 @@ class GELU(Layer):
 
 @register_layer
 class Scale(Layer):
-    """y = α·x with a fixed α (`factor`), docs/derivations.md#scale; δx = α·δy.
+    """y = α·x with a fixed α (`factor`), docs/derivations.md#multiply; δx = α·δy.
 
     Placed after the last linear layer it scales the logits (a softmax temperature of 1/α). Input and output
     (N, ...) of any shape; no parameters, no cache.
     """
 
-    type_name = "scale"
-    doc = "scale"
+    type_name = "multiply"
+    doc = "multiply"
 
     @dataclass(frozen=True)
     class Options(LayerOptions):
@@ -77,7 +77,7 @@ class Scale(Layer):
         self.factor = factor
 
     def describe(self) -> str:
-        return f"scale ×{self.factor:g}"
+        return f"multiply ×{self.factor:g}"
 
     def macs(self, input_shape: tuple[int, ...]) -> int:
         return int(np.prod(input_shape))

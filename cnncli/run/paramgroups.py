@@ -27,9 +27,8 @@ class ParamRules:
 
     def frozen_at(self, epoch: int) -> frozenset[str]:
         """The parameters not updated in epoch `epoch` (0-based)."""
-        return frozenset(
-            name for name, (start, stop) in self.windows.items() if epoch < start or (stop is not None and epoch >= stop)
-        )
+        return frozenset(name for name, (start, stop) in self.windows.items()
+                         if epoch < start or (stop is not None and epoch >= stop))
 
 
 def _shown(names: Iterable[str], most: int = 8) -> str:
