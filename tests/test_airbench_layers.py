@@ -230,3 +230,70 @@ def test_label_smoothing_loss_and_gradient_against_the_naive_sum_and_finite_diff
     plain = softmax_cross_entropy(z, y)
     same = softmax_cross_entropy(z, y, 0.0)
     assert plain[0] == same[0] and np.array_equal(plain[1], same[1])
+
+
+# ------------------------------------------------------------------------------------- whitening init
+
+
+def test_patch_second_moments_equal_the_naive_sum_over_images_and_positions() -> None:
+    from cnncli.nn.datainit import CHUNK, second_moment
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 2, 5, 4))
+    k = 2
+    naive = np.zeros((8, 8))
+    count = 0
+    for n in range(3):
+        for i in range(4):
+            for j in range(3):
+                p = [x[n, c, i + u, j + v] for c in range(2) for u in range(2) for v in range(2)]  # (c', u, v)
+                naive += np.outer(p, p)
+                count += 1
+    np.testing.assert_allclose(second_moment(iter([x[:2], x[2:]]), k), naive / count, rtol=1e-13)
+    assert CHUNK >= 1
+
+
+def test_whitening_filters_decorrelate_the_patches_and_come_with_their_negatives() -> None:
+    from cnncli.nn.datainit import second_moment, whitening_weights
+
+    rng = np.random.default_rng(10)
+    mix = rng.standard_normal((3, 3))
+    x = np.einsum("cd,ndhw->nchw", mix, rng.standard_normal((20, 3, 8, 8)))  # correlated channels
+    sigma = second_moment(iter([x]), 2)
+    w = whitening_weights(sigma, 3, 2, 5e-4)
+    assert w.shape == (24, 3, 2, 2)
+    np.testing.assert_array_equal(w[12:], -w[:12])
+    f = w[:12].reshape(12, -1)
+    g = np.diag(f @ f.T)  # = 1/(λ + ε)
+    lam = 1 / g - 5e-4
+    out = f @ sigma @ f.T  # second moments of the whitened outputs
+    np.testing.assert_allclose(out, np.diag(lam / (lam + 5e-4)), atol=1e-10)
+    assert np.all(np.diff(lam) <= 1e-12)  # decreasing order
+    np.testing.assert_allclose(f @ f.T, np.diag(g), atol=1e-9 * g.max())  # orthogonal filters
+
+
+def test_whiten_needs_twice_the_patch_size_of_filters() -> None:
+    from cnncli.host.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"whiten: a whitening init gives 2·C_in·K·K = 24 filters .* out_channels is 16"):
+        _model((3, 8, 8), [{"type": "conv", "out_channels": 16, "kernel_size": 2, "whiten": 100},
+                           {"type": "flatten"}, {"type": "linear", "out_features": 2}])
+
+
+def test_a_deeper_whitened_conv_sees_the_layers_before_it_in_evaluation_mode() -> None:
+    from cnncli.nn.datainit import initialise_from_data, second_moment, whitening_weights
+
+    model = _model((3, 6, 6), [{"type": "conv", "out_channels": 2, "kernel_size": 1}, {"type": "batchnorm"},
+                               {"type": "conv", "out_channels": 16, "kernel_size": 2, "whiten": 7},
+                               {"type": "flatten"}, {"type": "linear", "out_features": 2}])
+    model.train()
+    x = np.random.default_rng(11).standard_normal((9, 3, 6, 6))
+    before = {k: v.copy() for k, v in model.named_buffers().items()}
+    assert initialise_from_data(model.layers, lambda a, b: x[a:b]) == ["conv2"]
+    for k, v in model.named_buffers().items():
+        np.testing.assert_array_equal(v, before[k])  # running statistics untouched
+    assert all(layer.training for layer in model.layers)  # modes restored
+    model.eval()
+    inputs = model.layers[1].forward(model.layers[0].forward(x[:7]))
+    np.testing.assert_allclose(model.layers[2].params["W"], whitening_weights(second_moment(iter([inputs]), 2),
+                                                                               2, 2, 5e-4), rtol=1e-12)

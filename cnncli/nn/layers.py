@@ -84,6 +84,10 @@ class Conv2D(Layer):
         init: str = option("he", choices=INIT_CHOICES, help=INIT_HELP)
         dirac: bool = option(False, help="then make the first min(C_in, C_out) filters the identity (Dirac): "
                              "W[c, c, K//2, K//2] = 1, zero elsewhere")
+        whiten: int = option(0, min=0, help="set W from the first N training images before training: eigenvectors "
+                             "of their K×K patches' covariance / √(λ + whiten_eps) and their negatives (needs "
+                             "out_channels = 2·C_in·K·K); 0 = off")
+        whiten_eps: float = option(5e-4, gt=0, help="ε of the whitening init")
 
     @classmethod
     def param_count(cls, opts: LayerOptions, input_shape: Shape) -> int:
@@ -103,8 +107,14 @@ class Conv2D(Layer):
         if len(input_shape) != 3:
             raise ValueError(f"needs an image input (C, H, W), got {tuple(input_shape)}")
         o = cls.Options(**option_values(opts))
-        return cls(input_shape[0], o.out_channels, o.kernel_size, o.stride, o.padding, rng=rng, dtype=dtype,
+        d = input_shape[0] * o.kernel_size**2
+        if o.whiten and o.out_channels != 2 * d:
+            raise ValueError(f"whiten: a whitening init gives 2·C_in·K·K = {2 * d} filters (each eigenvector and its "
+                             f"negative), but out_channels is {o.out_channels}")
+        conv = cls(input_shape[0], o.out_channels, o.kernel_size, o.stride, o.padding, rng=rng, dtype=dtype,
                    bias=o.bias, init=o.init, dirac=o.dirac)
+        conv.whiten, conv.whiten_eps = o.whiten, o.whiten_eps  # read by cnncli/datainit.py before training
+        return conv
 
     def __init__(
         self,
@@ -125,6 +135,7 @@ class Conv2D(Layer):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.needs_input_grad = True
+        self.whiten, self.whiten_eps = 0, 5e-4  # a data-dependent init (cnncli/datainit.py); 0 = none
         rng = rng if rng is not None else np.random.default_rng(0)
         fan_in = in_channels * kernel_size * kernel_size
         w, b = initial_weights(rng, (out_channels, in_channels, kernel_size, kernel_size), fan_in, init)

@@ -47,6 +47,7 @@ from cnncli.host.atomic import atomic_write, stale_temp_files
 from cnncli.host.errors import CheckpointError, CnnError, ConfigError, StorageError, TrainingDiverged, os_reason
 from cnncli.host.names import RUN_NAME, check_name
 from cnncli.host.signals import signal_name, stop_signals
+from cnncli.nn.datainit import initialise_from_data
 from cnncli.nn.model import Sequential, build_model
 from cnncli.run import paramgroups
 from cnncli.run.checkpoint import (
@@ -418,6 +419,8 @@ def train(
     cfg = replace(cfg, data=data_mod.resolve_normalization(cfg.data, splits.train_x))
 
     normalizer = Normalizer(cfg.data.normalize, model.input_shape[0])
+    if resume is None and init is None:  # a conv's `whiten` init, from the first training images
+        initialise_from_data(model.layers, lambda a, b: normalizer(splits.train_x[a:b]))
     params = model.named_params()
     rules = paramgroups.resolve(list(params), model.decayed(), tc.param_groups)
     optimizer = make_optimizer(params, tc.optimizer, rules.decay, rules.lr_scale)
