@@ -275,7 +275,7 @@ def test_whitening_filters_decorrelate_the_patches_and_come_with_their_negatives
 def test_whiten_needs_twice_the_patch_size_of_filters() -> None:
     from cnncli.host.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"whiten: a whitening init gives 2·C_in·K·K = 24 filters .* out_channels is 16"):
+    with pytest.raises(ConfigError, match=r"whiten: a whitening init gives 2·C_in·K·K = 24 filters .* is 16"):
         _model((3, 8, 8), [{"type": "conv", "out_channels": 16, "kernel_size": 2, "whiten": 100},
                            {"type": "flatten"}, {"type": "linear", "out_features": 2}])
 
