@@ -51,6 +51,10 @@ class NormalizeConfig:
 class AugmentConfig:
     flip: bool = True  # random horizontal flip
     crop_padding: int = field(default=4, metadata={"min": 0})  # random crop after zero padding; 0 = off
+    pad_mode: str = field(default="zeros", metadata={"choices": ("zeros", "reflect")})  # what the crop pads with
+    # random: a coin per image and batch; alternate: a random half of the images flipped in epoch 0, then each
+    # epoch flips exactly those the previous one did not (a function of the seed, the image and the epoch)
+    flip_mode: str = field(default="random", metadata={"choices": ("random", "alternate")})
 
 
 
@@ -107,7 +111,7 @@ MONITORED = ("val_acc", "val_loss", "train_acc", "train_loss")
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    type: str = field(default="cosine", metadata={"choices": ("constant", "step", "cosine", "plateau")})
+    type: str = field(default="cosine", metadata={"choices": ("constant", "step", "cosine", "plateau", "piecewise")})
     warmup_epochs: float = field(default=0.0, metadata={"min": 0})  # linear ramp from ~0 to lr, per step
     step_size: int = field(default=5, metadata={"min": 1})  # step: multiply by gamma every step_size epochs
     gamma: float = field(default=0.1, metadata={"gt": 0})
@@ -118,6 +122,9 @@ class ScheduleConfig:
     patience: int = field(default=2, metadata={"min": 1})
     monitor: str = field(default="val_loss", metadata={"choices": MONITORED})
     min_delta: float = field(default=1.0e-4, metadata={"min": 0})
+    # piecewise: [[fraction of the run's steps, factor of lr], …], fractions increasing from 0 to 1, the factor
+    # linear in between (airbench: [[0, 0.2], [0.23, 1], [1, 0.07]])
+    points: tuple[tuple[float, ...], ...] = field(default=(), metadata={"min": 0})
 
 
 @dataclass(frozen=True)
@@ -144,14 +151,26 @@ class ParamGroupConfig:
 
 
 @dataclass(frozen=True)
+class LookaheadConfig:
+    """Every `every` steps the network moves to a running average of itself (cnncli/lookahead.py)."""
+
+    every: int = field(default=5, metadata={"min": 1})
+    decay: float = field(default=0.95, metadata={"gt": 0, "lt": 1})  # d = decay^every · (t/T)^power
+    power: float = field(default=3.0, metadata={"min": 0})
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = field(default=15, metadata={"min": 1})
     batch_size: int = field(default=128, metadata={"min": 1})
     eval_batch_size: int = field(default=1000, metadata={"min": 1})
     optimizer: OptimizerConfig = SGDConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    steps: int | None = field(default=None, metadata={"min": 1})  # total optimizer steps; replaces epochs
+    drop_last: bool = False  # leave out each epoch's incomplete last batch
     label_smoothing: float = field(default=0.0, metadata={"min": 0, "lt": 1})  # ε: target (1−ε)·onehot + ε/K
     param_groups: tuple[ParamGroupConfig, ...] = ()  # per-parameter learning-rate scale, decay, freezing
+    lookahead: LookaheadConfig | None = None  # off unless given
     early_stopping: EarlyStoppingConfig | None = None  # off unless given
     tensorboard: bool = False  # event files in the run folder (needs the tensorboard extra)
     gradflow: bool = True  # gradflow.json in the run folder: gradient norms, update ratios, dead ReLUs per epoch

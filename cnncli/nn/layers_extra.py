@@ -15,9 +15,7 @@ import numpy as np
 from cnncli.nn.layer import Layer
 from cnncli.nn.options import LayerOptions, option
 from cnncli.nn.registry import register_layer
-from cnncli.nn.special import normal_cdf
-
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+from cnncli.nn.special import normal_cdf_and_density
 
 
 @register_layer
@@ -26,7 +24,8 @@ class GELU(Layer):
     δx = δy ⊙ (Φ(x) + x·φ(x)), φ(x) = e^(−x²/2)/√(2π).
 
     Φ(x) = ½·erfc(−x/√2) by `cnncli.special.normal_cdf` (float64: to a few units in the last place; float32:
-    Abramowitz & Stegun 7.1.26, within 3·10⁻⁷). Input and output (N, ...) of any shape; smooth; keeps x and Φ(x).
+    Abramowitz & Stegun 7.1.26, within 3·10⁻⁷). Input and output (N, ...) of any shape; smooth; keeps x, Φ(x)
+    and φ(x).
     """
 
     type_name = "gelu"
@@ -36,23 +35,24 @@ class GELU(Layer):
         super().__init__()
         self._x: np.ndarray | None = None
         self._cdf: np.ndarray | None = None
+        self._pdf: np.ndarray | None = None
 
     def macs(self, input_shape: tuple[int, ...]) -> int:
         return int(np.prod(input_shape))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """x (N, ...) -> y (N, ...)."""
-        cdf = normal_cdf(x)
-        self._x, self._cdf = x, cdf
+        cdf, pdf = normal_cdf_and_density(x)
+        self._x, self._cdf, self._pdf = x, cdf, pdf
         return x * cdf
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
         """δy (N, ...) -> δx (N, ...)."""
-        assert self._x is not None and self._cdf is not None, "backward before forward"
-        x = self._x
-        dtype = x.dtype.type
-        density = np.exp(dtype(-0.5) * x * x) * dtype(_INV_SQRT_2PI)
-        return dout * (self._cdf + x * density)
+        assert self._x is not None and self._cdf is not None and self._pdf is not None, "backward before forward"
+        dx = self._x * self._pdf  # x·φ(x)
+        dx += self._cdf
+        dx *= dout
+        return dx
 
 
 @register_layer

@@ -7,7 +7,8 @@ Layout (every entry a plain array; loaded with allow_pickle=False):
 - `classes`: the class names, index = label, as a JSON list of strings (0-d unicode array); written by
   `cnn train` (from the data set), optional (older checkpoints have none: class indices stand in).
 - training state, only in checkpoints written by `cnn train`:
-  `optim.<param>.<buffer>` (e.g. `optim.conv1.W.momentum`, or Adam's `.m`, `.v` and `optim.t`), and
+  `optim.<param>.<buffer>` (e.g. `optim.conv1.W.momentum`, or Adam's `.m`, `.v` and `optim.t`; with
+  train.lookahead, `optim.<param or buffer>.lookahead`, e.g. `optim.bn1.running_mean.lookahead`), and
   `state`: JSON text with `epoch` (epochs completed), `batch` (batches done in the current epoch),
   `step` (optimizer steps so far), `best_val_acc`, `best_epoch`, `history` (one metrics row per epoch),
   `partial` (running sums of an interrupted epoch) and `format` (1). The data order and augmentation of
@@ -80,7 +81,9 @@ def save_checkpoint(
 MAX_CONFIG_BYTES = 4 * 2**20
 MAX_STATE_BYTES = 64 * 2**20
 MAX_NPY_HEADER = 10_000  # NumPy's own bound on a .npy header's text
-OPTIM_BUFFERS = ("momentum", "m", "v")  # SGD's and Adam's per-parameter buffers (run/optim.py); Adam's step: 't'
+# SGD's and Adam's per-parameter buffers (run/optim.py; Adam's step: 't'), and the lookahead average of every
+# parameter and buffer (run/lookahead.py)
+OPTIM_BUFFERS = ("momentum", "m", "v", "lookahead")
 
 _KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
           stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}

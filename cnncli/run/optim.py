@@ -14,6 +14,7 @@ from collections.abc import Collection, Sequence
 import numpy as np
 
 from cnncli.config import AdamConfig, OptimizerConfig, ScheduleConfig, SGDConfig
+from cnncli.errors import ConfigError
 
 
 def _decayed(params: dict[str, np.ndarray], decay: Collection[str] | None) -> frozenset[str]:
@@ -159,6 +160,33 @@ def plateau_lr(base_lr: float, cfg: ScheduleConfig, monitored: Sequence[float]) 
     return lr
 
 
+def check_schedule(cfg: ScheduleConfig, where: str = "train.schedule") -> None:
+    """ConfigError (one line, naming the key) for a piecewise schedule whose points are not [fraction, factor]
+    pairs with fractions rising from 0 to 1."""
+    if cfg.type != "piecewise":
+        return
+    pts = cfg.points
+    if len(pts) < 2:
+        raise ConfigError(f"{where}.points: a piecewise schedule needs at least two [fraction, factor] points, "
+                          f"got {len(pts)}")
+    for i, p in enumerate(pts):
+        if len(p) != 2:
+            raise ConfigError(f"{where}.points[{i}]: expected [fraction of the run, factor], got {list(p)}")
+    fractions = [p[0] for p in pts]
+    if fractions[0] != 0 or fractions[-1] != 1:
+        raise ConfigError(f"{where}.points: the fractions must start at 0 and end at 1, got {fractions}")
+    for i in range(1, len(pts)):
+        if fractions[i] <= fractions[i - 1]:
+            raise ConfigError(f"{where}.points[{i}]: fraction {fractions[i]} does not rise above {fractions[i - 1]}")
+
+
+def piecewise_factor(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
+    """The factor of the piecewise-linear schedule at step `step` of `total_steps`: linear between the points
+    (fraction·total_steps, factor)."""
+    xs = [p[0] * total_steps for p in cfg.points]
+    return float(np.interp(step, xs, [p[1] for p in cfg.points]))
+
+
 def learning_rate(
     base_lr: float,
     cfg: ScheduleConfig,
@@ -166,13 +194,16 @@ def learning_rate(
     steps_per_epoch: int,
     epochs: int,
     monitored: Sequence[float] = (),
+    total_steps: int | None = None,
 ) -> float:
-    """The learning rate for optimizer step `step` (0-based) of a run of `epochs` epochs.
+    """The learning rate for optimizer step `step` (0-based) of a run of `epochs` epochs (of `total_steps`
+    steps when given, else epochs·steps_per_epoch).
 
     Warm-up ramps linearly over the first warmup_epochs·steps_per_epoch steps, reaching base_lr at its end
     (step s gets base_lr·(s+1)/warmup_steps). Then: constant; step (×gamma every step_size epochs); cosine
-    from base_lr down to min_lr at the end of the last epoch; or plateau, from `monitored` (the value of
-    cfg.monitor of each epoch completed so far, see `plateau_lr`).
+    from base_lr down to min_lr at the end of the run; plateau, from `monitored` (the value of
+    cfg.monitor of each epoch completed so far, see `plateau_lr`); or piecewise, base_lr times the factor
+    interpolated between cfg.points (fractions of the run's steps).
     """
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if step < warmup:
@@ -183,6 +214,9 @@ def learning_rate(
         return base_lr * cfg.gamma ** (step // steps_per_epoch // cfg.step_size)
     if cfg.type == "plateau":
         return plateau_lr(base_lr, cfg, monitored)
-    total = max(epochs * steps_per_epoch - warmup, 1)
+    run = total_steps if total_steps is not None else epochs * steps_per_epoch
+    if cfg.type == "piecewise":
+        return base_lr * piecewise_factor(cfg, step, run)
+    total = max(run - warmup, 1)
     progress = min((step - warmup) / total, 1.0)
     return cfg.min_lr + 0.5 * (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))

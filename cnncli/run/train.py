@@ -36,12 +36,13 @@ from cnncli import engine
 from cnncli.config import (
     Config,
     EarlyStoppingConfig,
+    TrainConfig,
     build_with_overrides,
     config_to_dict,
     config_to_yaml,
     load_config,
 )
-from cnncli.data.preprocess import Normalizer, augment
+from cnncli.data.preprocess import Normalizer, alternating_flips, augment
 from cnncli.engine import calibrate
 from cnncli.host.atomic import atomic_write, stale_temp_files
 from cnncli.host.errors import CheckpointError, CnnError, ConfigError, StorageError, TrainingDiverged, os_reason
@@ -59,8 +60,9 @@ from cnncli.run.checkpoint import (
     shown_name,
 )
 from cnncli.run.evaluate import EvalResult, evaluate
+from cnncli.run.lookahead import Lookahead
 from cnncli.run.memory import check_training
-from cnncli.run.optim import improves, learning_rate, make_optimizer, mode_of
+from cnncli.run.optim import check_schedule, improves, learning_rate, make_optimizer, mode_of
 from cnncli.run.runs import RUN_FILE, read_json_file, write_run_file
 
 METRIC_FIELDS = (
@@ -366,6 +368,18 @@ def check_fits_data(model: Sequential, cfg: Config, data_folder: Path) -> None:
     )
 
 
+def run_length(tc: TrainConfig, n_train: int) -> tuple[int, int, int]:
+    """(steps per epoch, epochs, total steps) of a run on n_train images: ⌈n/B⌉ steps an epoch, or ⌊n/B⌋ with
+    train.drop_last (the incomplete last batch left out); train.steps, when set, is the total and the last
+    epoch stops after what remains of it, else train.epochs whole epochs. ConfigError when no batch is whole."""
+    steps = n_train // tc.batch_size if tc.drop_last else math.ceil(n_train / tc.batch_size)
+    if steps == 0:
+        raise ConfigError(f"train.drop_last: the {n_train} training images make no whole batch of "
+                          f"train.batch_size = {tc.batch_size}")
+    total = tc.steps if tc.steps is not None else tc.epochs * steps
+    return steps, math.ceil(total / steps), total
+
+
 def _engine_line(model: Sequential, tuning: calibrate.Tuning) -> str:
     """What the progress output says about the engine's micro-batches (cnncli/engine/calibrate.py)."""
     fixed = calibrate.training_is_fixed(model)
@@ -410,6 +424,7 @@ def train(
     tc = cfg.train
 
     model = build_model(cfg.model, seed=cfg.seed)
+    check_schedule(tc.schedule)
     check_fits_data(model, cfg, data_folder)  # before the data set is read
     dataset = data_mod.load_dataset(cfg.data, data_folder)
     splits = data_mod.make_splits(
@@ -449,23 +464,28 @@ def train(
     last_path, best_path = run_dir / "last.npz", run_dir / "best.npz"
 
     n_train = len(splits.train_x)
-    steps = math.ceil(n_train / tc.batch_size)
+    steps, epochs, total_steps = run_length(tc, n_train)
     if state.batch >= steps:
         raise CheckpointError(f"{resume_path}: state.batch: {state.batch} batches done in epoch {state.epoch + 1}, "
                               f"but an epoch of this run has {steps} steps (data.limit or train.batch_size changed?)")
 
+    lookahead = Lookahead(model, tc.lookahead, total_steps) if tc.lookahead is not None else None
+    if lookahead is not None and resume is not None:
+        apply_optim(resume, lookahead.state, resume_path or Path("checkpoint"))
+
     def save(path: Path) -> None:
-        save_checkpoint(path, model, cfg, optim=optimizer.state, state=state.to_json(), classes=dataset.classes)
+        optim = {**optimizer.state, **(lookahead.state if lookahead is not None else {})}
+        save_checkpoint(path, model, cfg, optim=optim, state=state.to_json(), classes=dataset.classes)
 
     history = [EpochMetrics(**h) for h in state.history]
     es = tc.early_stopping
     stopped_early = None
-    if es is not None and len(history) < tc.epochs and stops_early([getattr(m, es.metric) for m in history], es):
+    if es is not None and len(history) < epochs and stops_early([getattr(m, es.metric) for m in history], es):
         stopped_early = len(history)  # a run that early stopping ended, resumed: nothing left to train
 
     def record(run_state: str, **extra: Any) -> None:
         write_run_file(run_dir, {
-            "state": run_state, "config": cfg.name, "overrides": list(overrides or []), "epochs": tc.epochs,
+            "state": run_state, "config": cfg.name, "overrides": list(overrides or []), "epochs": epochs,
             "epochs_done": len(history), "best_epoch": state.best_epoch, "best_val_acc": state.best_val_acc,
             "test_acc": None, "test_loss": None, "seconds": sum(m.seconds for m in history),
             "stopped_early": stopped_early, "error": None, "data_dir": str(Path(data_folder).resolve()), **extra,
@@ -486,30 +506,34 @@ def train(
     with closing(lock), stop_signals() as stop, _recorded(record), stop.deferring(), tb_ctx:
         cb.on_start(  # inside: from the first line it prints, a signal is a stop request
             RunInfo(run_dir, n_train, len(splits.val_x), len(dataset.test_x), steps, state.epoch, state.batch,
-                    tc.epochs, data_folder, resume_path, cleaned=cleaned,
+                    epochs, data_folder, resume_path, cleaned=cleaned,
                     engine=_engine_line(model, tuning))
         )
-        for epoch in range(state.epoch, tc.epochs):
+        for epoch in range(state.epoch, epochs):
+            steps_now = min(steps, total_steps - epoch * steps)  # train.steps may end the last epoch early
             if stopped_early is not None:
                 break
             monitored = [getattr(m, tc.schedule.monitor) for m in history]  # the plateau schedule's input
             t_epoch = time.perf_counter() - state.partial.get("train_seconds", 0.0)  # a resumed epoch's earlier part
             order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)
+            aug = cfg.data.augment
+            flips = alternating_flips(cfg.seed, epoch, n_train) if aug.flip and aug.flip_mode == "alternate" else None
             sums = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "train_seconds": 0.0}
             if state.batch:
                 sums.update(state.partial)
-            cb.on_epoch_start(epoch + 1, tc.epochs, steps, state.batch)
+            cb.on_epoch_start(epoch + 1, epochs, steps_now, state.batch)
             if flow is not None:
                 flow.start_epoch(epoch + 1)
-            lr = learning_rate(tc.optimizer.lr, tc.schedule, state.step, steps, tc.epochs, monitored)
+            lr = learning_rate(tc.optimizer.lr, tc.schedule, state.step, steps, epochs, monitored, total_steps)
             frozen = rules.frozen_at(epoch)  # train.param_groups: parameters not updated in this epoch
             t_train = time.perf_counter()
-            for b in range(state.batch, steps):
+            for b in range(state.batch, steps_now):
                 idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]
                 xb = splits.train_x[idx]
                 yb = splits.train_y[idx]
-                xb = augment(xb, cfg.data.augment, np.random.default_rng([cfg.seed, epoch, b]))
-                lr = learning_rate(tc.optimizer.lr, tc.schedule, state.step, steps, tc.epochs, monitored)
+                flip = None if flips is None else flips[idx]
+                xb = augment(xb, aug, np.random.default_rng([cfg.seed, epoch, b]), flip)
+                lr = learning_rate(tc.optimizer.lr, tc.schedule, state.step, steps, epochs, monitored, total_steps)
                 model.set_step(cfg.seed, epoch, b)  # dropout's masks: a function of the step alone
                 loss, z = engine.loss_and_grads(model, normalizer(xb), yb, tc.label_smoothing)
                 if not math.isfinite(loss):
@@ -518,7 +542,7 @@ def train(
                         f"the loss became {loss} at epoch {epoch + 1}, batch {b + 1} (learning rate {lr:.4g}); "
                         f"lower train.optimizer.lr, the usual suspect; {kept}"
                     )
-                if tb is not None and b == steps - 1:
+                if tb is not None and b == steps_now - 1:
                     tb.snapshot()  # to measure the epoch's last update
                 if flow is not None:
                     flow.before_step(b)
@@ -526,6 +550,8 @@ def train(
                 state.step += 1
                 if flow is not None:
                     flow.after_step(b, state.step, loss)
+                if lookahead is not None:
+                    lookahead.after_step(state.step)
                 state.batch = b + 1
                 correct = float(np.count_nonzero(z.argmax(axis=1) == yb))
                 sums["loss"] += loss * len(idx)
@@ -534,9 +560,9 @@ def train(
                 if tb is not None:
                     tb.step(state.step, loss, correct / len(idx), lr)
                 elapsed = sums["train_seconds"] + time.perf_counter() - t_train
-                cb.on_batch(b + 1, steps, sums["loss"] / sums["seen"], sums["correct"] / sums["seen"],
+                cb.on_batch(b + 1, steps_now, sums["loss"] / sums["seen"], sums["correct"] / sums["seen"],
                             sums["seen"] / max(elapsed, 1e-9), lr)
-                if stop.is_set() and b + 1 < steps:
+                if stop.is_set() and b + 1 < steps_now:
                     sums["train_seconds"] = elapsed
                     state.partial = sums
                     with stop.shielded():
@@ -577,11 +603,11 @@ def train(
             if tb is not None:
                 tb.epoch(metrics, state.step)
             cb.on_epoch_end(metrics, is_best)
-            if es is not None and epoch + 1 < tc.epochs and stops_early([getattr(m, es.metric) for m in history], es):
+            if es is not None and epoch + 1 < epochs and stops_early([getattr(m, es.metric) for m in history], es):
                 stopped_early = epoch + 1
                 break
-            if stop.is_set() and epoch + 1 < tc.epochs:
-                raise TrainingInterrupted(last_path, epoch + 1, steps, stop.signum)
+            if stop.is_set() and epoch + 1 < epochs:
+                raise TrainingInterrupted(last_path, epoch + 1, steps_now, stop.signum)
 
     test = None
     if len(dataset.test_x) and best_path.exists():
