@@ -110,3 +110,170 @@ def _init_params(cfg) -> dict[str, np.ndarray]:
     from cnncli.nn.model import build_model
 
     return {k: v.copy() for k, v in build_model(cfg.model, seed=cfg.seed).named_params().items()}
+
+
+# ----------------------------------------------------------------------------------- schedules and length
+
+
+def test_piecewise_schedule_is_the_linear_interpolation_between_its_points() -> None:
+    from cnncli.config import ScheduleConfig
+    from cnncli.optim import learning_rate
+
+    cfg = ScheduleConfig(type="piecewise", points=((0.0, 0.2), (0.23, 1.0), (1.0, 0.07)))
+    total, knee = 476, 0.23 * 476  # the knee at step 109.48
+
+    def by_hand(s: float) -> float:
+        if s <= knee:
+            return 0.2 + (1.0 - 0.2) * s / knee
+        return 1.0 + (0.07 - 1.0) * (s - knee) / (total - knee)
+
+    for s in (0, 1, 50, 109, 110, 300, 475, 476, 500):
+        assert learning_rate(1.5, cfg, s, 48, 10, (), total) == pytest.approx(1.5 * by_hand(min(s, total)), rel=1e-12)
+
+
+@pytest.mark.parametrize("points, message", [
+    (((0.0, 1.0),), "at least two"),
+    (((0.0, 1.0, 2.0), (1.0, 0.5)), r"points\[0\]: expected \[fraction of the run, factor\]"),
+    (((0.1, 1.0), (1.0, 0.5)), "must start at 0 and end at 1"),
+    (((0.0, 1.0), (0.5, 1.0), (0.5, 0.2), (1.0, 0.1)), r"points\[2\]: fraction 0.5 does not rise above 0.5"),
+])
+def test_piecewise_points_mistakes_are_named(points, message: str) -> None:
+    from cnncli.config import ScheduleConfig
+    from cnncli.optim import check_schedule
+
+    with pytest.raises(ConfigError, match=message):
+        check_schedule(ScheduleConfig(type="piecewise", points=points))
+
+
+def test_run_length_with_steps_and_drop_last() -> None:
+    from cnncli.config import TrainConfig
+    from cnncli.train import run_length
+
+    assert run_length(TrainConfig(batch_size=1024, drop_last=True, steps=476), 50000) == (48, 10, 476)
+    assert run_length(TrainConfig(batch_size=1024, epochs=3), 50000) == (49, 3, 147)
+    assert run_length(TrainConfig(batch_size=1024, drop_last=True, epochs=2), 50000) == (48, 2, 96)
+    with pytest.raises(ConfigError, match="make no whole batch"):
+        run_length(TrainConfig(batch_size=1024, drop_last=True), 1000)
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+
+
+def test_alternating_flips_complement_each_other_epoch_by_epoch() -> None:
+    from cnncli.preprocess import alternating_flips
+
+    e0, e1, e2 = (alternating_flips(7, e, 10000) for e in range(3))
+    assert np.array_equal(e1, ~e0) and np.array_equal(e2, e0)
+    assert 4700 < e0.sum() < 5300  # a random half
+    assert not np.array_equal(alternating_flips(8, 0, 10000), e0)  # the seed matters
+
+
+def test_reflect_padded_crops_read_the_mirrored_image_at_the_drawn_offsets() -> None:
+    from cnncli.config import AugmentConfig
+    from cnncli.preprocess import augment
+
+    rng = np.random.default_rng(12)
+    x = rng.integers(0, 256, (5, 2, 6, 7), dtype=np.uint8)
+    cfg = AugmentConfig(flip=False, crop_padding=2, pad_mode="reflect")
+    out = augment(x, cfg, np.random.default_rng(3))
+    offsets = np.random.default_rng(3).integers(0, 5, size=(5, 2))  # what augment draws first
+
+    def mirror(k: int, size: int) -> int:  # reflect without repeating the edge: −1 -> 1, size -> size − 2
+        return -k if k < 0 else (2 * (size - 1) - k if k >= size else k)
+
+    for n, c, i, j in np.ndindex(*x.shape):
+        di, dj = offsets[n]
+        assert out[n, c, i, j] == x[n, c, mirror(i + di - 2, 6), mirror(j + dj - 2, 7)]
+    flips = np.array([True, False, True, False, False])
+    flipped = augment(x, AugmentConfig(flip=True, crop_padding=0), np.random.default_rng(0), flips)
+    np.testing.assert_array_equal(flipped[flips], x[flips][..., ::-1])
+    np.testing.assert_array_equal(flipped[~flips], x[~flips])
+
+
+# ---------------------------------------------------------------------------------------------- lookahead
+
+
+def test_lookahead_by_hand() -> None:
+    from cnncli.config import LookaheadConfig
+    from cnncli.lookahead import Lookahead
+
+    class _Net:  # the two dicts Lookahead reads
+        def __init__(self) -> None:
+            self.p = {"w": np.array([1.0])}
+            self.b = {"bn.running_mean": np.array([0.0])}
+
+        def named_params(self):
+            return self.p
+
+        def named_buffers(self):
+            return self.b
+
+    net = _Net()
+    la = Lookahead(net, LookaheadConfig(every=2, decay=0.5, power=1.0), total_steps=5)  # avg starts at 1, 0
+    w, rm = net.p["w"], net.b["bn.running_mean"]
+    w[0], rm[0] = 3.0, 2.0  # after step 1: not a multiple of 2, nothing happens
+    la.after_step(1)
+    assert (w[0], rm[0]) == (3.0, 2.0)
+    w[0], rm[0] = 5.0, 4.0
+    la.after_step(2)  # d = 0.5²·(2/5) = 0.1: avg = 1 + 0.9·(5 − 1) = 4.6, rm: 0 + 0.9·4 = 3.6; the net takes them
+    assert w[0] == pytest.approx(4.6) and rm[0] == pytest.approx(3.6)
+    w[0] = 10.0
+    la.after_step(4)  # d = 0.25·0.8 = 0.2: avg = 4.6 + 0.8·5.4 = 8.92
+    assert w[0] == pytest.approx(8.92)
+    w[0] = 0.0
+    la.after_step(5)  # the last step: the net takes the average, unchanged
+    assert w[0] == pytest.approx(8.92) and la.state["w.lookahead"][0] == pytest.approx(8.92)
+
+
+# ------------------------------------------------------------------------- the recipe on a small slice
+
+NARROW = [f"model.layers[{i}].out_channels={c}" for i, c in ((2, 8), (6, 8), (9, 16), (13, 16), (16, 16), (20, 16))]
+SLICE = ["data.limit=600", "train.batch_size=100", "train.steps=9", "model.layers[0].whiten=200",
+         "train.lookahead.every=2", "train.eval_batch_size=500"]
+
+
+def test_airbench_recipe_on_a_slice_resumes_bit_exactly_mid_epoch_with_the_lookahead(
+        real_cifar_dir: Path, tmp_path: Path) -> None:
+    import math
+    import signal
+
+    from helpers import assert_same_training_state
+
+    from cnncli.checkpoint import load_checkpoint
+    from cnncli.data import load_dataset, make_splits
+    from cnncli.datainit import second_moment, whitening_weights
+    from cnncli.preprocess import Normalizer
+    from cnncli.train import Callbacks, TrainingInterrupted
+
+    cfg = load_config("airbench94", NARROW + SLICE)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    result = train(cfg, whole, real_cifar_dir)
+    assert [m.epoch for m in result.history] == [1, 2] and math.isfinite(result.history[-1].train_loss)
+    ck = load_checkpoint(whole / "last.npz")
+    assert ck.state["step"] == 9 and "bn1.running_mean.lookahead" in ck.optim and "fc1.W.lookahead" in ck.optim
+    # the frozen whitening conv holds the whitening of the first 200 normalised training images
+    data = load_dataset(ck.config.data, real_cifar_dir)
+    train_x = make_splits(data.train_x, data.train_y, val_size=0, limit=600, seed=0).train_x
+    want = whitening_weights(second_moment(iter([Normalizer(ck.config.data.normalize, 3)(train_x[:200])]), 2),
+                             3, 2, 5e-4)
+    np.testing.assert_allclose(ck.params["whiten.W"], want, rtol=1e-5, atol=1e-6)
+    # after the last step the network is the lookahead average
+    for k, v in ck.params.items():
+        np.testing.assert_array_equal(v, ck.optim[f"{k}.lookahead"])
+
+    class Stop(Callbacks):
+        epoch = 0
+
+        def on_epoch_start(self, epoch, epochs, steps, start_batch) -> None:
+            self.epoch = epoch
+
+        def on_batch(self, batch, steps, loss, acc, images_per_s, lr) -> None:
+            if (self.epoch, batch) == (1, 3):  # after step 3: the lookahead moved at step 2
+                signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, split, real_cifar_dir, callbacks=Stop())
+    part = load_checkpoint(split / "last.npz")
+    assert (part.state["epoch"], part.state["batch"]) == (0, 3)
+    train(part.config, split, real_cifar_dir, resume=part, resume_path=split / "last.npz")
+    assert_same_training_state(whole / "last.npz", split / "last.npz")
