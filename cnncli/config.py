@@ -171,6 +171,8 @@ class TrainConfig:
     label_smoothing: float = field(default=0.0, metadata={"min": 0, "lt": 1})  # ε: target (1−ε)·onehot + ε/K
     param_groups: tuple[ParamGroupConfig, ...] = ()  # per-parameter learning-rate scale, decay, freezing
     lookahead: LookaheadConfig | None = None  # off unless given
+    # test-time augmentation of the final test (cnncli/run/tta.py): none, mirror (2 views), mirror-translate (6 views)
+    tta: str = field(default="none", metadata={"choices": ("none", "mirror", "mirror-translate")})
     early_stopping: EarlyStoppingConfig | None = None  # off unless given
     tensorboard: bool = False  # event files in the run folder (needs the tensorboard extra)
     gradflow: bool = True  # gradflow.json in the run folder: gradient norms, update ratios, dead ReLUs per epoch

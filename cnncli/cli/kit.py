@@ -89,6 +89,25 @@ LayersOpt = Annotated[
         "repeatable. It runs as your code: only name files you trust.",
     ),
 ]
+TtaOpt = Annotated[
+    str | None,
+    typer.Option("--tta", metavar="LEVEL", help="Test-time augmentation: none, mirror (2 views) or mirror-translate "
+                 "(6 views, airbench's); default: the checkpoint's train.tta."),
+]
+
+
+def check_tta(level: str | None) -> str | None:
+    """--tta's value, or ConfigError in one line when it is not a level of cnncli/run/tta.py."""
+    from cnncli.run.tta import TTA_LEVELS
+
+    if level is not None and level not in TTA_LEVELS:
+        from cnncli.errors import ConfigError
+
+        shown = level if len(level) <= 40 else level[:40] + "…"
+        raise ConfigError(f"--tta: must be one of {', '.join(TTA_LEVELS)}, got {shown!r}")
+    return level
+
+
 SeedOpt = Annotated[int | None, typer.Option("--seed", min=0, metavar="N", help="Seed (default: the config's seed).")]
 BatchSizeOpt = Annotated[
     int | None, typer.Option("--batch-size", min=1, metavar="N", help="Training batch. Default: train.batch_size.")

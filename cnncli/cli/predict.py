@@ -10,7 +10,9 @@ import typer
 
 from cnncli.cli.kit import (
     LayersOpt,
+    TtaOpt,
     check_output,
+    check_tta,
     err,
     load_layers,
     out,
@@ -40,6 +42,7 @@ def predict(
                            '"p": …}, …]}.')
     ] = False,
     layers: LayersOpt = None,
+    tta: TtaOpt = None,
 ) -> None:
     r"""The most probable classes of each image, with their probabilities (needs Pillow: pip install
     'cnncli\[images]'). Each image is decoded (EXIF orientation applied), converted to the network's channels,
@@ -50,8 +53,11 @@ def predict(
     from cnncli.run.predict import Classifier, Failure, image_inputs
 
     require_pillow()
+    check_tta(tta)
     load_layers(layers)
     classifier = Classifier.from_checkpoint(checkpoint)
+    if tta is not None:
+        classifier.tta = tta
     failed = 0
     for result in classifier.classify_files(image_inputs(images), top_k):
         if isinstance(result, Failure):

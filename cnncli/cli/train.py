@@ -21,7 +21,9 @@ from cnncli.cli.kit import (
     SetOpt,
     SplitOpt,
     ThreadsOpt,
+    TtaOpt,
     check_split,
+    check_tta,
     complete_config,
     err,
     load_layers,
@@ -307,8 +309,12 @@ def _print_train_summary(result: Any, extra: str = "") -> None:
     if h:
         table.add_row("final train loss / accuracy", f"{h[-1].train_loss:.4f} / {100 * h[-1].train_acc:.2f}%")
     if result.test is not None:
-        table.add_row("test accuracy (best checkpoint)", f"[bold]{100 * result.test.accuracy:.2f}%[/bold]")
+        plain = getattr(result, "test_plain", None)
+        with_tta = " with test-time augmentation" if plain is not None else ""
+        table.add_row(f"test accuracy (best checkpoint){with_tta}", f"[bold]{100 * result.test.accuracy:.2f}%[/bold]")
         table.add_row("test loss", f"{result.test.loss:.4f}")
+        if plain is not None:
+            table.add_row("test accuracy without it", f"{100 * plain.accuracy:.2f}%")
     table.add_row("wall time", f"{result.seconds:.1f} s")
     table.add_row("run folder", str(result.run_dir))
     table.add_row("checkpoints", f"{result.best_path.name} (best), {result.last_path.name} (last)")
@@ -328,8 +334,10 @@ def eval_(
     threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     layers: LayersOpt = None,
+    tta: TtaOpt = None,
 ) -> None:
-    """Loss, accuracy, per-class accuracy and confusion matrix of a checkpoint."""
+    """Loss, accuracy, per-class accuracy and confusion matrix of a checkpoint (with test-time augmentation when
+    --tta or the checkpoint's train.tta asks for it)."""
     import os
 
     from rich.table import Table
@@ -341,6 +349,7 @@ def eval_(
     from cnncli.run.memory import batch_cap, check_step
 
     check_split(split)
+    check_tta(tta)
     if threads is not None:
         os.environ["CNNCLI_THREADS"] = str(threads)
     load_layers(layers)
@@ -354,12 +363,14 @@ def eval_(
     from cnncli import data
 
     normalizer = Normalizer(data.normalization_for(cfg.data, folder, cfg.seed), model.input_shape[0])
-    res = evaluate(model, x, y, normalizer, eval_batch_size or cfg.train.eval_batch_size, classes)
+    level = tta or cfg.train.tta
+    res = evaluate(model, x, y, normalizer, eval_batch_size or cfg.train.eval_batch_size, classes, level)
     if json_out:
-        print_json({"checkpoint": str(checkpoint), "split": split, **res.to_dict()})
+        print_json({"checkpoint": str(checkpoint), "split": split, "tta": level, **res.to_dict()})
         return
+    views = "" if level == "none" else f", test-time augmentation {level}"
     out.print(
-        f"[bold]{safe(str(checkpoint))}[/bold] on the {split} split ({res.n:,} images): "
+        f"[bold]{safe(str(checkpoint))}[/bold] on the {split} split ({res.n:,} images{views}): "
         f"accuracy [bold]{100 * res.accuracy:.2f}%[/bold], loss {res.loss:.4f}"
     )
     per = Table(title="per-class accuracy")

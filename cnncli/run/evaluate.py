@@ -10,6 +10,7 @@ from cnncli import engine
 from cnncli.data.preprocess import Normalizer
 from cnncli.nn.layers import softmax_cross_entropy
 from cnncli.nn.model import Sequential
+from cnncli.run.tta import tta_logits
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,16 @@ def evaluate(
     normalizer: Normalizer,
     batch_size: int,
     classes: tuple[str, ...],
+    tta: str = "none",
 ) -> EvalResult:
-    """x (N, C, H, W) uint8, y (N,) int -> mean loss, accuracy, confusion over all N images."""
+    """x (N, C, H, W) uint8, y (N,) int -> mean loss, accuracy, confusion over all N images; with test-time
+    augmentation `tta` (cnncli/run/tta.py) the loss and predictions are those of the averaged logits."""
     k = len(classes)
     confusion = np.zeros((k, k), dtype=np.int64)
     total_loss = 0.0
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        z = engine.predict(model, normalizer(xb))  # fused; model.predict is the per-layer reference path
+        z = tta_logits(lambda v: engine.predict(model, v), normalizer(xb), tta)  # fused; model.predict: per-layer
         loss, _, _ = softmax_cross_entropy(z, yb)
         total_loss += loss * len(xb)
         np.add.at(confusion, (yb, z.argmax(axis=1)), 1)

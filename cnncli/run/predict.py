@@ -28,6 +28,7 @@ from cnncli.host.errors import CheckpointError, CnnError, DataError, os_reason
 from cnncli.nn.layers import softmax
 from cnncli.nn.model import Sequential
 from cnncli.run.checkpoint import open_checkpoint
+from cnncli.run.tta import tta_logits
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class Classifier:
         Per-channel mean and std on the [0, 1] pixel scale, applied for you.
     batch_size : int
         Images per forward pass (the checkpoint's ``train.eval_batch_size``).
+    tta : str
+        Test-time augmentation, "none", "mirror" or "mirror-translate" (the checkpoint's ``train.tta``).
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class Classifier:
         self.normalize = normalize
         self.batch_size = int(batch_size)
         self.source = source
+        self.tta = "none"  # test-time augmentation (cnncli/run/tta.py); a checkpoint's train.tta by default
         self._normalizer = Normalizer(normalize, self.input_shape[0])
         std = np.asarray(normalize.std, dtype=np.float64)
         channels = (1, self.input_shape[0], 1, 1)
@@ -110,7 +114,9 @@ class Classifier:
 
             named = builtin_classes(cfg.data.dataset)
             classes = named if named and len(named) == model.output_shape[0] else ()
-        return cls(model.eval(), cfg.data.normalize, classes, cfg.train.eval_batch_size, str(path))
+        classifier = cls(model.eval(), cfg.data.normalize, classes, cfg.train.eval_batch_size, str(path))
+        classifier.tta = cfg.train.tta
+        return classifier
 
     # ---- arrays -------------------------------------------------------------------------------------------
     def prepare(self, x: np.ndarray) -> np.ndarray:
@@ -145,7 +151,7 @@ class Classifier:
         k = len(self.classes)
         if not len(inputs):
             return np.zeros((0, k), dtype=np.float32)
-        parts = [engine.predict(self.model, inputs[i : i + self.batch_size])
+        parts = [tta_logits(lambda v: engine.predict(self.model, v), inputs[i : i + self.batch_size], self.tta)
                  for i in range(0, len(inputs), self.batch_size)]
         return np.concatenate(parts).astype(np.float32, copy=False)
 

@@ -110,6 +110,7 @@ class TrainResult:
     best_val_acc: float | None
     test: EvalResult | None
     seconds: float
+    test_plain: EvalResult | None = None  # with train.tta: the test without test-time augmentation
     stopped_early: int | None = None  # the epoch early stopping ended the run after
 
 
@@ -609,13 +610,17 @@ def train(
             if stop.is_set() and epoch + 1 < epochs:
                 raise TrainingInterrupted(last_path, epoch + 1, steps_now, stop.signum)
 
-    test = None
+    test = test_plain = None
     if len(dataset.test_x) and best_path.exists():
         try:
             cb.on_test()
             best = load_checkpoint(best_path)
             apply_params(best, model, best_path)
-            test = evaluate(model, dataset.test_x, dataset.test_y, normalizer, tc.eval_batch_size, dataset.classes)
+            test = evaluate(model, dataset.test_x, dataset.test_y, normalizer, tc.eval_batch_size, dataset.classes,
+                            tc.tta)
+            if tc.tta != "none":
+                test_plain = evaluate(model, dataset.test_x, dataset.test_y, normalizer, tc.eval_batch_size,
+                                      dataset.classes)
         except KeyboardInterrupt:  # every epoch is saved; a --resume runs the test evaluation and finishes
             signum = stop.signum
             with suppress(StorageError):
@@ -632,6 +637,7 @@ def train(
         test=test,
         seconds=time.perf_counter() - t_start,
         stopped_early=stopped_early,
+        test_plain=test_plain,
     )
 
 
