@@ -1031,12 +1031,14 @@ _FUSED = (Conv2D, MaxPool2D, Linear, ReLU, Flatten)
 # an option must be taught here and in its stage, or leave `_FUSED` (its layers then run their own forward and
 # backward in a `_LayerStage`): tests/engine/test_speed_equivalence.py fails until the two lists agree.
 HANDLED_OPTIONS: dict[type[Layer], frozenset[str]] = {
-    Conv2D: frozenset({"out_channels", "kernel_size", "stride", "padding", "bias", "init"}),
+    # dirac, whiten, whiten_eps: starting weights too (whiten's are set from the data before training)
+    Conv2D: frozenset({"out_channels", "kernel_size", "stride", "padding", "bias", "init", "dirac", "whiten",
+                       "whiten_eps"}),
     MaxPool2D: frozenset({"kernel_size", "stride"}),
     Linear: frozenset({"out_features", "bias", "init"}),
     ReLU: frozenset(),
     Flatten: frozenset(),
-    BatchNorm: frozenset({"momentum", "eps"}),
+    BatchNorm: frozenset({"momentum", "eps", "scale"}),  # scale: false -> γ = `bn.gamma()`, ones, no δγ
 }
 
 

@@ -14,7 +14,7 @@ from collections.abc import Collection, Sequence
 import numpy as np
 
 from cnncli.config import AdamConfig, OptimizerConfig, ScheduleConfig, SGDConfig
-from cnncli.errors import ConfigError
+from cnncli.host.errors import ConfigError
 
 
 def _decayed(params: dict[str, np.ndarray], decay: Collection[str] | None) -> frozenset[str]:
