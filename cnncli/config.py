@@ -138,7 +138,7 @@ class EarlyStoppingConfig:
 
 @dataclass(frozen=True)
 class ParamGroupConfig:
-    """How the parameters whose names match `match` train (cnncli/paramgroups.py; the first matching group
+    """How the parameters whose names match `match` train (cnncli/run/paramgroups.py; the first matching group
     of `train.param_groups` decides for a parameter, the others keep the defaults)."""
 
     # shell-style pattern on the names of `cnn summary` and checkpoints: "bn*.beta", "conv1.*", "*.b"
@@ -152,7 +152,7 @@ class ParamGroupConfig:
 
 @dataclass(frozen=True)
 class LookaheadConfig:
-    """Every `every` steps the network moves to a running average of itself (cnncli/lookahead.py)."""
+    """Every `every` steps the network moves to a running average of itself (cnncli/run/lookahead.py)."""
 
     every: int = field(default=5, metadata={"min": 1})
     decay: float = field(default=0.95, metadata={"gt": 0, "lt": 1})  # d = decay^every · (t/T)^power

@@ -297,3 +297,23 @@ def test_a_deeper_whitened_conv_sees_the_layers_before_it_in_evaluation_mode() -
     inputs = model.layers[1].forward(model.layers[0].forward(x[:7]))
     np.testing.assert_allclose(model.layers[2].params["W"], whitening_weights(second_moment(iter([inputs]), 2),
                                                                                2, 2, 5e-4), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- torchbench
+
+
+def test_torchbench_builds_the_airbench_layers_and_computes_the_same_logits() -> None:
+    torch = pytest.importorskip("torch")
+    from cnncli.bench.torchbench import build_torch_net
+
+    cfg = build_config({"seed": 3, "model": {"input_shape": [3, 9, 9], "layers": AIRBENCH_SHAPED}})
+    model = build_model(cfg.model, seed=3, dtype=np.float32)
+    tnet = build_torch_net(cfg, model)
+    assert "bn1.gamma" not in tnet.params and "bn1.beta" in tnet.params
+    x = np.random.default_rng(4).standard_normal((6, 3, 9, 9)).astype(np.float32)
+    model.train()
+    tnet.net.train()
+    ours = model.forward(x)
+    with torch.no_grad():
+        theirs = tnet.net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)

@@ -116,9 +116,8 @@ def _init_params(cfg) -> dict[str, np.ndarray]:
 
 
 def test_piecewise_schedule_is_the_linear_interpolation_between_its_points() -> None:
-    from cnncli.optim import learning_rate
-
     from cnncli.config import ScheduleConfig
+    from cnncli.run.optim import learning_rate
 
     cfg = ScheduleConfig(type="piecewise", points=((0.0, 0.2), (0.23, 1.0), (1.0, 0.07)))
     total, knee = 476, 0.23 * 476  # the knee at step 109.48
@@ -139,18 +138,16 @@ def test_piecewise_schedule_is_the_linear_interpolation_between_its_points() -> 
     (((0.0, 1.0), (0.5, 1.0), (0.5, 0.2), (1.0, 0.1)), r"points\[2\]: fraction 0.5 does not rise above 0.5"),
 ])
 def test_piecewise_points_mistakes_are_named(points, message: str) -> None:
-    from cnncli.optim import check_schedule
-
     from cnncli.config import ScheduleConfig
+    from cnncli.run.optim import check_schedule
 
     with pytest.raises(ConfigError, match=message):
         check_schedule(ScheduleConfig(type="piecewise", points=points))
 
 
 def test_run_length_with_steps_and_drop_last() -> None:
-    from cnncli.train import run_length
-
     from cnncli.config import TrainConfig
+    from cnncli.run.train import run_length
 
     assert run_length(TrainConfig(batch_size=1024, drop_last=True, steps=476), 50000) == (48, 10, 476)
     assert run_length(TrainConfig(batch_size=1024, epochs=3), 50000) == (49, 3, 147)
@@ -163,7 +160,7 @@ def test_run_length_with_steps_and_drop_last() -> None:
 
 
 def test_alternating_flips_complement_each_other_epoch_by_epoch() -> None:
-    from cnncli.preprocess import alternating_flips
+    from cnncli.data.preprocess import alternating_flips
 
     e0, e1, e2 = (alternating_flips(7, e, 10000) for e in range(3))
     assert np.array_equal(e1, ~e0) and np.array_equal(e2, e0)
@@ -172,9 +169,8 @@ def test_alternating_flips_complement_each_other_epoch_by_epoch() -> None:
 
 
 def test_reflect_padded_crops_read_the_mirrored_image_at_the_drawn_offsets() -> None:
-    from cnncli.preprocess import augment
-
     from cnncli.config import AugmentConfig
+    from cnncli.data.preprocess import augment
 
     rng = np.random.default_rng(12)
     x = rng.integers(0, 256, (5, 2, 6, 7), dtype=np.uint8)
@@ -198,9 +194,8 @@ def test_reflect_padded_crops_read_the_mirrored_image_at_the_drawn_offsets() -> 
 
 
 def test_lookahead_by_hand() -> None:
-    from cnncli.lookahead import Lookahead
-
     from cnncli.config import LookaheadConfig
+    from cnncli.run.lookahead import Lookahead
 
     class _Net:  # the two dicts Lookahead reads
         def __init__(self) -> None:
@@ -242,13 +237,13 @@ def test_airbench_recipe_on_a_slice_resumes_bit_exactly_mid_epoch_with_the_looka
     import math
     import signal
 
-    from cnncli.checkpoint import load_checkpoint
-    from cnncli.datainit import second_moment, whitening_weights
-    from cnncli.preprocess import Normalizer
-    from cnncli.train import Callbacks, TrainingInterrupted
     from helpers import assert_same_training_state
 
     from cnncli.data import load_dataset, make_splits
+    from cnncli.data.preprocess import Normalizer
+    from cnncli.nn.datainit import second_moment, whitening_weights
+    from cnncli.run.checkpoint import load_checkpoint
+    from cnncli.run.train import Callbacks, TrainingInterrupted
 
     cfg = load_config("airbench94", NARROW + SLICE)
     whole, split = tmp_path / "whole", tmp_path / "split"

@@ -15,7 +15,7 @@ from clihelp import stdout_of as _stdout
 from typer.testing import CliRunner
 
 from cnncli import engine
-from cnncli.cli import app
+from cnncli.cli.app import app
 from cnncli.config import load_config
 from cnncli.run.train import train
 from cnncli.run.tta import shifted, tta_logits

@@ -126,7 +126,27 @@ def _avgpool(spec: Any, shape: Shape, torch: ModuleType) -> TorchLayer:
 def _batchnorm(spec: Any, shape: Shape, torch: ModuleType) -> TorchLayer:
     # γ, β are weight, bias; PyTorch's momentum and ε have cnncli's meaning (running statistics start 0 and 1)
     cls = torch.nn.BatchNorm2d if len(shape) == 3 else torch.nn.BatchNorm1d
-    return TorchLayer(cls(shape[0], eps=spec.eps, momentum=spec.momentum), {"gamma": "weight", "beta": "bias"})
+    bn = cls(shape[0], eps=spec.eps, momentum=spec.momentum)
+    if not spec.scale:  # γ fixed at 1: PyTorch's weight stays 1 and gets no gradient (airbench's way)
+        bn.weight.requires_grad_(False)
+        return TorchLayer(bn, {"beta": "bias"})
+    return TorchLayer(bn, {"gamma": "weight", "beta": "bias"})
+
+
+def _gelu(spec: Any, shape: Shape, torch: ModuleType) -> TorchLayer:
+    return TorchLayer(torch.nn.GELU())  # the exact erf form (approximate="none"), as cnncli's
+
+
+def _multiply(spec: Any, shape: Shape, torch: ModuleType) -> TorchLayer:
+    class Multiply(torch.nn.Module):  # y = α·x; PyTorch has no module for a fixed factor
+        def __init__(self, factor: float) -> None:
+            super().__init__()
+            self.factor = factor
+
+        def forward(self, x: Any) -> Any:
+            return x * self.factor
+
+    return TorchLayer(Multiply(spec.factor))
 
 
 TORCH_LAYERS: dict[str, Builder] = {
@@ -137,6 +157,8 @@ TORCH_LAYERS: dict[str, Builder] = {
     "maxpool": _maxpool,
     "flatten": _flatten,
     "linear": _linear,
+    "gelu": _gelu,
+    "multiply": _multiply,
 }
 
 

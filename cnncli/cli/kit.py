@@ -101,7 +101,7 @@ def check_tta(level: str | None) -> str | None:
     from cnncli.run.tta import TTA_LEVELS
 
     if level is not None and level not in TTA_LEVELS:
-        from cnncli.errors import ConfigError
+        from cnncli.host.errors import ConfigError
 
         shown = level if len(level) <= 40 else level[:40] + "…"
         raise ConfigError(f"--tta: must be one of {', '.join(TTA_LEVELS)}, got {shown!r}")

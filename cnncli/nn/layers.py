@@ -113,7 +113,7 @@ class Conv2D(Layer):
                              f"negative), but out_channels is {o.out_channels}")
         conv = cls(input_shape[0], o.out_channels, o.kernel_size, o.stride, o.padding, rng=rng, dtype=dtype,
                    bias=o.bias, init=o.init, dirac=o.dirac)
-        conv.whiten, conv.whiten_eps = o.whiten, o.whiten_eps  # read by cnncli/datainit.py before training
+        conv.whiten, conv.whiten_eps = o.whiten, o.whiten_eps  # read by cnncli/nn/datainit.py before training
         return conv
 
     def __init__(
@@ -135,7 +135,7 @@ class Conv2D(Layer):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.needs_input_grad = True
-        self.whiten, self.whiten_eps = 0, 5e-4  # a data-dependent init (cnncli/datainit.py); 0 = none
+        self.whiten, self.whiten_eps = 0, 5e-4  # a data-dependent init (cnncli/nn/datainit.py); 0 = none
         rng = rng if rng is not None else np.random.default_rng(0)
         fan_in = in_channels * kernel_size * kernel_size
         w, b = initial_weights(rng, (out_channels, in_channels, kernel_size, kernel_size), fan_in, init)

@@ -24,7 +24,7 @@ def _decayed(params: dict[str, np.ndarray], decay: Collection[str] | None) -> fr
 
 
 class _PerParam:
-    """What SGD and Adam share: per-parameter learning-rate scales (`lr_scale`, cnncli/paramgroups.py) and the
+    """What SGD and Adam share: per-parameter learning-rate scales (`lr_scale`, cnncli/run/paramgroups.py) and the
     weight decay coefficient of each parameter."""
 
     cfg: SGDConfig | AdamConfig
@@ -122,7 +122,7 @@ def make_optimizer(
     lr_scale: dict[str, float] | None = None,
 ) -> Optimizer:
     """The optimizer of `cfg` over `params`; weight decay on the names in `decay` (see `_decayed`), learning
-    rates multiplied by `lr_scale[name]` (cnncli/paramgroups.py)."""
+    rates multiplied by `lr_scale[name]` (cnncli/run/paramgroups.py)."""
     if isinstance(cfg, SGDConfig):
         return SGD(params, cfg, decay, lr_scale)
     return Adam(params, cfg, decay, lr_scale)
