@@ -20,7 +20,7 @@ from cnncli.config import load_config
 from cnncli.run.train import train
 from cnncli.run.tta import shifted, tta_logits
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

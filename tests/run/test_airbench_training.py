@@ -17,7 +17,7 @@ from cnncli.run.optim import SGD
 from cnncli.run.paramgroups import resolve
 from cnncli.run.train import train
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
 
 
