@@ -4,7 +4,7 @@ and frozen parameters (for the whole run, before an epoch, or from an epoch on).
 Each group names parameters by a shell-style pattern (`fnmatch`) on the names `cnn summary` and checkpoints
 use ('conv1.W', 'bn3.beta'); a parameter follows the first group that matches it and the defaults (scale 1,
 the layer's own decay rule, always trained) when none does. A frozen parameter is skipped by the optimizer
-entirely: no gradient step, no decay, its momentum left as it was (docs/derivations.md#per-parameter-rules).
+entirely: no gradient step, no decay, its momentum left as it was (docs/derivations.md#optimisers).
 """
 
 from __future__ import annotations
