@@ -90,13 +90,32 @@ def _num(v: float | None) -> float | None:
 
 
 def rel_error(a: np.ndarray | float, n: np.ndarray | float) -> np.ndarray:
+    """CS231n relative error |a − n| / max(1e-8, |a| + |n|), element-wise."""
     a, n = np.asarray(a, dtype=np.float64), np.asarray(n, dtype=np.float64)
     return np.abs(a - n) / np.maximum(1e-8, np.abs(a) + np.abs(n))
 
 
-def worst_entries(analytic: np.ndarray, numeric: np.ndarray, indices: Sequence[tuple[int, ...]], k: int = 3
-                  ) -> tuple[Entry, ...]:
-    err = rel_error(analytic, numeric)
+def fd_noise(loss: float, eps: float) -> float:
+    """How far a five-point difference of a float64 loss can be off through rounding alone: its four loss
+    values each carry about 2⁻⁵²·|L|, combined with weights (8, 8, 1, 1)/12ε; eight units of that. For L ≈ 2
+    and ε = 1e-3 about 4e-12. Below it, a gap between analytic and numeric says nothing."""
+    return 8 * float(np.finfo(np.float64).eps) * max(1.0, abs(float(loss))) * 18 / (12 * eps)
+
+
+def entry_errors(a: np.ndarray | float, n: np.ndarray | float, noise: float = 0.0) -> np.ndarray:
+    """`rel_error` of each checked entry, with an entry counted as agreeing when it is zero on both sides (|a|
+    and |n| at most `ZERO`) or when |a − n| is within `noise` (`fd_noise`: the finite difference's own rounding).
+    CS231n's formula reads such entries as large errors through its 1e-8 floor — 1e-14 against 3e-14 gives 0.5,
+    −5.07394e-8 against −5.07396e-8 gives 1.3e-6 — which is rounding, not a bug (a conv's Dirac centre tap
+    under batch-norm has an exact gradient of 0 and reads like that)."""
+    a, n = np.asarray(a, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    agree = ((np.abs(a) <= ZERO) & (np.abs(n) <= ZERO)) | (np.abs(a - n) <= noise)
+    return np.where(agree, 0.0, rel_error(a, n))
+
+
+def worst_entries(analytic: np.ndarray, numeric: np.ndarray, indices: Sequence[tuple[int, ...]], k: int = 3,
+                  noise: float = 0.0) -> tuple[Entry, ...]:
+    err = entry_errors(analytic, numeric, noise)
     err = np.where(np.isfinite(err), err, np.inf)
     order = np.argsort(-err, kind="stable")[:k]
     return tuple(Entry(tuple(indices[i]), float(analytic[i]), float(numeric[i]), float(err[i])) for i in order)
@@ -180,10 +199,12 @@ def diagnose(
     tol: float,
     sizes: dict[str, int] | None = None,
     axes: Sequence[str] | None = None,
+    noise: float = 0.0,
 ) -> Diagnosis:
     """Diagnose one tensor from its checked entries: analytic[i] and numeric[i] at `indices[i]` of `shape`.
     `sizes`: named sizes of the layer ({'N': 4, 'C': 16, 'H': 32, 'W': 32}) to name a constant factor;
-    `axes`: the tensor's axis names (('c', "c'", 'u', 'v') for a conv's W) to say where wrong entries are."""
+    `axes`: the tensor's axis names (('c', "c'", 'u', 'v') for a conv's W) to say where wrong entries are;
+    `noise`: the finite difference's rounding (`fd_noise`), below which a gap is no evidence."""
     a = np.asarray(analytic, dtype=np.float64).reshape(-1)
     n = np.asarray(numeric, dtype=np.float64).reshape(-1)
     sizes = sizes or {}
@@ -208,7 +229,7 @@ def diagnose(
         return Diagnosis("not-used", f"the loss does not change with this tensor (finite differences 0), but "
                          f"the backward gives up to {amax:.3g}: the forward does not use it, or the backward "
                          "computes another tensor's gradient")
-    err = rel_error(a, n)
+    err = entry_errors(a, n, noise)
     if err.max() <= tol:
         return Diagnosis("ok", "agrees")
     r = float(a @ n / (n @ n))

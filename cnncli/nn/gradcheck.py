@@ -37,6 +37,8 @@ from cnncli.nn.diagnose import (
     LayerFault,
     diagnose,
     diagnose_shape,
+    entry_errors,
+    fd_noise,
     is_special,
     locate,
     move_off,
@@ -89,12 +91,6 @@ class Report:
     @property
     def at_fault(self) -> LayerFault | None:
         return self.faults[0] if self.faults and not self.passed else None
-
-
-def rel_error(a: np.ndarray | float, n: np.ndarray | float) -> np.ndarray:
-    """CS231n relative error |a − n| / max(1e-8, |a| + |n|), element-wise."""
-    a, n = np.asarray(a, dtype=np.float64), np.asarray(n, dtype=np.float64)
-    return np.abs(a - n) / np.maximum(1e-8, np.abs(a) + np.abs(n))
 
 
 def pieces(layers: Sequence[Layer]) -> list[Any]:
@@ -227,7 +223,8 @@ def gradcheck_report(
             inputs.append(a)
             a = contracts.forward(layer, a)
         z = a
-        _, dz, _ = softmax_cross_entropy(z, y)
+        loss0, dz, _ = softmax_cross_entropy(z, y)
+        noise = fd_noise(loss0, eps)  # the five-point difference's own rounding: a smaller gap is no evidence
         base_state = pieces(model.layers)
         violations: dict[str, contracts.Violation] = {}
         d: Any = dz
@@ -298,8 +295,8 @@ def gradcheck_report(
             else:
                 a_vals = got.reshape(-1)[entries]
                 diag = diagnose(a_vals, numeric, index, tuple(arr.shape), tol, _sizes(n, shape_in, shape_out),
-                                _axes(layer, name.rpartition(".")[2], arr.ndim))
-            errors = rel_error(a_vals, numeric)
+                                _axes(layer, name.rpartition(".")[2], arr.ndim), noise=noise)
+            errors = entry_errors(a_vals, numeric, noise)
             worst_at = int(np.nanargmax(errors)) if np.isfinite(errors).any() else 0
             worst = float(errors[worst_at])
             if diag.kind == "ok" and name in special:
@@ -323,7 +320,7 @@ def gradcheck_report(
                     passed=status != "fail",
                     status=status,
                     diagnosis=diag,
-                    worst=worst_entries(a_vals, numeric, index),
+                    worst=worst_entries(a_vals, numeric, index, noise=noise),
                     layer=layer.name if layer is not None else "",
                 )
             )

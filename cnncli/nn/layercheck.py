@@ -25,7 +25,7 @@ import numpy as np
 
 from cnncli.host.blas import blas_threads
 from cnncli.nn import contracts
-from cnncli.nn.diagnose import Diagnosis, Entry, diagnose, diagnose_shape, rel_error, worst_entries
+from cnncli.nn.diagnose import Diagnosis, Entry, diagnose, diagnose_shape, entry_errors, worst_entries
 from cnncli.nn.gradcheck import DEFAULT_EPS, DEFAULT_TOL, five_point
 
 BATCHES = (1, 3)
@@ -158,7 +158,7 @@ def check_case(make: Callable[[tuple[int, ...]], Any], case: Case, seed: int, ep
                 diag = Diagnosis("unused", f"the output does not change with {what} at all (finite differences 0 "
                                  "for a random input and upstream gradient) and the backward says 0: the forward "
                                  "never uses it (a bias never added?)")
-        errors = rel_error(a_vals, numeric)
+        errors = entry_errors(a_vals, numeric)
         worst = float(np.nanmax(errors)) if np.isfinite(errors).any() else float("nan")
         results.append(TensorResult(case, name, tuple(arr.shape), len(entries), worst, diag.kind == "ok", diag,
                                     worst_entries(a_vals, numeric, index)))

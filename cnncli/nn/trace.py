@@ -32,7 +32,7 @@ pass's smooth piece (each layer's `piece()`, held by `forward_on_piece`; the sam
 so that a kink of ReLU/max-pool never spoils a check; a step that would have crossed one is counted in
 `FDCheck.kinks`. The changes of L are computed as changes (`loss_change`), not as differences of two
 rounded losses, so tiny gradients of a confident or badly wrong prediction still check to ~1e-10.
-Relative error is CS231n's (`cnncli.nn.gradcheck.rel_error`).
+Relative error is CS231n's (`cnncli.nn.diagnose.rel_error`).
 
 Library code: returns data, never prints (the CLI renders it).
 """
@@ -50,7 +50,8 @@ import numpy as np
 from cnncli.host.blas import blas_threads
 from cnncli.host.errors import ConfigError
 from cnncli.nn import contracts
-from cnncli.nn.gradcheck import DEFAULT_EPS, DEFAULT_TOL, five_point, forward_on_pieces, pieces, rel_error
+from cnncli.nn.diagnose import rel_error
+from cnncli.nn.gradcheck import DEFAULT_EPS, DEFAULT_TOL, five_point, forward_on_pieces, pieces
 from cnncli.nn.layer import Layer
 from cnncli.nn.layers import softmax_cross_entropy
 from cnncli.nn.model import Sequential

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cnncli.nn import contracts
-from cnncli.nn.diagnose import diagnose, diagnose_shape, is_special, layer_errors, move_off
+from cnncli.nn.diagnose import diagnose, diagnose_shape, fd_noise, is_special, layer_errors, move_off, rel_error
 from cnncli.nn.layers import Linear, Tanh
 
 RNG = np.random.default_rng(5)
@@ -161,3 +161,32 @@ def test_the_check_layers_flag_checks_cnnclis_own_layers_in_a_command(monkeypatc
     assert result.exit_code != 0 and not isinstance(result.exception, SystemExit)  # unchecked: a crash
     line = one_line_error(CliRunner().invoke(app, ["--check-layers", *args]))
     assert "layer tanh (Tanh): forward returned shape (1, 3071), but output_shape(3072,) says (3072,)" in line
+
+
+def test_an_entry_zero_on_both_sides_agrees_but_a_missed_gradient_does_not() -> None:
+    """1e-14 against 3e-14 is five-point rounding residue (CS231n's formula reads it as 1.0 through its 1e-8
+    floor); 1e-14 against 1e-6 is a gradient the backward missed."""
+    idx = [(i,) for i in range(6)]
+    a = np.array([0.5, -0.25, 1e-14, 2.0, 0.125, 1.0])
+    n = np.array([0.5, -0.25, 3e-14, 2.0, 0.125, 1.0])
+    assert diagnose(a, n, idx, (6,), 1e-7).kind == "ok"
+    assert rel_error(1e-14, 3e-14) > 1e-7  # the plain formula alone would fail it
+    missed = n.copy()
+    missed[2] = 1e-6
+    d = diagnose(a, missed, idx, (6,), 1e-7)
+    assert d.kind == "few-entries" and d.where == ((2,),)
+
+
+def test_a_gap_within_the_finite_differences_rounding_agrees() -> None:
+    """An input gradient of 5e-8 read 1.3e-13 off by the five-point difference (an airbench-shaped network, L ≈ 1.6,
+    ε = 5e-4): CS231n's formula gives 1.3e-6 > 1e-7, but the gap is below the difference's rounding, fd_noise, a
+    figure derived by hand here: 8 · 2⁻⁵² · L · (18/12) / ε."""
+    noise = fd_noise(1.6, 5e-4)
+    assert noise == pytest.approx(8 * 2.0**-52 * 1.6 * 1.5 / 5e-4, rel=1e-12)
+    idx = [(i,) for i in range(4)]
+    a = np.array([-5.073942673909117e-08, 0.3, -0.7, 0.02])
+    n = np.array([-5.073956070115552e-08, 0.3, -0.7, 0.02])
+    assert diagnose(a, n, idx, (4,), 1e-7).kind != "ok"  # judged without the noise: a false alarm
+    assert diagnose(a, n, idx, (4,), 1e-7, noise=noise).kind == "ok"
+    wrong = a * np.array([1.0, 1.0, 1.0, 1.001])  # a real error of 2e-5 stays one
+    assert diagnose(wrong, n, idx, (4,), 1e-7, noise=noise).kind == "few-entries"

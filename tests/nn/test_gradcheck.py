@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from cnncli.cli.app import app
 from cnncli.config import build_config, load_config
 from cnncli.nn import layers
-from cnncli.nn.gradcheck import TensorCheck, gradcheck, rel_error
+from cnncli.nn.diagnose import rel_error
+from cnncli.nn.gradcheck import TensorCheck, gradcheck
 from cnncli.nn.model import Sequential, build_model
 
 ROOT = Path(__file__).resolve().parents[2]
