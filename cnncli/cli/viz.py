@@ -225,7 +225,7 @@ def _print_steps(title: str, steps: list[Any], with_checks: bool) -> None:
             mark = "[green]✓[/green]" if c.passed else "[red]✗ FAIL[/red]"
             kinks = f" [dim]({c.kinks} near a kink)[/dim]" if c.kinks else ""
             fd = f"{mark} {c.max_rel_error:.1e} [dim]({len(c.errors)})[/dim]{kinks}"
-        rows.append((s.symbol.text, s.section, shape_text(s.shape) if s.shape else "scalar",
+        rows.append((s.symbol.text, safe(s.section_label), shape_text(s.shape) if s.shape else "scalar",
                      "" if scalar else _num(mn), "" if scalar else _num(mx), _num(mean), fd, "; ".join(s.facts)))
     w = [max(cell_len(r[i]) for r in rows + [("", "docs/derivations.md", "shape", "min", "max", "mean/value", "", "")])
          for i in range(6)]

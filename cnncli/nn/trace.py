@@ -253,6 +253,17 @@ class Step:
         return f"{DOCS}#{anchor} {detail}"
 
     @property
+    def section_label(self) -> str:
+        """The section column of `cnn trace`: '§convolution conv1'; for a layer type no section of
+        docs/derivations.md derives (a user's layer), the first words of its class docstring and the layer's
+        name: '«y = x · σ(βx), β learned» swishb1' (the section key itself, '§?swishb swishb1', stays in --json)."""
+        anchor, _, name = self.section.removeprefix("§").partition(" ")
+        if not anchor.startswith("?"):
+            return self.section
+        words = _doc_words(anchor[1:])
+        return f"{words} {name}".strip() if words else self.section
+
+    @property
     def stats(self) -> tuple[float, float, float]:
         """(min, max, mean) of the tensor."""
         v = self.value
@@ -359,6 +370,19 @@ def _first_line(type_name: str) -> str:
     cls = LAYER_TYPES.get(type_name)
     doc = (cls.__doc__ or "").strip().splitlines() if cls is not None else []
     return f" («{doc[0].strip()}»)" if doc else " (no `doc` section)"
+
+
+def _doc_words(type_name: str, width: int = 32) -> str:
+    """'«y = x · σ(βx), β learned»': the first line of a registered layer class's docstring, cut to `width`
+    characters, or '' when it has none."""
+    from cnncli.nn.registry import LAYER_TYPES
+
+    cls = LAYER_TYPES.get(type_name)
+    doc = (cls.__doc__ or "").strip().splitlines() if cls is not None else []
+    if not doc or not doc[0].strip():
+        return ""
+    line = doc[0].strip()
+    return f"«{line if len(line) <= width else line[: width - 1] + '…'}»"
 
 
 def _section(layer: Layer, index: int, backward: bool = False) -> str:

@@ -383,8 +383,29 @@ def test_a_layer_without_a_doc_section_is_cited_by_its_docstring_not_a_dead_anch
     fake.section = _section(mine, 0)
     text = Step.citation.fget(fake)  # type: ignore[attr-defined]
     assert DOCS + "#" not in text and "'mylayer'" in text and "docstring" in text
+    assert Step.section_label.fget(fake) == "§?mylayer sq1"  # type: ignore[attr-defined]  # no docstring: the key
+    fake.section = _section(relu, 0)
+    assert Step.section_label.fget(fake) == "§relu"  # type: ignore[attr-defined]
     fake.section = _section(relu, 0)
     assert Step.citation.fget(fake).startswith(f"{DOCS}#relu")  # type: ignore[attr-defined]
     Mine.doc = "docs/mine.md#squaring"
     fake.section = _section(mine, 0)
     assert Step.citation.fget(fake).startswith("docs/mine.md#squaring (forward, sq1)")  # type: ignore[attr-defined]
+
+
+def test_the_section_column_of_a_users_layer_quotes_its_docstring(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cnncli.nn import registry
+    from cnncli.nn.layer import Layer
+    from cnncli.nn.trace import Step, _section
+
+    class Cubed(Layer):
+        """y = x³, element-wise, nothing learned; a layer of the tests."""
+
+        type_name = "cubedtest"
+
+    monkeypatch.setitem(registry.LAYER_TYPES, "cubedtest", Cubed)  # registered for this test only
+    cube = Cubed()
+    cube.name = "cube1"
+    fake = type("S", (), {"phase": "forward"})()
+    fake.section = _section(cube, 0)
+    assert Step.section_label.fget(fake) == "«y = x³, element-wise, nothing l…» cube1"  # 31 characters, then …  # type: ignore[attr-defined]
