@@ -46,10 +46,5 @@ def loss_and_grads(model: Sequential, x: np.ndarray, y: np.ndarray, smoothing: f
 def predict(model: Sequential, x: np.ndarray) -> np.ndarray:
     """Inference of `model` in evaluation mode through the engine: X (N, *input_shape) -> logits z (N, classes),
     keeping nothing for a backward pass. Each layer's mode is restored afterwards."""
-    modes = [layer.training for layer in model.layers]
-    model.eval()
-    try:
+    with model.evaluating():
         return engine_for(model).predict(x)
-    finally:
-        for layer, mode in zip(model.layers, modes, strict=True):
-            layer.train(mode)

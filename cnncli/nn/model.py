@@ -9,6 +9,7 @@ faster (`engine.loss_and_grads(model, x, y)`, `engine.predict(model, x)`); nothi
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,10 +142,17 @@ class Sequential:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Inference layer by layer in evaluation mode: X (N, *input_shape) -> logits z (N, classes). Each
         layer's mode is restored afterwards."""
+        with self.evaluating():
+            return self.forward(x)
+
+    @contextmanager
+    def evaluating(self) -> Iterator[Sequential]:
+        """Every layer in evaluation mode inside the block; each layer's own mode is restored after it (also
+        when the block raises)."""
         modes = [layer.training for layer in self.layers]
         self.eval()
         try:
-            return self.forward(x)
+            yield self
         finally:
             for layer, mode in zip(self.layers, modes, strict=True):
                 layer.train(mode)

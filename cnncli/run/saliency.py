@@ -88,43 +88,35 @@ def input_gradient(model: Sequential, scale: PixelScale, u: np.ndarray, target: 
         raise ConfigError(f"target classes must be {n} indices in 0..{k - 1}")
     dtype = model.dtype
     losses, probs, grads = np.empty(n), np.empty((n, k)), np.empty(u.shape)
-    modes = [layer.training for layer in model.layers]
     first = model.layers[0].needs_input_grad
-    model.eval()
     model.set_input_grad(True)
     try:
-        for a in range(0, n, batch):
-            b = min(n, a + batch)
-            z = np.asarray(model.forward(scale.to_input(u[a:b], dtype)), dtype=np.float64)
-            p = softmax(z)
-            rows = np.arange(b - a)
-            losses[a:b] = -np.log(np.maximum(p[rows, target[a:b]], np.finfo(np.float64).tiny))
-            dz = p.copy()
-            dz[rows, target[a:b]] -= 1.0  # δz = p − y for each image's own loss (no 1/N: one loss per image)
-            dx = model.backward(dz.astype(dtype))
-            assert dx is not None  # set_input_grad(True): the first layer computes δX
-            grads[a:b] = scale.to_pixels_grad(dx)
-            probs[a:b] = p
-            if on_batch is not None:
-                on_batch(b - a)
+        with model.evaluating():
+            for a in range(0, n, batch):
+                b = min(n, a + batch)
+                z = np.asarray(model.forward(scale.to_input(u[a:b], dtype)), dtype=np.float64)
+                p = softmax(z)
+                rows = np.arange(b - a)
+                losses[a:b] = -np.log(np.maximum(p[rows, target[a:b]], np.finfo(np.float64).tiny))
+                dz = p.copy()
+                dz[rows, target[a:b]] -= 1.0  # δz = p − y for each image's own loss (no 1/N: one loss per image)
+                dx = model.backward(dz.astype(dtype))
+                assert dx is not None  # set_input_grad(True): the first layer computes δX
+                grads[a:b] = scale.to_pixels_grad(dx)
+                probs[a:b] = p
+                if on_batch is not None:
+                    on_batch(b - a)
     finally:
         model.layers[0].needs_input_grad = first
-        for layer, mode in zip(model.layers, modes, strict=True):
-            layer.train(mode)
     return InputGradient(losses, probs, grads)
 
 
 def predict_proba(model: Sequential, scale: PixelScale, u: np.ndarray, batch: int = BATCH) -> np.ndarray:
     """Pixels U (N, C, H, W) -> p (N, K), per-layer forward in evaluation mode (the same path as the gradient)."""
     u = np.asarray(u)
-    modes = [layer.training for layer in model.layers]
-    model.eval()
-    try:
+    with model.evaluating():
         parts = [softmax(np.asarray(model.forward(scale.to_input(u[a:a + batch], model.dtype)), dtype=np.float64))
                  for a in range(0, len(u), batch)]
-    finally:
-        for layer, mode in zip(model.layers, modes, strict=True):
-            layer.train(mode)
     return np.concatenate(parts) if parts else np.zeros((0, int(model.output_shape[0])))
 
 
