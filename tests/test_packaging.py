@@ -65,15 +65,17 @@ def test_the_wheel_carries_every_config_and_the_installed_package_finds_them_by_
     assert summary["params"] == (16 * 27 + 16) + (32 * 16 * 9 + 32) + (10 * 8192 + 10)
 
 
-def test_the_readme_starts_with_one_install_line_for_users_and_links_only_inside_the_project() -> None:
+def test_the_readme_starts_with_train_and_test_then_one_install_line_for_users_and_links_inside() -> None:
     import re
 
     import tomllib
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    first_block = readme.split("```sh\n", 1)[1].split("```", 1)[0].strip().splitlines()
-    assert len(first_block) == 1 and first_block[0].startswith("pip install '.[")  # one line, no make
-    named = set(re.search(r"\[([^\]]*)\]", first_block[0]).group(1).split(","))
+    blocks = [b.split("```", 1)[0].strip().splitlines() for b in readme.split("```sh\n")[1:]]
+    assert [line.split()[:2] for line in blocks[0]] == [["make", "train"], ["make", "test"]]  # the first lines
+    install = blocks[1]
+    assert len(install) == 1 and install[0].startswith("pip install '.[")  # then one line for users, no make
+    named = set(re.search(r"\[([^\]]*)\]", install[0]).group(1).split(","))
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
     assert named == set(extras) - {"dev"}  # every user extra, not the development tools
     assert "../shared/seed" not in readme and "shared/seed" not in readme
