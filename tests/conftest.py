@@ -8,6 +8,7 @@ tests/engine/test_calibrate.py turns it on with a cache in a temporary folder.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,16 @@ def real_cifar_dir() -> Path:
     if folder is None:
         pytest.skip("real CIFAR-10 not found: set CNNCLI_DATA or place it at ../shared/data")
     return folder
+
+
+@pytest.fixture
+def clean_registry() -> Iterator[None]:
+    """Layer types registered by a test (a --layers file, a class defined in the test) vanish after it, so no
+    test sees another's layers (`pytestmark = pytest.mark.usefixtures("clean_registry")` in a module)."""
+    from cnncli.nn import registry
+
+    saved = (dict(registry.LAYER_TYPES), dict(registry._SOURCES), dict(registry._LOADED))
+    yield
+    for table, old in zip((registry.LAYER_TYPES, registry._SOURCES, registry._LOADED), saved, strict=True):
+        table.clear()
+        table.update(old)

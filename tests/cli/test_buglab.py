@@ -19,18 +19,11 @@ from clihelp import one_line_error, stdout_of
 from typer.testing import CliRunner
 
 from cnncli.cli.app import app
-from cnncli.nn import registry
 
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _clean_registry():
-    saved = (dict(registry.LAYER_TYPES), dict(registry._SOURCES), dict(registry._LOADED))
-    yield
-    for table, old in zip((registry.LAYER_TYPES, registry._SOURCES, registry._LOADED), saved, strict=True):
-        table.clear()
-        table.update(old)
+pytestmark = pytest.mark.usefixtures("clean_registry")  # layer types a test registers vanish after it
 
 
 def _files(tmp_path: Path, bug: str | None, kind: str, train: bool = False) -> tuple[Path, Path]:

@@ -13,7 +13,6 @@ from clihelp import ok, one_line_error, stdout_of
 from typer.testing import CliRunner
 
 from cnncli.cli.app import app
-from cnncli.nn import registry
 from cnncli.run.lab import KINDS
 
 runner = CliRunner()
@@ -42,13 +41,7 @@ WRONG_MEAN = SOLUTION.replace("dout.sum(axis=(0, 2, 3))", "dout.mean(axis=(0, 2,
 WRONG_ROW = SOLUTION.replace("for i in range(ho):", "for i in range(ho - 1):")
 
 
-@pytest.fixture(autouse=True)
-def _clean_registry():
-    saved = (dict(registry.LAYER_TYPES), dict(registry._SOURCES), dict(registry._LOADED))
-    yield
-    for table, old in zip((registry.LAYER_TYPES, registry._SOURCES, registry._LOADED), saved, strict=True):
-        table.clear()
-        table.update(old)
+pytestmark = pytest.mark.usefixtures("clean_registry")  # layer types a test registers vanish after it
 
 
 def _lab(tmp_path: Path) -> Path:

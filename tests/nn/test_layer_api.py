@@ -38,14 +38,7 @@ MY_CONFIG = EXAMPLES / "my-layers.yaml"
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _clean_registry():
-    """Layer types registered by a test (a --layers file, a class defined here) vanish after it."""
-    saved = (dict(registry.LAYER_TYPES), dict(registry._SOURCES), dict(registry._LOADED))
-    yield
-    for table, old in zip((registry.LAYER_TYPES, registry._SOURCES, registry._LOADED), saved, strict=True):
-        table.clear()
-        table.update(old)
+pytestmark = pytest.mark.usefixtures("clean_registry")  # layer types a test registers vanish after it
 
 
 def _model(input_shape: list[int], layers: list[dict], seed: int = 0, dtype: type = np.float64):

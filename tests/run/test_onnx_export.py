@@ -162,6 +162,7 @@ def test_every_layer_type_on_random_inputs(layers: list, shape: list, tmp_path: 
     assert expected <= ops
 
 
+@pytest.mark.usefixtures("clean_registry")  # its --layers file must not stay registered for later tests
 def test_layer_without_export_rule_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     layers_file = ROOT / "docs" / "examples" / "my_layers.py"
     cfg_path = ROOT / "docs" / "examples" / "my-layers.yaml"
