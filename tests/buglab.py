@@ -37,22 +37,9 @@ class SwishB(Layer):
         return dout * (s + b * x * s * (1 - s))
 '''
 
-MYCONV = '''
-import numpy as np
-from cnncli.nn.layers import Conv2D
-
-
-class MyConv(Conv2D):
-    """The built-in convolution's forward; the backward written by hand, one kernel offset (u, v) at a time."""
-
-    type_name = "myconv"
-
-    def forward(self, x):
-        self._x = x
-        return super().forward(x)
-
-    def backward(self, dout):
-        x, w = self._x, self.params["W"]
+# A convolution's backward written by hand, one kernel offset (u, v) at a time: MyConv's below, and the correct
+# solution of the lab tests (tests/cli/test_lab.py, where the input is self.x).
+CONV_BACKWARD_BODY = '''        x, w = self._x, self.params["W"]
         k, s, p = self.kernel_size, self.stride, self.padding
         n, c_out, ho, wo = dout.shape
         xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
@@ -71,6 +58,23 @@ class MyConv(Conv2D):
             self.grads["b"] = dout.sum(axis=(0, 2, 3))
         return dxp[:, :, p:p + x.shape[2], p:p + x.shape[3]]
 '''
+
+MYCONV = '''
+import numpy as np
+from cnncli.nn.layers import Conv2D
+
+
+class MyConv(Conv2D):
+    """The built-in convolution's forward; the backward written by hand, one kernel offset (u, v) at a time."""
+
+    type_name = "myconv"
+
+    def forward(self, x):
+        self._x = x
+        return super().forward(x)
+
+    def backward(self, dout):
+''' + CONV_BACKWARD_BODY
 
 SW_GRAD = '        self.grads["beta"] = (dout * x * x * s * (1 - s)).sum(axis=axes)\n'
 SW_RETURN = "        return dout * (s + b * x * s * (1 - s))\n"
