@@ -606,8 +606,9 @@ def train_torch(
     if model.output_shape != (len(dataset.classes),):
         raise ConfigError(f"model.layers: the last layer gives {model.output_shape[0]} outputs but "
                           f"{cfg.data.dataset} has {len(dataset.classes)} classes")
-    engine_for(model).threads = threads
-    n_threads = engine_for(model).worker_count(tc.batch_size)
+    eng = engine_for(model)
+    eng.threads = threads
+    n_threads = eng.worker_count(tc.batch_size)
     normalizer = Normalizer(cfg.data.normalize, model.input_shape[0])
     tnet = build_torch_net(cfg, model)
     set_format(tnet, memory_format)
