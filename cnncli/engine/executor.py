@@ -19,6 +19,8 @@ from cnncli.host.blas import blas_threads, worker_threads
 from cnncli.nn import contracts
 from cnncli.nn.layer import Layer, Shape
 from cnncli.nn.layers import BatchNorm, Conv2D, Flatten, Linear, MaxPool2D, ReLU
+from cnncli.nn.layers_extra import GELU
+from cnncli.nn.special import normal_cdf_and_density
 
 # ==========================================================================================================
 # The fused execution engine.
@@ -157,6 +159,38 @@ def _route_to_argmax(delta: np.ndarray, masks: np.ndarray, dwin: list[np.ndarray
         dwin[-1] += delta
 
 
+# The fused GELU works through its arrays this many elements at a time, so that Φ's twenty-odd element-wise
+# passes run on blocks that stay in the L2 cache instead of streaming whole activations through memory.
+GELU_BLOCK = 1 << 15
+
+
+def _slabs(shape: Shape, limit: int) -> list[tuple[int | slice, ...]]:
+    """Index tuples covering an array of `shape` ((C, H, W, N) or (D, N)) in slabs of about `limit` elements
+    or fewer: whole rows [c, h] (or [d]) of a few consecutive rows, so each slab of a padded view is still a
+    plain strided view."""
+    if len(shape) == 2:
+        step = max(1, limit // max(shape[1], 1))
+        return [(slice(d, d + step),) for d in range(0, shape[0], step)]
+    row = int(np.prod(shape[2:]))
+    step = max(1, limit // max(row, 1))
+    return [(c, slice(h, h + step)) for c in range(shape[0]) for h in range(0, shape[1], step)]
+
+
+def _gelu(x: np.ndarray, out: np.ndarray, deriv: np.ndarray | None) -> None:
+    """out = x·Φ(x), docs/derivations.md#gelu, and when training deriv = Φ(x) + x·φ(x), the factor the backward
+    multiplies δout by (one array kept instead of x, Φ and φ). x, out (which may be x, or a strided view such
+    as the inside of the next conv's padded input) and deriv (contiguous) have one shape; computed in
+    `GELU_BLOCK`-sized slabs by `normal_cdf_and_density`, the per-layer GELU's own arithmetic."""
+    for at in _slabs(x.shape, GELU_BLOCK):
+        xs = x[at]
+        cdf, pdf = normal_cdf_and_density(xs)
+        if deriv is not None:
+            d = deriv[at]
+            np.multiply(xs, pdf, out=d)
+            d += cdf
+        np.multiply(xs, cdf, out=out[at])
+
+
 @dataclass(eq=False, slots=True)
 class _Block:
     """One block of a convolution product, a few consecutive output rows of every image of the micro-batch:
@@ -184,6 +218,7 @@ class _Buffers:
     x: np.ndarray | None = None  # h (N, in), the same array as inp
     # element-wise and backward scratch, shared by several stages
     relu_mask: np.ndarray | None = None  # 1(out > 0)
+    gelu_d: np.ndarray | None = None  # a fused GELU's Φ(x) + x·φ(x), its input's derivative factor (out's shape)
     delta: np.ndarray | None = None  # δ after the ReLU mask, before pooling / the product
     dx: np.ndarray | None = None  # δ of the stage's input, in its layout
     # max-pool
@@ -330,6 +365,7 @@ class _Stage:
     in_shape: Shape
     out_shape: Shape
     relu: bool = False
+    gelu: bool = False  # the stage ends in a GELU (conv and batch-norm stages; never with relu)
     need_dx: bool = True  # False when no earlier stage has parameters
 
     @property
@@ -361,9 +397,23 @@ class _Stage:
         writes the parameter gradients of this micro-batch into `grads`."""
         raise NotImplementedError
 
-    def _relu_grad(self, buf: _Buffers, dout: np.ndarray, into: np.ndarray) -> None:
-        """into = δout · 1(out > 0), docs/derivations.md#relu (out > 0 exactly where the ReLU's input is); or δout."""
+    def _activate(self, pre: np.ndarray, out: np.ndarray, buf: _Buffers, train: bool) -> None:
+        """out = the stage's activation of `pre`, its last pre-activation array: ReLU, GELU (keeping its
+        derivative factor when training) or none."""
         if self.relu:
+            np.maximum(pre, 0, out=out)
+        elif self.gelu:
+            _gelu(pre, out, buf.gelu_d if train else None)
+        else:
+            np.copyto(out, pre)
+
+    def _relu_grad(self, buf: _Buffers, dout: np.ndarray, into: np.ndarray) -> None:
+        """into = δout · 1(out > 0), docs/derivations.md#relu (out > 0 exactly where the ReLU's input is);
+        δout · (Φ + x·φ) after a GELU (docs/derivations.md#gelu); or δout."""
+        if self.gelu:
+            assert buf.gelu_d is not None
+            np.multiply(dout, buf.gelu_d, out=into)
+        elif self.relu:
             np.greater(buf.out, 0, out=buf.relu_mask)
             np.multiply(dout, buf.relu_mask, out=into)
         else:
@@ -394,8 +444,9 @@ class _ConvStage(_Stage):
     """
 
     def __init__(self, conv: Conv2D, pool: MaxPool2D | None, relu: bool, layers: tuple[Layer, ...],
-                 in_shape: Shape, bn: BatchNorm | None = None) -> None:
+                 in_shape: Shape, bn: BatchNorm | None = None, gelu: bool = False) -> None:
         self.conv, self.pool, self.relu, self.layers, self.in_shape = conv, pool, relu, layers, in_shape
+        self.gelu = gelu
         _, self.ho, self.wo = conv.output_shape(in_shape)
         self.blocked = pool is not None and pool.stride >= pool.kernel_size
         self.bn = bn
@@ -492,6 +543,7 @@ class _ConvStage(_Stage):
         nq = len(buf.windows)
         buf.masks = np.empty((max(nq - 1, 0), c_out, ph, pw, n), dtype=bool)
         buf.relu_mask = np.empty((c_out, ph, pw, n), dtype=bool)
+        buf.gelu_d = np.empty((c_out, ph, pw, n), dtype=dtype) if self.gelu else None
         rows = int(np.prod(shape[:3])) + self.bias_row  # C·K·K (patches: C·R·R), [+ the row of ones]
         if self.patch or self.bias_row:  # δ of _patch_weights, or of [W_mat | b]
             buf.dw_wide = np.empty((c_out * qp, rows), dtype=dtype)
@@ -554,10 +606,8 @@ class _ConvStage(_Stage):
         post = buf.post
         if b is not None:
             post += b[:, None, None, None]
-        if self.relu:  # the ReLU writes the next stage's input; post keeps P + b (the backward's mask: > 0)
-            np.maximum(post, 0, out=buf.out)
-        else:
-            np.copyto(buf.out, post)
+        # the activation writes the next stage's input; post keeps P + b (the ReLU backward's mask: > 0)
+        self._activate(post, buf.out, buf, train)
 
     def _patch_weights(self, w2: np.ndarray) -> np.ndarray:
         """W_mat (C_out, C·K·K), or with patches W_pat (C_out·Q, C·R·R), R = K_p + K − 1: row (c, a, b) holds
@@ -609,10 +659,7 @@ class _ConvStage(_Stage):
             self.core.apply(src, a, c, buf.y)
             if self.pool is not None:
                 _pool_forward(buf.windows, buf.post, buf.masks if train else None)
-        if self.relu:
-            np.maximum(y, 0, out=buf.out)
-        else:
-            np.copyto(buf.out, y)
+        self._activate(y, buf.out, buf, train)
 
     def _backward_bn(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> None:
         """δout -> δy (times 1(y > 0), routed to the pool's arg-max) -> δS (buf.ds2) through the batch-norm.
@@ -622,14 +669,20 @@ class _ConvStage(_Stage):
         assert self.core is not None and buf.dy is not None and buf.y is not None
         dy = buf.dy
         if self.pool is None:
-            if self.relu:
+            if self.gelu:
+                assert buf.gelu_d is not None
+                np.multiply(dout, buf.gelu_d, out=dy.reshape(dout.shape))
+            elif self.relu:
                 np.greater(buf.y, 0, out=buf.relu_mask)  # 1(y > 0)
                 np.multiply(dout, buf.relu_mask.reshape(dout.shape), out=dy.reshape(dout.shape))
             else:
                 np.copyto(dy.reshape(dout.shape), dout)
         else:
             into = buf.dwin[-1] if self.blocked else buf.delta  # blocked: routed from the last offset's slot
-            if self.relu:
+            if self.gelu:
+                assert buf.gelu_d is not None
+                np.multiply(dout, buf.gelu_d, out=into)
+            elif self.relu:
                 np.greater(buf.post, 0, out=buf.relu_mask)  # 1(P > 0), P = the pooled y before the ReLU
                 np.multiply(dout, buf.relu_mask, out=into)
             else:
@@ -647,7 +700,10 @@ class _ConvStage(_Stage):
             self._backward_bn(buf, dout, grads)
             return self._weights_and_input(buf, w, grads)
         delta = buf.delta
-        if self.relu:
+        if self.gelu:
+            assert buf.gelu_d is not None
+            np.multiply(dout, buf.gelu_d, out=delta)  # δ = δout · (Φ + x·φ) at x = P + b
+        elif self.relu:
             np.greater(buf.post, 0, out=buf.relu_mask)  # 1(out > 0) = 1(P + b > 0), docs/derivations.md#relu
             np.multiply(dout, buf.relu_mask, out=delta)
         else:
@@ -947,8 +1003,10 @@ class _BatchNormStage(_Stage):
     """A BatchNorm (with the ReLUs after it) that no conv precedes directly, on the engine's layout: images
     (C, H, W, N), vectors (D, N); its arithmetic is `_BatchNormCore`'s."""
 
-    def __init__(self, bn: BatchNorm, relu: bool, layers: tuple[Layer, ...], in_shape: Shape) -> None:
+    def __init__(self, bn: BatchNorm, relu: bool, layers: tuple[Layer, ...], in_shape: Shape,
+                 gelu: bool = False) -> None:
         self.bn, self.relu, self.layers, self.in_shape, self.out_shape = bn, relu, layers, in_shape, in_shape
+        self.gelu = gelu
         self.core = _BatchNormCore(bn, in_shape)
 
     @property
@@ -962,6 +1020,7 @@ class _BatchNormStage(_Stage):
             buf.xc = np.empty(shape, dtype=dtype)
             buf.delta = np.empty(shape, dtype=dtype)
             buf.relu_mask = np.empty(shape, dtype=bool) if self.relu else None
+            buf.gelu_d = np.empty(shape, dtype=dtype) if self.gelu else None
             buf.dx = np.empty(shape, dtype=dtype) if self.need_dx else None
         return buf
 
@@ -970,10 +1029,12 @@ class _BatchNormStage(_Stage):
         self.core.forward(buf.inp, buf.out, buf, train)
         if self.relu:
             np.maximum(buf.out, 0, out=buf.out)
+        elif self.gelu:  # in place, slab by slab: each slab's x is read before its y is written
+            _gelu(buf.out, buf.out, buf.gelu_d if train else None)
 
     def backward(self, buf: _Buffers, dout: np.ndarray, grads: dict[str, np.ndarray]) -> np.ndarray | None:
         assert buf.delta is not None
-        self._relu_grad(buf, dout, buf.delta)  # δy = δout · 1(out > 0)
+        self._relu_grad(buf, dout, buf.delta)  # δy = δout · 1(out > 0), or · (Φ + y·φ) after a GELU
         self.core.backward(buf.delta, buf.dx if self.need_dx else None, buf, grads)
         return buf.dx if self.need_dx else None
 
@@ -1024,7 +1085,7 @@ class _LayerStage(_Stage):
 
 # Layer classes with a fused stage. Exact classes: a subclass (a user's own ReLU, say) may compute
 # something else, so it runs through its own forward/backward in a `_LayerStage`.
-_FUSED = (Conv2D, MaxPool2D, Linear, ReLU, Flatten)
+_FUSED = (Conv2D, MaxPool2D, Linear, ReLU, Flatten)  # and GELU, inside a conv or batch-norm stage
 
 # Every option of each layer type the engine computes itself (the `_FUSED` types and BatchNorm), all honoured by
 # its stages (`init` only sets the starting weights, which the engine reads as they are). A fused type that gains
@@ -1039,6 +1100,7 @@ HANDLED_OPTIONS: dict[type[Layer], frozenset[str]] = {
     ReLU: frozenset(),
     Flatten: frozenset(),
     BatchNorm: frozenset({"momentum", "eps", "scale"}),  # scale: false -> γ = `bn.gamma()`, ones, no δγ
+    GELU: frozenset(),  # after a conv or a batch-norm (`_plan`); elsewhere it runs its own forward/backward
 }
 
 
@@ -1047,10 +1109,11 @@ def _fused(layer: Layer) -> bool:
 
 
 def _plan(layers: list[Layer], input_shape: Shape) -> list[_Stage]:
-    """Group the layers into stages: a conv takes the ReLUs and the one max-pool after it, a pool or a
-    linear layer the ReLUs after it; a ReLU after a flatten joins the fused stage before the flatten (ReLU
-    acts element-wise, so it commutes with the reshape); a flatten is only a change of view between stages.
-    A batch-norm takes the ReLUs after it. Every other layer is a `_LayerStage` of its own."""
+    """Group the layers into stages: a conv takes the ReLUs and the one max-pool after it (or, instead of
+    ReLUs, a GELU, which ends the stage), a pool or a linear layer the ReLUs after it; a ReLU after a
+    flatten joins the fused stage before the flatten (ReLU acts element-wise, so it commutes with the
+    reshape); a flatten is only a change of view between stages.
+    A batch-norm takes the ReLUs after it, or one GELU. Every other layer is a `_LayerStage` of its own."""
     stages: list[_Stage] = []
     shape = tuple(input_shape)
     i = 0
@@ -1066,11 +1129,15 @@ def _plan(layers: list[Layer], input_shape: Shape) -> list[_Stage]:
             while i < len(layers) and type(layers[i]) is ReLU:
                 group.append(layers[i])
                 i += 1
-            stage: _Stage = _BatchNormStage(layer, len(group) > 1, tuple(group), shape)
+            gelu = len(group) == 1 and i < len(layers) and type(layers[i]) is GELU
+            if gelu:
+                group.append(layers[i])
+                i += 1
+            stage: _Stage = _BatchNormStage(layer, len(group) > 1 and not gelu, tuple(group), shape, gelu)
         elif not _fused(layer):
             stage = _LayerStage(layer, shape)
         else:
-            relu, pool, bn = False, None, None
+            relu, pool, bn, gelu = False, None, None, False
             if type(layer) is Conv2D and i < len(layers) and type(layers[i]) is BatchNorm:
                 bn = layers[i]  # a batch-norm right after a conv joins it
                 group.append(bn)
@@ -1081,12 +1148,17 @@ def _plan(layers: list[Layer], input_shape: Shape) -> list[_Stage]:
                     relu = True
                 elif type(layer) is Conv2D and pool is None and type(nxt) is MaxPool2D:
                     pool = nxt
+                elif type(layer) is Conv2D and not relu and type(nxt) is GELU:
+                    gelu = True  # ends the stage: a max-pool after it does not commute with it
+                    group.append(nxt)
+                    i += 1
+                    break
                 else:
                     break
                 group.append(nxt)
                 i += 1
             if type(layer) is Conv2D:
-                stage = _ConvStage(layer, pool, relu, tuple(group), shape, bn)  # type: ignore[arg-type]
+                stage = _ConvStage(layer, pool, relu, tuple(group), shape, bn, gelu)  # type: ignore[arg-type]
             elif type(layer) is MaxPool2D:
                 stage = _PoolStage(layer, relu, tuple(group), shape)  # type: ignore[arg-type]
             elif type(layer) is Linear:

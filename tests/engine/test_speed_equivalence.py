@@ -327,8 +327,9 @@ def test_every_option_of_a_layer_type_the_engine_computes_is_one_it_handles() ->
     import dataclasses
 
     from cnncli.nn.layers import BatchNorm
+    from cnncli.nn.layers_extra import GELU
 
-    assert set(executor.HANDLED_OPTIONS) == {*executor._FUSED, BatchNorm}
+    assert set(executor.HANDLED_OPTIONS) == {*executor._FUSED, BatchNorm, GELU}
     for cls, handled in executor.HANDLED_OPTIONS.items():
         declared = {f.name for f in dataclasses.fields(cls.Options)} - {"type", "name"}
         assert declared == handled, f"{cls.__name__}: options {sorted(declared ^ handled)} differ from the engine's"
