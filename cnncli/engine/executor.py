@@ -1458,10 +1458,15 @@ class Engine:
         timings = np.zeros((rows, 6))
         threads, self.threads = self.threads, 1
         _MATMUL_CLOCK = [0.0, 0.0]
+        # One thread takes the whole batch (a batch-norm's statistics need it in one micro-batch): a workspace
+        # as large as all the workers' together. The others are let go first and this one after, so the
+        # profile never holds two (airbench94 at 1,024 images: 14.7 GB peak with both, see the #26 note).
+        self._workspaces.clear()
         try:
             self._train(x, y, timings)
         finally:
             self.threads, _MATMUL_CLOCK = threads, None
+            self._workspaces.clear()
         labels = [s.label for s in self.stages] + ["softmax cross-entropy", "gradient sum"]
         self.matmul_seconds = {label: (float(t[2]), float(t[3])) for label, t in zip(labels, timings, strict=True)}
         self.matmul_flops = {label: (float(t[4]), float(t[5])) for label, t in zip(labels, timings, strict=True)}

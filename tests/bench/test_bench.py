@@ -300,6 +300,37 @@ def test_the_profile_says_how_much_of_each_stage_is_inside_matrix_products() -> 
     assert eng.matmul_seconds == mm
 
 
+def test_the_profile_never_holds_its_workspace_beside_the_workers_ones() -> None:
+    """With a batch-norm the one-thread profile takes the whole batch in one micro-batch: a workspace as large
+    as the two workers' together. It lets theirs go first and its own after, so its peak stays near one set
+    (airbench94 at 1,024 images reached 14.7 GB holding both)."""
+    import tracemalloc
+
+    from cnncli.config import build_config
+    from cnncli.nn.model import build_model
+
+    layers = [{"type": "conv", "out_channels": 16, "kernel_size": 3, "padding": 1, "bias": False},
+              {"type": "batchnorm"}, {"type": "relu"}, {"type": "flatten"}, {"type": "linear", "out_features": 3}]
+    model = build_model(build_config({"model": {"input_shape": [3, 16, 16], "layers": layers}}).model)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((64, 3, 16, 16)).astype(np.float32), rng.integers(0, 3, 64)
+    eng = engine_for(model)
+    eng.threads = 2
+    tracemalloc.start()
+    try:
+        engine.loss_and_grads(model, x, y)  # the two workers' workspaces (32 images each)
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        eng.profile(x, y)
+        after, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.4 * held, (peak, held)
+    assert after < 0.5 * held, (after, held)
+    loss, _ = engine.loss_and_grads(model, x, y)  # and the workers build theirs again
+    assert np.isfinite(loss)
+
+
 def test_the_profile_counts_the_floating_point_work_of_every_product() -> None:
     """2·m·k·n per product, against a count by hand from the layer shapes: conv1 8→4 (3×3, pad 1) on 8×8 with
     a 2×2 pool after it (columns: all 64 pixels, window offset first), conv2 4→6 on 4×4 with its bias as one
@@ -377,3 +408,35 @@ def test_blas_kernels_errors_are_one_line() -> None:
     assert "config file not found" in err
     with pytest.raises(CnnError, match="OPENBLAS_CORETYPE=Haswell failed .exit 1.: .*no/such.yaml"):
         compare_blas_kernels(["--config", "no/such.yaml"], rounds=1, candidates=["Haswell"])
+
+
+def test_torch_script_follows_the_airbench_recipe(tmp_path: Path, real_cifar_dir: Path) -> None:
+    """The whole airbench94 recipe on a slice, narrowed: whitening init, a frozen conv and a bias frozen after
+    epoch 1, 64× learning rate on the batch-norm biases, decoupled decay, label smoothing, the piecewise schedule
+    over train.steps, alternating flips and reflect crops, the lookahead, and the test with and without
+    test-time augmentation. PyTorch's SGD and cross-entropy (label_smoothing) are an independent implementation
+    of cnncli's optimizer and loss: leaving any piece out of either side moves the losses apart by far more
+    than float32 drift."""
+    _torch()
+    from cnncli.cli.bench import torch_script
+    from cnncli.run.train import train
+
+    narrow = [f"model.layers[{i}].out_channels={c}" for i, c in ((2, 8), (6, 8), (9, 16), (13, 16), (16, 16),
+                                                                   (20, 16))]
+    sets = [*narrow, "data.limit=600", "train.batch_size=100", "train.steps=9", "model.layers[0].whiten=200",
+            "train.lookahead.every=2", "train.eval_batch_size=1000", "train.param_groups[1].trains_until=1"]
+    ours = train(load_config("airbench94", sets), tmp_path / "run", real_cifar_dir)
+    args = ["train", "--config", "airbench94", "--data-dir", str(real_cifar_dir), "--json"]
+    result = runner.invoke(torch_script, [*args, *(a for s in sets for a in ("--set", s))])
+    assert result.exit_code == 0, result.output
+    d = json.loads(_stdout(result))
+    assert (d["n_train"], d["n_val"], d["n_test"], d["tta"]) == (600, 0, 10000, "mirror-translate")
+    assert [e["epoch"] for e in d["history"]] == [m.epoch for m in ours.history] == [1, 2]
+    for e, m in zip(d["history"], ours.history, strict=True):
+        assert e["lr"] == pytest.approx(m.lr)
+        assert e["train_loss"] == pytest.approx(m.train_loss, rel=2e-3)
+    assert ours.test is not None and ours.test_plain is not None
+    assert d["test_loss"] == pytest.approx(ours.test.loss, rel=2e-3)
+    assert d["test_plain_loss"] == pytest.approx(ours.test_plain.loss, rel=2e-3)
+    assert abs(d["test_acc"] - ours.test.accuracy) <= 0.003
+    assert abs(d["test_plain_acc"] - ours.test_plain.accuracy) <= 0.003
