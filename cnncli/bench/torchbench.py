@@ -24,7 +24,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,13 +34,18 @@ import numpy as np
 from cnncli import engine
 from cnncli.bench.timing import BenchCase, eval_calls, prepare_case
 from cnncli.config import AdamConfig, Config, OptimizerConfig, SGDConfig
-from cnncli.data.preprocess import Normalizer, augment
+from cnncli.data.preprocess import Normalizer, alternating_flips, augment
 from cnncli.engine import engine_for
 from cnncli.host.blas import blas_info
 from cnncli.host.errors import CnnError, ConfigError, TrainingDiverged
+from cnncli.nn.datainit import initialise_from_data
 from cnncli.nn.model import Sequential, build_model
-from cnncli.run.optim import learning_rate
-from cnncli.run.train import EpochMetrics
+from cnncli.run import paramgroups
+from cnncli.run.lookahead import Lookahead
+from cnncli.run.optim import check_schedule, decay_coefficient, learning_rate
+from cnncli.run.paramgroups import ParamRules
+from cnncli.run.train import EpochMetrics, run_length
+from cnncli.run.tta import tta_logits
 
 TORCH_VERSION = "2.13.0"  # the version the project's figures were measured with (`make bench-torch` installs it)
 INSTALL_HINT = (
@@ -189,6 +194,19 @@ class TorchNet:
                 module.running_mean.copy_(torch.from_numpy(layer.buffers["running_mean"].astype(np.float32)))
                 module.running_var.copy_(torch.from_numpy(layer.buffers["running_var"].astype(np.float32)))
 
+    def live_arrays(self, model: Sequential) -> dict[str, np.ndarray]:
+        """The PyTorch parameters and batch-norm running statistics under cnncli's names ('bn1.running_mean'),
+        as NumPy views of the tensors' memory (writing into one changes the network): what cnncli's
+        `Lookahead` averages."""
+        torch = import_torch()
+        live = {name: p.detach().numpy() for name, p in self.params.items()}
+        ours = [layer for layer in model.layers if layer.type_name == "batchnorm"]
+        theirs = [m for m in self.net if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for layer, module in zip(ours, theirs, strict=True):
+            live[f"{layer.name}.running_mean"] = module.running_mean.numpy()
+            live[f"{layer.name}.running_var"] = module.running_var.numpy()
+        return live
+
     def numpy_params(self) -> dict[str, np.ndarray]:
         """The current PyTorch parameters as float32 arrays under cnncli's names (copies)."""
         return {name: p.detach().numpy().copy() for name, p in self.params.items()}
@@ -238,18 +256,39 @@ def build_torch_net(cfg: Config, model: Sequential) -> TorchNet:
     return tnet
 
 
-def make_torch_optimizer(tnet: TorchNet, cfg: OptimizerConfig) -> Any:
-    """cnncli's optimizer in PyTorch: SGD (momentum, Nesterov) or Adam, L2 weight decay added to the
-    gradient of the parameters cnncli decays (each layer's `decay`: weights, not biases or γ, β) only."""
+def make_torch_optimizer(tnet: TorchNet, cfg: OptimizerConfig, rules: ParamRules | None = None) -> Any:
+    """cnncli's optimizer in PyTorch: SGD (momentum, Nesterov) or Adam, a parameter group per (lr_scale, decay) pair.
+
+    Each group's weight decay is cnncli's coefficient (`cnncli.run.optim.decay_coefficient`: λ on the decayed
+    parameters, λ/(lr·lr_scale) when decoupled, 0 on the rest), added to the gradient as cnncli adds it;
+    its `lr_scale` (train.param_groups, `rules`; 1 without) multiplies the step's learning rate
+    (`set_learning_rate`). Frozen parameters are left out of a step by `set_trainable`."""
     torch = import_torch()
-    decay = [p for name, p in tnet.params.items() if name in tnet.decayed]
-    rest = [p for name, p in tnet.params.items() if name not in tnet.decayed]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+    if rules is None:
+        rules = paramgroups.resolve(list(tnet.params), tnet.decayed, ())
+    by_rule: dict[tuple[float, float], list[Any]] = {}  # parameters with the same scale and decay share a group
+    for name, p in tnet.params.items():
+        scale = rules.lr_scale.get(name, 1.0)
+        by_rule.setdefault((scale, decay_coefficient(cfg, name in rules.decay, scale)), []).append(p)
+    groups = [{"params": ps, "lr_scale": scale, "lr": cfg.lr * scale, "weight_decay": wd}
+              for (scale, wd), ps in by_rule.items()]
     if isinstance(cfg, SGDConfig):
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     assert isinstance(cfg, AdamConfig)
     return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def set_learning_rate(opt: Any, lr: float) -> None:
+    """The step's learning rate `lr` (the schedule's), times each group's lr_scale."""
+    for group in opt.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+
+
+def set_trainable(tnet: TorchNet, frozen: frozenset[str]) -> None:
+    """Parameters in `frozen` get no gradient, so PyTorch's optimizer skips them (no step, momentum kept), as
+    cnncli's does; the others train."""
+    for name, p in tnet.params.items():
+        p.requires_grad_(name not in frozen)
 
 
 def to_format(x: Any, memory_format: str) -> Any:
@@ -551,22 +590,31 @@ class TorchTrainResult:
     test_acc: float | None
     seconds: float  # from loading the data to the end of the test
     torch: str
+    tta: str = "none"  # test-time augmentation of test_loss, test_acc (train.tta)
+    test_plain_loss: float | None = None  # without it, when tta is not none
+    test_plain_acc: float | None = None
+    params: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # the trained weights, cnncli's names
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every figure (not the weights)."""
+        return {k: v for k, v in asdict(replace(self, params={})).items() if k != "params"}
 
 
 def _evaluate(tnet: TorchNet, x: np.ndarray, y: np.ndarray, normalizer: Normalizer, batch_size: int,
-              memory_format: str) -> tuple[float, float]:
-    """x (N, C, H, W) uint8, y (N,) -> (mean cross-entropy, accuracy), in batches of `batch_size`."""
+              memory_format: str, tta: str = "none") -> tuple[float, float]:
+    """x (N, C, H, W) uint8, y (N,) -> (mean cross-entropy, accuracy), in batches of `batch_size`; with
+    test-time augmentation `tta` (cnncli/run/tta.py) those of the averaged logits, as `cnn eval` computes them."""
     torch = import_torch()
     tnet.net.eval()
     total, correct = 0.0, 0
+
+    def logits(v: np.ndarray) -> np.ndarray:
+        return tnet.net(to_format(torch.from_numpy(np.ascontiguousarray(v)), memory_format)).numpy()
+
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
-            xb = torch.from_numpy(normalizer(x[start : start + batch_size]))
+            z = torch.from_numpy(tta_logits(logits, normalizer(x[start : start + batch_size]), tta))
             yb = torch.from_numpy(y[start : start + batch_size].astype(np.int64))
-            z = tnet.net(to_format(xb, memory_format))
             total += float(torch.nn.functional.cross_entropy(z, yb, reduction="sum"))
             correct += int((z.argmax(dim=1) == yb).sum())
     n = max(len(x), 1)
@@ -580,14 +628,18 @@ def train_torch(
     threads: int | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
 ) -> TorchTrainResult:
-    """Train `cfg`'s network in PyTorch with `cnn train`'s recipe, on the CIFAR-10 in `data_folder`.
+    """Train `cfg`'s network in PyTorch with `cnn train`'s recipe, on the data set in `data_folder`.
 
-    The same as `cnncli.run.train.train`: the split of `make_splits`, cnncli's initial weights (seed cfg.seed),
-    the data order `default_rng([seed, epoch])`, the augmentation `augment(..., default_rng([seed, epoch,
-    batch]))`, the normalization, the learning rate of `learning_rate` per step, validation after each epoch,
-    the test of the best epoch's weights (best validation accuracy; the last epoch without validation).
-    Not done: checkpoint files and the progress display. Threads: cnncli's worker count for a training batch,
-    or `threads`.
+    The same as `cnncli.run.train.train`: the split of `make_splits` and the normalization (`auto` resolved
+    from the training split), cnncli's initial weights (seed cfg.seed) with a conv's `whiten` init set from the
+    same images, the data order `default_rng([seed, epoch])`, the augmentation `augment(..., default_rng([seed,
+    epoch, batch]))` with alternating flips, the run's length (train.steps, drop_last), the learning rate of
+    `learning_rate` per step, label smoothing, train.param_groups (lr_scale, decay, frozen windows), weight decay
+    as cnncli applies it (L2 or decoupled), the lookahead of weights and running statistics (cnncli's own
+    `Lookahead`, on views of the PyTorch tensors), validation after each epoch, the test of the best epoch's
+    weights (best validation accuracy; the last epoch without validation) with train.tta and, when that is
+    not none, without. Not done: checkpoint files and the progress display. Threads: cnncli's worker count for
+    a training batch, or `threads`.
     """
     from cnncli import data as data_mod
 
@@ -595,10 +647,12 @@ def train_torch(
     f = torch.nn.functional
     t_start = time.perf_counter()
     tc = cfg.train
-    dataset = data_mod.load_cifar10(data_folder)
+    check_schedule(tc.schedule)
+    dataset = data_mod.load_dataset(cfg.data, data_folder)
     splits = data_mod.make_splits(
         dataset.train_x, dataset.train_y, val_size=cfg.data.val_size, limit=cfg.data.limit, seed=cfg.seed
     )
+    cfg = replace(cfg, data=data_mod.resolve_normalization(cfg.data, splits.train_x))
     model = build_model(cfg.model, seed=cfg.seed)
     if model.input_shape != tuple(dataset.train_x.shape[1:]):
         raise ConfigError(f"model.input_shape: {list(model.input_shape)} does not match the images "
@@ -610,36 +664,43 @@ def train_torch(
     eng.threads = threads
     n_threads = eng.worker_count(tc.batch_size)
     normalizer = Normalizer(cfg.data.normalize, model.input_shape[0])
+    initialise_from_data(model.layers, lambda a, b: normalizer(splits.train_x[a:b]))
     tnet = build_torch_net(cfg, model)
     set_format(tnet, memory_format)
-    opt = make_torch_optimizer(tnet, tc.optimizer)
+    rules = paramgroups.resolve(list(tnet.params), model.decayed(), tc.param_groups)
+    opt = make_torch_optimizer(tnet, tc.optimizer, rules)
 
     before = torch.get_num_threads()
     torch.set_num_threads(n_threads)
     try:
         n_train = len(splits.train_x)
-        steps = math.ceil(n_train / tc.batch_size)
+        steps, epochs, total_steps = run_length(tc, n_train)
+        lookahead = Lookahead(tnet.live_arrays(model), tc.lookahead, total_steps) if tc.lookahead else None
+        aug = cfg.data.augment
         history: list[EpochMetrics] = []
         best: dict[str, Any] | None = None
         best_acc: float | None = None
         best_epoch = 0
         step = 0
-        for epoch in range(tc.epochs):
+        for epoch in range(epochs):
+            steps_now = min(steps, total_steps - epoch * steps)  # train.steps may end the last epoch early
             t_epoch = time.perf_counter()
             order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)
+            flips = alternating_flips(cfg.seed, epoch, n_train) if aug.flip and aug.flip_mode == "alternate" else None
             loss_sum, correct, seen = 0.0, 0, 0
-            lr = learning_rate(tc.optimizer.lr, tc.schedule, step, steps, tc.epochs)
+            lr = learning_rate(tc.optimizer.lr, tc.schedule, step, steps, epochs, (), total_steps)
+            set_trainable(tnet, rules.frozen_at(epoch))
             tnet.net.train()
-            for b in range(steps):
+            for b in range(steps_now):
                 idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]
-                xb = augment(splits.train_x[idx], cfg.data.augment, np.random.default_rng([cfg.seed, epoch, b]))
+                xb = augment(splits.train_x[idx], aug, np.random.default_rng([cfg.seed, epoch, b]),
+                             None if flips is None else flips[idx])
                 yb = torch.from_numpy(splits.train_y[idx].astype(np.int64))
-                lr = learning_rate(tc.optimizer.lr, tc.schedule, step, steps, tc.epochs)
-                for group in opt.param_groups:
-                    group["lr"] = lr
+                lr = learning_rate(tc.optimizer.lr, tc.schedule, step, steps, epochs, (), total_steps)
+                set_learning_rate(opt, lr)
                 opt.zero_grad(set_to_none=True)
                 z = tnet.net(to_format(torch.from_numpy(normalizer(xb)), memory_format))
-                loss = f.cross_entropy(z, yb)
+                loss = f.cross_entropy(z, yb, label_smoothing=tc.label_smoothing)
                 loss.backward()
                 value = loss.item()
                 if not math.isfinite(value):
@@ -647,6 +708,8 @@ def train_torch(
                                            f"(learning rate {lr:.4g}); lower train.optimizer.lr")
                 opt.step()
                 step += 1
+                if lookahead is not None:
+                    lookahead.after_step(step)
                 loss_sum += value * len(idx)
                 correct += int((z.detach().argmax(dim=1) == yb).sum())
                 seen += len(idx)
@@ -656,18 +719,21 @@ def train_torch(
                 val_loss, val_acc = _evaluate(tnet, splits.val_x, splits.val_y, normalizer, tc.eval_batch_size,
                                               memory_format)
             metrics = EpochMetrics(epoch + 1, loss_sum / seen, correct / seen, val_loss, val_acc, lr,
-                                 time.perf_counter() - t_epoch, seen / max(train_seconds, 1e-9))
+                                   time.perf_counter() - t_epoch, seen / max(train_seconds, 1e-9))
             history.append(metrics)
             if val_acc is None or best_acc is None or val_acc > best_acc:
                 best_acc, best_epoch = val_acc, epoch + 1
                 best = {k: v.detach().clone() for k, v in tnet.net.state_dict().items()}
             if on_epoch is not None:
                 on_epoch(metrics)
-        test_loss = test_acc = None
+        test_loss = test_acc = plain_loss = plain_acc = None
         if len(dataset.test_x) and best is not None:
             tnet.net.load_state_dict(best)
             test_loss, test_acc = _evaluate(tnet, dataset.test_x, dataset.test_y, normalizer, tc.eval_batch_size,
-                                            memory_format)
+                                            memory_format, tc.tta)
+            if tc.tta != "none":
+                plain_loss, plain_acc = _evaluate(tnet, dataset.test_x, dataset.test_y, normalizer,
+                                                  tc.eval_batch_size, memory_format)
     finally:
         torch.set_num_threads(before)
     return TorchTrainResult(
@@ -683,4 +749,8 @@ def train_torch(
         test_acc=test_acc,
         seconds=time.perf_counter() - t_start,
         torch=torch.__version__,
+        tta=tc.tta,
+        test_plain_loss=plain_loss,
+        test_plain_acc=plain_acc,
+        params=tnet.numpy_params(),
     )

@@ -29,6 +29,7 @@ from cnncli.cli.kit import (
     renamed,
     user_errors,
 )
+from cnncli.cli.text import safe
 from cnncli.host.errors import CnnError
 
 if TYPE_CHECKING:
@@ -265,6 +266,7 @@ def _torch_script_main() -> None:
 @user_errors
 def torch_train(
     config: ConfigOpt = CONFIG_DEFAULT,
+    set_: SetOpt = None,
     data_dir: DataDirOpt = None,
     epochs: Annotated[
         int | None, typer.Option(min=1, metavar="N", help="Epochs (train.epochs); the schedule spans them.")
@@ -286,25 +288,30 @@ def torch_train(
     torch = import_torch()
     if memory_format not in FORMATS:
         raise TorchBenchError(f"--memory-format: must be one of {', '.join(FORMATS)}, got {memory_format!r}")
-    cfg = load_config(config, [f"train.epochs={epochs}"] if epochs is not None else None)
+    cfg = load_config(config, [*(set_ or []), *([f"train.epochs={epochs}"] if epochs is not None else [])])
     folder = prepare_data(data_dir, cfg)
 
     def show(m: EpochMetrics) -> None:
         if json_out:
             return
         val = f"val loss {m.val_loss:.4f}, val acc {m.val_acc:.2%}; " if m.val_acc is not None else ""
-        out.print(f"epoch {m.epoch}/{cfg.train.epochs}: train loss {m.train_loss:.4f}, train acc {m.train_acc:.2%}; "
+        total = "" if cfg.train.steps else f"/{cfg.train.epochs}"  # train.steps: the epochs follow from the data
+        out.print(f"epoch {m.epoch}{total}: train loss {m.train_loss:.4f}, train acc {m.train_acc:.2%}; "
                   f"{val}lr {m.lr:.4g}; {m.seconds:.2f} s ({m.images_per_s:,.0f} images/s)")
 
     if not json_out:
-        out.print(f"[bold]{config}[/bold] in PyTorch {torch.__version__} ({memory_format}), "
-                  f"{cfg.train.epochs} epoch(s)")
+        length = f"{cfg.train.steps} steps" if cfg.train.steps else f"{cfg.train.epochs} epoch(s)"
+        out.print(f"[bold]{safe(config)}[/bold] in PyTorch {torch.__version__} ({memory_format}), {length}")
     res = train_torch(cfg, folder, memory_format=memory_format, threads=threads, on_epoch=show)
     if json_out:
         print_json(res.to_dict())
         return
     if res.test_acc is not None:
-        out.print(f"test (best epoch {res.best_epoch}): loss {res.test_loss:.4f}, accuracy {res.test_acc:.2%}")
+        tta = f" with test-time augmentation {res.tta}" if res.tta != "none" else ""
+        out.print(f"test (best epoch {res.best_epoch}){tta}: loss {res.test_loss:.4f}, accuracy {res.test_acc:.2%}")
+    if res.test_plain_acc is not None:
+        out.print(f"test without test-time augmentation: loss {res.test_plain_loss:.4f}, "
+                  f"accuracy {res.test_plain_acc:.2%}")
     out.print(f"{res.n_train} train / {res.n_val} val / {res.n_test} test images; {res.threads} thread(s); "
               f"total {res.seconds:.2f} s")
 

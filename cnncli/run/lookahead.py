@@ -18,10 +18,16 @@ from cnncli.nn.model import Sequential
 class Lookahead:
     """The averages `state` ('<name>.lookahead' -> array like the network's) and the rule above."""
 
-    def __init__(self, model: Sequential, cfg: LookaheadConfig, total_steps: int) -> None:
+    def __init__(self, live: dict[str, np.ndarray], cfg: LookaheadConfig, total_steps: int) -> None:
+        """`live`: the arrays the rule averages and writes back, by name (updated in place; any strides)."""
         self.cfg, self.total = cfg, total_steps
-        self.live = {**model.named_params(), **model.named_buffers()}
+        self.live = live
         self.state: dict[str, np.ndarray] = {f"{k}.lookahead": v.copy() for k, v in self.live.items()}
+
+    @classmethod
+    def of(cls, model: Sequential, cfg: LookaheadConfig, total_steps: int) -> Lookahead:
+        """The lookahead of a network's parameters and buffers (batch-norm running statistics)."""
+        return cls({**model.named_params(), **model.named_buffers()}, cfg, total_steps)
 
     def decay(self, t: int) -> float:
         """d after step t (1-based count of steps done): decay^every · (t/T)^power."""

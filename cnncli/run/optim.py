@@ -23,6 +23,18 @@ def _decayed(params: dict[str, np.ndarray], decay: Collection[str] | None) -> fr
     return frozenset(decay) if decay is not None else frozenset(k for k in params if k.endswith(".W"))
 
 
+def decay_coefficient(cfg: OptimizerConfig, decayed: bool, lr_scale: float = 1.0) -> float:
+    """c with g = ∂L/∂θ + c·θ for a parameter with learning-rate multiplier `lr_scale`: λ for a decayed
+    parameter (L2), or λ/(lr·lr_scale) when the decay is decoupled (so that the step's lr·s·lr_scale·c = λ·s,
+    s the schedule's factor); 0 for the others."""
+    wd = cfg.weight_decay
+    if not wd or not decayed:
+        return 0.0
+    if cfg.decoupled_weight_decay:
+        return wd / (cfg.lr * lr_scale)
+    return wd
+
+
 class _PerParam:
     """What SGD and Adam share: per-parameter learning-rate scales (`lr_scale`, cnncli/run/paramgroups.py) and the
     weight decay coefficient of each parameter."""
@@ -32,14 +44,8 @@ class _PerParam:
     lr_scale: dict[str, float]
 
     def decay_coefficient(self, name: str) -> float:
-        """c with g = ∂L/∂θ + c·θ: λ for a decayed parameter (L2), or λ/(lr·scale) when the decay is decoupled
-        (so that the step's lr·s·scale·c = λ·s, s the schedule's factor); 0 for the others."""
-        wd = self.cfg.weight_decay
-        if not wd or name not in self.decay:
-            return 0.0
-        if self.cfg.decoupled_weight_decay:
-            return wd / (self.cfg.lr * self.lr_scale.get(name, 1.0))
-        return wd
+        """c with g = ∂L/∂θ + c·θ (`decay_coefficient` below)."""
+        return decay_coefficient(self.cfg, name in self.decay, self.lr_scale.get(name, 1.0))
 
 
 class SGD(_PerParam):

@@ -470,7 +470,7 @@ def train(
         raise CheckpointError(f"{resume_path}: state.batch: {state.batch} batches done in epoch {state.epoch + 1}, "
                               f"but an epoch of this run has {steps} steps (data.limit or train.batch_size changed?)")
 
-    lookahead = Lookahead(model, tc.lookahead, total_steps) if tc.lookahead is not None else None
+    lookahead = Lookahead.of(model, tc.lookahead, total_steps) if tc.lookahead is not None else None
     if lookahead is not None and resume is not None:
         apply_optim(resume, lookahead.state, resume_path or Path("checkpoint"))
 

@@ -6,8 +6,8 @@ fused stages must give the same loss, logits and gradients in every place a GELU
 batch-norm (conv → GELU, conv → pool → GELU, conv → batch-norm → GELU, conv → batch-norm → pool → GELU,
 pool → batch-norm → GELU, linear → batch-norm → GELU), in training and evaluation mode, in float64 and float32,
 with the conv products in blocks of rows and the GELU in slabs smaller than a row; and a GELU where the engine
-cannot fuse it (after a ReLU, after another GELU, after a linear layer) still runs its own, and a GELU before a pool ends
-the conv's stage.
+cannot fuse it (after a ReLU, after another GELU, after a linear layer) still runs its own, and a GELU before
+a pool ends the conv's stage.
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ def test_slabs_smaller_than_a_row_and_products_in_blocks_of_rows(monkeypatch: py
 
 
 def test_slabs_cover_every_element_once() -> None:
-    for shape, limit in (((3, 7, 5, 2), 1), ((3, 7, 5, 2), 25), ((3, 7, 5, 2), 10**6), ((9, 4), 7), ((9, 4), 8), ((9, 4), 3)):
+    cases = (((3, 7, 5, 2), 1), ((3, 7, 5, 2), 25), ((3, 7, 5, 2), 10**6), ((9, 4), 7), ((9, 4), 8), ((9, 4), 3))
+    for shape, limit in cases:
         seen = np.zeros(shape, dtype=int)
         for at in executor._slabs(shape, limit):
             seen[at] += 1

@@ -209,7 +209,7 @@ def test_lookahead_by_hand() -> None:
             return self.b
 
     net = _Net()
-    la = Lookahead(net, LookaheadConfig(every=2, decay=0.5, power=1.0), total_steps=5)  # avg starts at 1, 0
+    la = Lookahead.of(net, LookaheadConfig(every=2, decay=0.5, power=1.0), total_steps=5)  # avg starts at 1, 0
     w, rm = net.p["w"], net.b["bn.running_mean"]
     w[0], rm[0] = 3.0, 2.0  # after step 1: not a multiple of 2, nothing happens
     la.after_step(1)
