@@ -159,18 +159,24 @@ def _route_to_argmax(delta: np.ndarray, masks: np.ndarray, dwin: list[np.ndarray
         dwin[-1] += delta
 
 
-# The fused GELU works through its arrays this many elements at a time, so that Φ's twenty-odd element-wise
-# passes run on blocks that stay in the L2 cache instead of streaming whole activations through memory.
-GELU_BLOCK = 1 << 15
+# The fused GELU works through its arrays this many elements at a time, so that Φ's dozen element-wise passes
+# run on blocks that stay in the cache instead of streaming whole activations through memory (measured here, one
+# thread: 11.8 M values in 35–38 ms in slabs of 32–128 K, 78 ms whole).
+GELU_BLOCK = 1 << 16
 
 
 def _slabs(shape: Shape, limit: int) -> list[tuple[int | slice, ...]]:
     """Index tuples covering an array of `shape` ((C, H, W, N) or (D, N)) in slabs of about `limit` elements
-    or fewer: whole rows [c, h] (or [d]) of a few consecutive rows, so each slab of a padded view is still a
-    plain strided view."""
+    or fewer, each a plain strided view even of a padded array: several whole channels when a channel is
+    smaller than `limit` (small inference micro-batches: one call per channel would cost more than the
+    arithmetic), else a few whole rows [c, h] of one channel; for (D, N) a few rows [d]."""
     if len(shape) == 2:
         step = max(1, limit // max(shape[1], 1))
         return [(slice(d, d + step),) for d in range(0, shape[0], step)]
+    channel = int(np.prod(shape[1:]))
+    if channel <= limit:
+        step = limit // max(channel, 1)
+        return [(slice(c, c + step),) for c in range(0, shape[0], step)]
     row = int(np.prod(shape[2:]))
     step = max(1, limit // max(row, 1))
     return [(c, slice(h, h + step)) for c in range(shape[0]) for h in range(0, shape[1], step)]

@@ -152,7 +152,8 @@ def test_engine_matches_reference_in_float32(which: str) -> None:
 
 def test_slabs_smaller_than_a_row_and_products_in_blocks_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """GELU_BLOCK of 5 elements: one row [c, h] per slab (the rows are longer), written into the strided inside
-    of the next conv's padded input; conv products in blocks of 3 output rows."""
+    of the next conv's padded input; conv products in blocks of 3 output rows. (The other tests' small arrays
+    take several whole channels per slab.)"""
     monkeypatch.setattr(executor, "GELU_BLOCK", 5)
     monkeypatch.setattr(executor, "CONV_BLOCK_ROWS", 3)
     model = _model("fused")
@@ -162,7 +163,8 @@ def test_slabs_smaller_than_a_row_and_products_in_blocks_of_rows(monkeypatch: py
 
 
 def test_slabs_cover_every_element_once() -> None:
-    cases = (((3, 7, 5, 2), 1), ((3, 7, 5, 2), 25), ((3, 7, 5, 2), 10**6), ((9, 4), 7), ((9, 4), 8), ((9, 4), 3))
+    cases = (((3, 7, 5, 2), 1), ((3, 7, 5, 2), 25), ((3, 7, 5, 2), 150), ((3, 7, 5, 2), 10**6), ((9, 4), 7),
+             ((9, 4), 8), ((9, 4), 3))
     for shape, limit in cases:
         seen = np.zeros(shape, dtype=int)
         for at in executor._slabs(shape, limit):
