@@ -235,15 +235,14 @@ SLICE = ["data.limit=600", "train.batch_size=100", "train.steps=9", "model.layer
 def test_airbench_recipe_on_a_slice_resumes_bit_exactly_mid_epoch_with_the_lookahead(
         real_cifar_dir: Path, tmp_path: Path) -> None:
     import math
-    import signal
 
-    from helpers import assert_same_training_state
+    from helpers import StopAt, assert_same_training_state
 
     from cnncli.data import load_dataset, make_splits
     from cnncli.data.preprocess import Normalizer
     from cnncli.nn.datainit import second_moment, whitening_weights
     from cnncli.run.checkpoint import load_checkpoint
-    from cnncli.run.train import Callbacks, TrainingInterrupted
+    from cnncli.run.train import TrainingInterrupted
 
     cfg = load_config("airbench94", NARROW + SLICE)
     whole, split = tmp_path / "whole", tmp_path / "split"
@@ -261,18 +260,8 @@ def test_airbench_recipe_on_a_slice_resumes_bit_exactly_mid_epoch_with_the_looka
     for k, v in ck.params.items():
         np.testing.assert_array_equal(v, ck.optim[f"{k}.lookahead"])
 
-    class Stop(Callbacks):
-        epoch = 0
-
-        def on_epoch_start(self, epoch, epochs, steps, start_batch) -> None:
-            self.epoch = epoch
-
-        def on_batch(self, batch, steps, loss, acc, images_per_s, lr) -> None:
-            if (self.epoch, batch) == (1, 3):  # after step 3: the lookahead moved at step 2
-                signal.raise_signal(signal.SIGINT)
-
     with pytest.raises(TrainingInterrupted):
-        train(cfg, split, real_cifar_dir, callbacks=Stop())
+        train(cfg, split, real_cifar_dir, callbacks=StopAt((1, 3)))  # after step 3: the lookahead moved at step 2
     part = load_checkpoint(split / "last.npz")
     assert (part.state["epoch"], part.state["batch"]) == (0, 3)
     train(part.config, split, real_cifar_dir, resume=part, resume_path=split / "last.npz")

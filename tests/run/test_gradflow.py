@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_same_training_state
+from helpers import StopAt, assert_same_training_state
 
 from cnncli import engine
 from cnncli.config import build_config, load_config
 from cnncli.nn.model import build_model
 from cnncli.run.gradflow import FILE, FlowFileError, FlowRecorder, read_flow, sample_steps
-from cnncli.run.train import Callbacks, TrainingInterrupted, train
+from cnncli.run.train import TrainingInterrupted, train
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "configs" / "seed.yaml"
@@ -144,18 +143,6 @@ def test_sample_steps_are_bounded_and_spread() -> None:
     assert len(s) == 50 and min(s) == 0 and max(s) == 390
 
 
-class _StopAt(Callbacks):
-    def __init__(self, at: tuple[int, int]) -> None:
-        self.at, self.epoch = at, 0
-
-    def on_epoch_start(self, epoch: int, epochs: int, steps: int, start_batch: int) -> None:
-        self.epoch = epoch
-
-    def on_batch(self, batch: int, steps: int, loss: float, acc: float, images_per_s: float, lr: float) -> None:
-        if (self.epoch, batch) == self.at:
-            signal.raise_signal(signal.SIGINT)
-
-
 def test_recording_changes_no_bit_and_survives_a_resume(real_cifar_dir: Path, tmp_path: Path) -> None:
     base = ["data.limit=1500", "data.val_size=200", "train.epochs=2"]
     off, on, split = tmp_path / "off", tmp_path / "on", tmp_path / "split"
@@ -169,7 +156,7 @@ def test_recording_changes_no_bit_and_survives_a_resume(real_cifar_dir: Path, tm
     assert [s for r in whole for s, _ in r.loss_steps] == list(range(1, 23))  # 11 steps ≤ 50: every one
 
     with pytest.raises(TrainingInterrupted):
-        train(cfg, split, real_cifar_dir, callbacks=_StopAt((2, 4)))
+        train(cfg, split, real_cifar_dir, callbacks=StopAt((2, 4)))
     from cnncli.run.checkpoint import load_checkpoint
 
     ck = load_checkpoint(split / "last.npz")
