@@ -39,6 +39,7 @@ from cnncli.engine import engine_for
 from cnncli.host.blas import blas_info
 from cnncli.host.errors import CnnError, ConfigError, TrainingDiverged
 from cnncli.nn.datainit import initialise_from_data
+from cnncli.nn.layer import Layer
 from cnncli.nn.model import Sequential, build_model
 from cnncli.run import paramgroups
 from cnncli.run.lookahead import Lookahead
@@ -183,14 +184,19 @@ class TorchNet:
             for name, p in self.params.items():
                 p.copy_(torch.from_numpy(np.ascontiguousarray(source[name], dtype=np.float32)))
 
+    def _batchnorms(self, model: Sequential) -> list[tuple[Layer, Any]]:
+        """cnncli's batch-norm layers paired, in order, with the PyTorch modules built for them."""
+        torch = import_torch()
+        ours = [layer for layer in model.layers if layer.type_name == "batchnorm"]
+        theirs = [m for m in self.net if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        return list(zip(ours, theirs, strict=True))
+
     def copy_buffers_from(self, model: Sequential) -> None:
         """Copy cnncli's buffers (batch-norm running statistics) into the matching PyTorch modules, in order,
         so evaluation-mode outputs compare the same function even after both have trained a few steps."""
         torch = import_torch()
-        ours = [layer for layer in model.layers if layer.type_name == "batchnorm"]
-        theirs = [m for m in self.net if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         with torch.no_grad():
-            for layer, module in zip(ours, theirs, strict=True):
+            for layer, module in self._batchnorms(model):
                 module.running_mean.copy_(torch.from_numpy(layer.buffers["running_mean"].astype(np.float32)))
                 module.running_var.copy_(torch.from_numpy(layer.buffers["running_var"].astype(np.float32)))
 
@@ -198,11 +204,8 @@ class TorchNet:
         """The PyTorch parameters and batch-norm running statistics under cnncli's names ('bn1.running_mean'),
         as NumPy views of the tensors' memory (writing into one changes the network): what cnncli's
         `Lookahead` averages."""
-        torch = import_torch()
         live = {name: p.detach().numpy() for name, p in self.params.items()}
-        ours = [layer for layer in model.layers if layer.type_name == "batchnorm"]
-        theirs = [m for m in self.net if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        for layer, module in zip(ours, theirs, strict=True):
+        for layer, module in self._batchnorms(model):
             live[f"{layer.name}.running_mean"] = module.running_mean.numpy()
             live[f"{layer.name}.running_var"] = module.running_var.numpy()
         return live
